@@ -1,0 +1,553 @@
+"""
+Memory-efficient optimizers side by side: AdamW, SGD-SaI and Adam-mini.
+
+Each optimizer is one pure update function (the math, testable on its own) under a thin
+torch.optim.Optimizer class (state bookkeeping only). What each keeps per parameter tensor theta:
+
+| optimizer | state per tensor                                   | floats              | vs AdamW |
+|-----------|----------------------------------------------------|---------------------|----------|
+| AdamW     | m (first moment), v (second moment)                | 2 |theta|           | 1.00x    |
+| SGD-SaI   | m (momentum), scale (frozen g-SNR, one per tensor) | |theta| + 1         | ~0.50x   |
+| Adam-mini | m (first moment), v (one per block)                | |theta| + #blocks   | ~0.50x   |
+
+Step counters are plain Python ints (no tensor), so `state_bytes` counts exactly the floats
+above (4 bytes each in float32). `build_optimizer` is the one entry point the trainers use.
+"""
+import inspect
+import math
+from itertools import chain
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+
+def _check_range(name, value, low, high=math.inf, high_open=False):
+    """Raise a ValueError naming the argument, its value and the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    ok = low <= value < high if high_open else low <= value <= high
+    if not ok:  # also catches NaN, which fails every comparison
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{name}={value!r} is outside the allowed range [{low}, {high}{bracket}")
+
+
+def _check_hparams(group):
+    """Validate the hyperparameters present in a param group (shared by all optimizers)."""
+    _check_range("lr", group["lr"], 0.0)
+    _check_range("weight_decay", group["weight_decay"], 0.0)
+    if "eps" in group:
+        _check_range("eps", group["eps"], 0.0)
+    if "betas" in group:
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        _check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+        _check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+    if "momentum" in group:
+        _check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+    if "scale_rule" in group and group["scale_rule"] not in SCALE_RULES:
+        raise ValueError(f"scale_rule={group['scale_rule']!r} is not one of {SCALE_RULES}")
+
+
+def _param_name(group, group_index, i):
+    names = group.get("param_names")
+    return names[i] if names else f"param_groups[{group_index}]['params'][{i}]"
+
+
+def _params_with_grad(optimizer, group_index, group):
+    """Yield (index, name, param, grad) for the params of a group that have a gradient."""
+    for i, p in enumerate(group["params"]):
+        if p.grad is None:
+            continue
+        name = _param_name(group, group_index, i)
+        if p.grad.is_sparse:
+            raise ValueError(f"{type(optimizer).__name__}: {name} has a sparse gradient, which "
+                             "is not supported; use dense gradients (nn.Embedding(sparse=False))")
+        yield i, name, p, p.grad
+
+
+class _SandboxOptimizer(Optimizer):
+    """Optimizer base that validates every param group, also those added later."""
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        _check_hparams(self.param_groups[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# AdamW
+
+def adamw_update(param, grad, m, v, step, *, lr, beta1, beta2, eps, weight_decay):
+    """One AdamW step for one tensor, in place. `step` is t, counted from 1."""
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)                      # theta <- theta - lr*wd*theta
+    m.lerp_(grad, 1 - beta1)                                   # m_t = b1 m + (1 - b1) g
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)        # v_t = b2 v + (1 - b2) g^2
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)  # sqrt(v_hat) + eps
+    param.addcdiv_(m, denom, value=-lr / bias_correction1)     # theta -= lr * m_hat / denom
+
+
+def adamw_update_foreach(params, grads, ms, vs, steps, *, lr, beta1, beta2, eps, weight_decay):
+    """adamw_update over lists of tensors with torch._foreach_* ops, line for line."""
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_lerp_(ms, grads, 1 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+    bias_correction1 = [1 - beta1 ** t for t in steps]
+    bias_correction2 = [1 - beta2 ** t for t in steps]
+    denoms = torch._foreach_sqrt(vs)
+    torch._foreach_div_(denoms, [math.sqrt(b) for b in bias_correction2])
+    torch._foreach_add_(denoms, eps)
+    torch._foreach_addcdiv_(params, ms, denoms, [-lr / b for b in bias_correction1])
+
+
+class AdamW(_SandboxOptimizer):
+    r"""AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, ICLR 2019, arXiv 1711.05101).
+
+    .. code-block:: text
+
+        input: lr (gamma), betas (b1, b2), eps, weight_decay (lambda), theta_0
+        init:  m_0 <- 0, v_0 <- 0
+        for t = 1, 2, ...:
+            g_t      <- grad f(theta_{t-1})
+            theta    <- theta_{t-1} - gamma * lambda * theta_{t-1}   # decoupled weight decay
+            m_t      <- b1 m_{t-1} + (1 - b1) g_t
+            v_t      <- b2 v_{t-1} + (1 - b2) g_t^2
+            m_hat    <- m_t / (1 - b1^t)
+            v_hat    <- v_t / (1 - b2^t)
+            theta_t  <- theta - gamma * m_hat / (sqrt(v_hat) + eps)
+
+    Matches torch.optim.AdamW (amsgrad=False). Left out on purpose: amsgrad, maximize,
+    capturable/fused variants, complex parameters.
+
+    Args:
+        params: parameters, (name, parameter) pairs, or param group dicts.
+        lr: learning rate gamma.
+        betas: (b1, b2), each in [0, 1).
+        eps: added to sqrt(v_hat), >= 0.
+        weight_decay: lambda, >= 0; applied as theta *= 1 - lr * lambda.
+        foreach: use the multi-tensor path (torch._foreach_*) instead of the per-tensor loop.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 foreach=True):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        foreach=foreach)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            params, grads, ms, vs, steps = [], [], [], [], []
+            for _, _, p, grad in _params_with_grad(self, gi, group):
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)      # m, first moment
+                    state["exp_avg_sq"] = torch.zeros_like(p)   # v, second moment
+                state["step"] += 1
+                params.append(p)
+                grads.append(grad)
+                ms.append(state["exp_avg"])
+                vs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            hp = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                      weight_decay=group["weight_decay"])
+            if group["foreach"]:
+                adamw_update_foreach(params, grads, ms, vs, steps, **hp)
+            else:
+                for args in zip(params, grads, ms, vs, steps):
+                    adamw_update(*args, **hp)
+        return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# SGD-SaI
+
+SCALE_RULES = ("gsnr", "gsnr_max", "sqrt_numel", "none")
+
+
+def sai_scale(grad, rule, eps=1e-8):
+    """The learning-rate scale SGD-SaI freezes for one block, as a float32 0-d tensor.
+
+    "gsnr" and "gsnr_max" return the raw g-SNR ||g||_2 / (std(g) + eps), std unbiased, computed
+    in float32 (the caller divides "gsnr_max" by the maximum over blocks). A degenerate block, one
+    element (std undefined) or a gradient with zero spread (std = 0, e.g. all zeros), has no
+    meaningful g-SNR; the official code divides by eps there and steps ~1e8 times too far, or
+    freezes the block at scale 0. We fall back to sqrt(numel), the value g-SNR approximates for
+    zero-mean gradients, so such a block takes a plain SGD-sized step (scale 1 for a scalar).
+    """
+    if rule not in SCALE_RULES:
+        raise ValueError(f"scale_rule={rule!r} is not one of {SCALE_RULES}")
+    sqrt_numel = torch.tensor(math.sqrt(grad.numel()), dtype=torch.float32, device=grad.device)
+    if rule == "none":
+        return torch.ones_like(sqrt_numel)
+    if rule == "sqrt_numel" or grad.numel() == 1:
+        return sqrt_numel
+    g = grad.float()
+    std = g.std()
+    return torch.where(std > 0, g.norm() / (std + eps), sqrt_numel)
+
+
+def sgd_sai_update(param, grad, m, scale, *, lr, momentum, weight_decay):
+    """One SGD-SaI step for one tensor, in place. `scale` is the frozen block scale (a float)."""
+    m.lerp_(grad, 1 - momentum)                        # m_t = mu m_{t-1} + (1 - mu) g_t
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)              # theta <- theta (1 - lr wd)
+    param.add_(m, alpha=-lr * scale)                   # theta <- theta - lr * scale * m_t
+
+
+class SGDSaI(_SandboxOptimizer):
+    r"""SGD-SaI: SGD with momentum and learning-rate Scaling at Initialization.
+
+    Xu, Xiang, Cai & Wen, "No More Adam: Learning Rate Scaling at Initialization is All You
+    Need", 2024, arXiv 2412.11768 (Algorithm 1; official package sgd-sai 1.0.3).
+
+    .. code-block:: text
+
+        input: lr (eta), momentum (mu), weight_decay (lambda), eps, blocks i (one per tensor)
+        for t = 1, 2, ...:
+            g_t <- grad f(theta_{t-1})
+            if block i has its first gradient:                     # t = 1 for most blocks
+                s_i <- ||g_i||_2 / (std(g_i) + eps)                # g-SNR, frozen from now on
+            m_t <- g_t                       if t = 1
+                   mu m_{t-1} + (1 - mu) g_t otherwise
+            theta_t <- theta_{t-1} (1 - eta lambda) - eta s_i m_t  # decoupled weight decay
+
+    No second moment, so the state is m plus one float per block: half of AdamW's.
+
+    scale_rule picks s_i, the ablation this sandbox exists for. Each rule puts the usable lr in a
+    different range, so learning rates do not carry over between rules:
+
+    - "gsnr" (default, official 1.0.3): raw g-SNR. For zero-mean gradients ||g|| / std(g) is about
+      sqrt(numel), i.e. ~100-400 for the weight matrices of a small transformer and ~10-20 for
+      its biases and gains; typical lr 1e-3 .. 2e-2.
+    - "gsnr_max" (the paper's Algorithm 1): g-SNR divided by the largest g-SNR over all blocks
+      at the first step, so every scale is <= 1; lr is in plain SGD's range, ~100-400x the "gsnr"
+      lr. The maximum is frozen too (self.state["gsnr_max"]): a block whose first gradient comes
+      later is divided by the same number (its scale may then exceed 1).
+    - "sqrt_numel" (a later official version): s_i = sqrt(numel), the approximation of g-SNR
+      above without looking at the gradient; lr about as for "gsnr".
+    - "none": s_i = 1, plain SGD with (dampened) momentum, the baseline the paper argues against;
+      lr ~100x the "gsnr" lr, and one lr cannot suit blocks of very different sizes.
+
+    Choices where the official code misbehaves (each tested):
+    - s_i is computed in float32 whatever the gradient dtype, and stored as a 0-d float32 CPU
+      tensor, so reading it each step never waits for a GPU.
+    - Degenerate blocks (one element, or zero spread): s_i = sqrt(numel); see `sai_scale`.
+    - A block whose first gradient arrives at step k > 1 gets its scale at step k (the official
+      code raises KeyError).
+    - A NaN or Inf in a gradient at the step its scale is computed raises FloatingPointError
+      naming the parameter, before anything is updated, instead of freezing a NaN scale.
+    Left out on purpose: Nesterov momentum, coupled (L2) weight decay, momentum = 0 without a
+    buffer (the buffer is kept, so memory is the same for every momentum).
+
+    Args:
+        params: parameters, (name, parameter) pairs (names appear in errors), or group dicts.
+        lr: learning rate eta, >= 0.
+        momentum: mu in [0, 1).
+        weight_decay: lambda, >= 0.
+        eps: added to std(g) in the g-SNR, >= 0.
+        scale_rule: one of "gsnr", "gsnr_max", "sqrt_numel", "none".
+    """
+
+    def __init__(self, params, lr=1e-2, momentum=0.9, weight_decay=1e-2, eps=1e-8,
+                 scale_rule="gsnr"):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps,
+                        scale_rule=scale_rule)
+        super().__init__(params, defaults)
+
+    def _freeze_new_scales(self):
+        """Compute s_i for every block that has its first gradient now; all or nothing."""
+        new = []
+        for gi, group in enumerate(self.param_groups):
+            for _, name, p, grad in _params_with_grad(self, gi, group):
+                if "scale" in self.state[p]:
+                    continue
+                if not torch.isfinite(grad).all():
+                    raise FloatingPointError(
+                        f"SGD-SaI: the gradient of {name} (shape {tuple(p.shape)}) contains NaN "
+                        "or Inf at the step its learning-rate scale is computed; freezing it would "
+                        "poison this block for the rest of training. Fix the loss or lower the lr.")
+                new.append((p, group["scale_rule"], sai_scale(grad, group["scale_rule"],
+                                                              group["eps"])))
+        normalised = [s for _, rule, s in new if rule == "gsnr_max"]
+        if normalised and "gsnr_max" not in self.state:
+            self.state["gsnr_max"] = torch.stack(normalised).max().item()
+        for p, rule, s in new:
+            if rule == "gsnr_max":
+                s = s / self.state["gsnr_max"]
+            self.state[p]["scale"] = s.cpu()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._freeze_new_scales()
+        for gi, group in enumerate(self.param_groups):
+            for _, _, p, grad in _params_with_grad(self, gi, group):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = grad.clone()   # m_1 = g_1; the lerp below keeps it
+                sgd_sai_update(p, grad, state["momentum_buffer"], state["scale"].item(),
+                               lr=group["lr"], momentum=group["momentum"],
+                               weight_decay=group["weight_decay"])
+        return loss
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # torch casts floating state to each parameter's dtype and device; the frozen scales stay
+        # float32 on the CPU (a bf16 copy would move the step size by up to 0.4%).
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id, {})
+            if "scale" in saved:
+                self.state[p]["scale"] = saved["scale"].detach().to("cpu", torch.float32).clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# Adam-mini
+
+def block_layout(rule, shape):
+    """Split a tensor of `shape` into Adam-mini blocks by `rule`.
+
+    Returns chunks [(n_blocks, block_numel), ...] that tile the flattened tensor in order: each
+    chunk is a contiguous run of n_blocks equal blocks. Rules:
+      "full"         one block per element (plain Adam; biases)
+      "tensor"       one block for the whole tensor (norm gains, position embeddings)
+      "rows"         one block per row = output neuron or token (V, proj, MLP, embeddings, head)
+      ("heads", n)   n blocks of equal consecutive rows (a Q or K weight with n heads)
+      ("qkv", n)     a fused [Q; K; V] weight stacked on dim 0: Q and K one block per head,
+                     V one block per row
+    """
+    numel = math.prod(shape)
+    rows = shape[0] if len(shape) > 0 else 1
+    if rule == "full":
+        return [(numel, 1)]
+    if rule == "tensor":
+        return [(1, numel)]
+    if rule == "rows":
+        return [(rows, numel // rows)]
+    kind, n = rule if isinstance(rule, (tuple, list)) and len(rule) == 2 else (rule, None)
+    if kind not in ("heads", "qkv") or not isinstance(n, int) or n < 1:
+        raise ValueError(f"block rule {rule!r} is not one of 'full', 'tensor', 'rows', "
+                         "('heads', n) or ('qkv', n) with n a positive int")
+    if kind == "heads":
+        if rows % n:
+            raise ValueError(f"block rule {rule!r}: {n} heads do not divide the {rows} rows of "
+                             f"a tensor of shape {tuple(shape)}")
+        return [(n, numel // n)]
+    if rows % (3 * n):
+        raise ValueError(f"block rule {rule!r}: a fused QKV weight needs rows divisible by "
+                         f"3 x {n} heads, got shape {tuple(shape)}")
+    d = rows // 3                                   # rows of each of Q, K, V
+    cols = numel // rows
+    return [(n, d * cols // n), (n, d * cols // n), (d, cols)]
+
+
+def _chunk_views(t, layout):
+    """Views of a contiguous tensor as (n_blocks, block_numel) matrices, one per chunk."""
+    flat, views, offset = t.view(-1), [], 0
+    for n, k in layout:
+        views.append(flat[offset:offset + n * k].view(n, k))
+        offset += n * k
+    return views
+
+
+def adam_mini_update(param, grad, m, v, step, layout, *, lr, beta1, beta2, eps, weight_decay):
+    """One Adam-mini step for one tensor, in place; v holds one value per block of `layout`."""
+    grad = grad.contiguous()
+    block_mean_sq = torch.cat([                                   # mean of g^2 over each block
+        torch.linalg.vector_norm(g, dim=1).square_().div_(g.shape[1])
+        for g in _chunk_views(grad, layout)])
+    v.mul_(beta2).add_(block_mean_sq, alpha=1 - beta2)            # v_t = b2 v + (1 - b2) mean(g^2)
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)                         # theta <- theta - lr*wd*theta
+    m.lerp_(grad, 1 - beta1)                                      # m_t = b1 m + (1 - b1) g
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)   # sqrt(v_hat) + eps, per block
+    step_size = (lr / bias_correction1) / denom                   # one lr per block
+    sizes = [n for n, _ in layout]
+    for p, m_chunk, s in zip(_chunk_views(param, layout), _chunk_views(m, layout),
+                             step_size.split(sizes)):
+        p.addcmul_(m_chunk, s[:, None], value=-1)                 # theta -= lr_b * m_hat
+
+
+def rule_for(rules, p):
+    """The rule of parameter p: its entry in `rules`, else "rows" for 2+ dims, else "full"."""
+    return rules.get(p, "rows" if p.dim() >= 2 else "full")
+
+
+def default_block_rules(model):
+    """Adam-mini rules from module types: Linear and Embedding weights one block per row,
+    biases per element (full Adam, as official 1.1.1), anything else one block per tensor.
+
+    Attention Q/K weights need the head count, which only the model knows: models override
+    those entries (and position embeddings, "tensor") in their own `block_rules()`.
+    """
+    rules = {}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if name == "bias":
+                rules[p] = "full"
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                rules[p] = "rows"
+            else:
+                rules.setdefault(p, "tensor")
+    return rules
+
+
+def partition_table(model, rules):
+    """The Adam-mini partition as a text table: parameter, shape, rule, number of blocks."""
+    lines = [f"{'parameter':<40} {'shape':<16} {'rule':<14} {'blocks':>8}"]
+    total = 0
+    for name, p in model.named_parameters():
+        rule = rule_for(rules, p)
+        blocks = sum(n for n, _ in block_layout(rule, tuple(p.shape)))
+        total += blocks
+        lines.append(f"{name:<40} {str(tuple(p.shape)):<16} {str(rule):<14} {blocks:>8}")
+    lines.append(f"{'total':<72} {total:>8}")
+    return "\n".join(lines)
+
+
+class AdamMini(_SandboxOptimizer):
+    r"""Adam-mini: Adam with one second-moment value per block of the Hessian's structure.
+
+    Zhang et al., "Adam-mini: Use Fewer Learning Rates To Gain More", 2024, arXiv 2406.16793
+    (Algorithm 1; official package adam-mini 1.1.1).
+
+    .. code-block:: text
+
+        input: lr (eta), betas (b1, b2), eps, weight_decay (lambda), blocks b of each tensor
+        init:  m_0 <- 0 (per element), v_0 <- 0 (one per block)
+        for t = 1, 2, ...:
+            g_t   <- grad f(theta_{t-1})
+            for each block b:  v_b <- b2 v_b + (1 - b2) mean(g_t[b]^2)
+            theta <- theta_{t-1} - eta lambda theta_{t-1}             # decoupled weight decay
+            m_t   <- b1 m_{t-1} + (1 - b1) g_t
+            theta_t[b] <- theta[b] - eta / (1 - b1^t) * m_t[b] / (sqrt(v_b / (1 - b2^t)) + eps)
+
+    Blocks follow the Hessian's near block-diagonal structure (`block_layout` lists the rules):
+    Q and K one block per head; V, attention output and MLP weights one per output neuron;
+    token embedding and output head one per token; biases one per element (full Adam, as the
+    official code); other tensors (norm gains, position embeddings) one per tensor.
+
+    The partition is given, not guessed from parameter names: `block_rules` maps parameters to
+    rules (see `default_block_rules` and the models' `block_rules()`), so a fused QKV weight is
+    split correctly, where the official name matching falls back to one value per tensor for
+    nanoGPT's `c_attn` (its issue #30). Parameters not in the map get "rows" if they have two
+    or more dimensions and "full" otherwise. Left out on purpose: model sharding, grouped-query
+    attention, the official code's automatic no-decay-by-name (the trainers' param groups put
+    norms and biases at weight_decay 0, as nanoGPT does for AdamW).
+
+    Args:
+        params: parameters, (name, parameter) pairs, or param group dicts.
+        lr, betas, eps, weight_decay: as AdamW.
+        block_rules: {parameter: rule}; the rule of each parameter is stored in its param group
+            ("block_rules", aligned with "params") and so travels with state_dict().
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 block_rules=None):
+        self._rules_by_param = block_rules or {}
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
+        rules = []
+        for i, p in enumerate(group["params"]):
+            rule = rule_for(self._rules_by_param, p)
+            try:
+                block_layout(rule, tuple(p.shape))
+            except ValueError as err:
+                raise ValueError(f"Adam-mini: {_param_name(group, gi, i)}: {err}") from None
+            if not p.is_contiguous():
+                raise ValueError("Adam-mini updates blocks through views: parameters must be "
+                                 f"contiguous, {_param_name(group, gi, i)} is not")
+            rules.append(rule)
+        group["block_rules"] = rules
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            beta1, beta2 = group["betas"]
+            for i, _, p, grad in _params_with_grad(self, gi, group):
+                layout = block_layout(group["block_rules"][i], tuple(p.shape))
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = p.new_zeros(sum(n for n, _ in layout))  # one per block
+                state["step"] += 1
+                adam_mini_update(p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                                 layout, lr=group["lr"], beta1=beta1, beta2=beta2,
+                                 eps=group["eps"], weight_decay=group["weight_decay"])
+        return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Factory and accounting
+
+OPTIMIZERS = {"adamw": AdamW, "sgd_sai": SGDSaI, "adam_mini": AdamMini}
+
+
+def build_optimizer(name, model, **hparams):
+    """Build optimizer `name` for `model`, as both trainers do.
+
+    Two param groups as in nanoGPT: tensors with 2+ dims (matmul weights, embeddings) get
+    `weight_decay`, the others (biases, norm gains) none. Parameters are passed with their names,
+    so errors name them. Adam-mini gets its partition from `model.block_rules()` when the model
+    defines it, else from `default_block_rules(model)`.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    weight_decay = hparams.pop("weight_decay", 0.0)
+    groups = [{"params": [(n, p) for n, p in named if p.dim() >= 2],
+               "weight_decay": weight_decay},
+              {"params": [(n, p) for n, p in named if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if name == "adam_mini":
+        rules = model.block_rules() if hasattr(model, "block_rules") else default_block_rules(model)
+        hparams["block_rules"] = rules
+    cls = OPTIMIZERS[name]
+    allowed = list(inspect.signature(cls).parameters)[1:]
+    unknown = sorted(set(hparams) - set(allowed))
+    if unknown:
+        raise TypeError(f"optimizer {name!r} does not take {unknown}; it takes {allowed}")
+    return cls(groups, **hparams)
+
+
+def state_bytes(optimizer):
+    """Bytes of every tensor in the optimizer's state (not parameters or gradients)."""
+    def tensor_bytes(value):
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(tensor_bytes(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(tensor_bytes(v) for v in value)
+        return 0
+    return tensor_bytes(dict(optimizer.state))

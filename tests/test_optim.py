@@ -1,0 +1,337 @@
+"""optim.py pinned to its references (torch AdamW, official sgd-sai 1.0.3, official adam-mini
+1.1.1) and to the properties the docstrings promise."""
+import contextlib
+import copy
+import io
+import math
+
+import pytest
+import torch
+from adam_mini import Adam_mini
+from sgd_sai import SGD_sai
+from torch import nn
+
+import optim
+from tiny_models import batches, make_model, max_rel_diff, train
+
+STEPS = 50
+
+
+def decay_groups(model, weight_decay):
+    """The param groups build_optimizer makes, for the reference optimizers."""
+    return [{"params": [p for p in model.parameters() if p.dim() >= 2],
+             "weight_decay": weight_decay},
+            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def warmup(optimizer):
+    """An LR that changes every step, so the tests also cover schedulers."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, (t + 1) / 10))
+
+
+def train_scheduled(model, optimizer, data):
+    scheduler = warmup(optimizer)
+    losses = []
+    for xy in data:
+        losses += train(model, optimizer, [xy])
+        scheduler.step()
+    return losses
+
+
+def quiet():
+    """The official packages print on construction and first step."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_adamw_matches_torch(foreach):
+    ours, ref = make_model(), make_model()
+    opt = optim.build_optimizer("adamw", ours, lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+                                weight_decay=0.1, foreach=foreach)
+    ref_opt = torch.optim.AdamW(decay_groups(ref, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+                                amsgrad=False, foreach=foreach)
+    data = batches(STEPS)
+    assert train_scheduled(ours, opt, data) == pytest.approx(train_scheduled(ref, ref_opt, data),
+                                                           rel=1e-6)
+    assert max_rel_diff(ours, ref) < 1e-6
+
+
+def test_adamw_foreach_matches_single_tensor():
+    single, multi = make_model(), make_model()
+    data = batches(10)
+    train(single, optim.AdamW(single.parameters(), lr=1e-2, foreach=False), data)
+    train(multi, optim.AdamW(multi.parameters(), lr=1e-2, foreach=True), data)
+    assert max_rel_diff(single, multi) < 1e-7
+
+
+def test_sgd_sai_matches_reference():
+    ours, ref = make_model(), make_model()
+    opt = optim.build_optimizer("sgd_sai", ours, lr=1e-3, momentum=0.9, weight_decay=0.1)
+    ref_opt = SGD_sai(decay_groups(ref, 0.1), lr=1e-3, momentum=0.9, eps=1e-8)
+    data = batches(STEPS)
+    with quiet():
+        ref_losses = train_scheduled(ref, ref_opt, data)
+    assert train_scheduled(ours, opt, data) == pytest.approx(ref_losses, rel=1e-6)
+    assert max_rel_diff(ours, ref) < 1e-6
+    for p in ours.parameters():   # the frozen scales are the official g-SNRs
+        ref_p = dict(zip(ours.parameters(), ref.parameters()))[p]
+        assert opt.state[p]["scale"].item() == pytest.approx(
+            ref_opt.state[ref_p]["gsnr"].item(), rel=1e-6)
+
+
+def test_adam_mini_matches_reference():
+    ours, ref = make_model(), make_model()
+    opt = optim.build_optimizer("adam_mini", ours, lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+                                weight_decay=0.1)
+    with quiet():
+        ref_opt = Adam_mini(ref.named_parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+                            weight_decay=0.1, dim=32, n_heads=4)
+        data = batches(STEPS)
+        ref_losses = train_scheduled(ref, ref_opt, data)
+    assert train_scheduled(ours, opt, data) == pytest.approx(ref_losses, rel=1e-5)
+    assert max_rel_diff(ours, ref) < 1e-5
+
+
+def test_adam_mini_with_element_blocks_is_adamw():
+    """Blocks of one element make Adam-mini's v exactly Adam's: the two must agree."""
+    mini, adamw = make_model(), make_model()
+    rules = {p: "full" for p in mini.parameters()}
+    data = batches(10)
+    train(mini, optim.AdamMini(mini.parameters(), lr=1e-2, weight_decay=0.1, block_rules=rules),
+          data)
+    train(adamw, optim.AdamW(adamw.parameters(), lr=1e-2, weight_decay=0.1), data)
+    assert max_rel_diff(mini, adamw) < 1e-6
+
+
+def test_adam_mini_fused_qkv_equals_separate_q_k_v():
+    """("qkv", n) on a fused [Q; K; V] weight must give the same steps as ("heads", n) on Q and
+    K and "rows" on V held as separate tensors."""
+    torch.manual_seed(0)
+    n_head, dim = 4, 16
+    fused = nn.Parameter(torch.randn(3 * dim, dim))
+    q, k, v = (nn.Parameter(t.clone()) for t in fused.detach().split(dim))
+    opt_fused = optim.AdamMini([fused], lr=1e-2, block_rules={fused: ("qkv", n_head)})
+    opt_split = optim.AdamMini([q, k, v], lr=1e-2, block_rules={
+        q: ("heads", n_head), k: ("heads", n_head), v: "rows"})
+    for _ in range(5):
+        grad = torch.randn(3 * dim, dim) * torch.rand(3 * dim, 1)   # rows of different scales
+        fused.grad = grad.clone()
+        q.grad, k.grad, v.grad = (g.clone() for g in grad.split(dim))
+        opt_fused.step()
+        opt_split.step()
+    torch.testing.assert_close(fused.detach(), torch.cat([q, k, v]).detach(), rtol=0, atol=0)
+    assert opt_fused.state[fused]["exp_avg_sq"].numel() == n_head + n_head + dim
+
+
+def test_block_layout_rules():
+    assert optim.block_layout("full", (6,)) == [(6, 1)]
+    assert optim.block_layout("tensor", (4, 5)) == [(1, 20)]
+    assert optim.block_layout("rows", (4, 5)) == [(4, 5)]
+    assert optim.block_layout(("heads", 2), (4, 5)) == [(2, 10)]
+    # fused (3 x 8, 5) with 2 heads: Q 2 heads of 4 rows, K likewise, V 8 rows
+    assert optim.block_layout(("qkv", 2), (24, 5)) == [(2, 20), (2, 20), (8, 5)]
+
+
+@pytest.mark.parametrize("rule", optim.SCALE_RULES)
+def test_sgd_sai_scale_rules(rule):
+    """The first step moves each block by exactly lr * s_i * g_1 (m_1 = g_1, no weight decay),
+    with s_i as the rule defines it."""
+    model = make_model().double()       # float64, so p0 - p1 is not lost to rounding
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = optim.SGDSaI(model.parameters(), lr=1e-3, weight_decay=0.0, scale_rule=rule)
+    xy = batches(1)[0]
+    loss = nn.functional.cross_entropy(model(xy[:, :-1]).flatten(0, 1), xy[:, 1:].flatten())
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    gsnr = [g.float().norm() / (g.float().std() + 1e-8) for g in grads]   # s_i in float32
+    expected = {"gsnr": gsnr,
+                "gsnr_max": [s / max(gsnr) for s in gsnr],
+                "sqrt_numel": [torch.tensor(math.sqrt(g.numel())) for g in grads],
+                "none": [torch.tensor(1.0) for _ in grads]}[rule]
+    for p, p0, g, s in zip(model.parameters(), before, grads, expected):
+        assert opt.state[p]["scale"].dtype == torch.float32
+        assert opt.state[p]["scale"].item() == pytest.approx(s.item(), rel=1e-6)
+        torch.testing.assert_close(p0 - p.detach(), 1e-3 * s.double() * g, rtol=1e-6, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:std\\(\\)")  # the official code on a scalar
+def test_sgd_sai_degenerate_blocks_take_finite_sgd_sized_steps():
+    """A scalar and a zero-spread gradient have no g-SNR: the scale falls back to sqrt(numel),
+    where the official code scales by ~1e8 (1 / eps) or freezes the block at 0."""
+    scalar = nn.Parameter(torch.tensor(1.0))
+    flat = nn.Parameter(torch.zeros(16))
+    zero = nn.Parameter(torch.ones(9))
+    opt = optim.SGDSaI([scalar, flat, zero], lr=0.1, weight_decay=0.0)
+    scalar.grad = torch.tensor(0.5)
+    flat.grad = torch.full((16,), 0.25)            # constant: std = 0
+    zero.grad = torch.zeros(9)                     # all zero: std = 0, norm = 0
+    opt.step()
+    assert [opt.state[p]["scale"].item() for p in (scalar, flat, zero)] == [1.0, 4.0, 3.0]
+    assert scalar.item() == pytest.approx(1.0 - 0.1 * 1.0 * 0.5)
+    torch.testing.assert_close(flat.detach(), torch.full((16,), -0.1 * 4.0 * 0.25))
+    with quiet():
+        ref_scalar = nn.Parameter(torch.tensor(1.0))
+        ref_scalar.grad = torch.tensor(0.5)
+        SGD_sai([ref_scalar], lr=0.1, weight_decay=0.0).step()
+    assert abs(ref_scalar.item()) > 1e6             # the official step this test guards against
+
+
+def test_sgd_sai_late_block_gets_its_scale_at_its_first_gradient():
+    early, late = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8, 8))
+    for rule in ("gsnr", "gsnr_max"):
+        opt = optim.SGDSaI([early, late], lr=1e-2, scale_rule=rule)
+        early.grad, late.grad = torch.randn(8, 8), None
+        opt.step()
+        assert "scale" not in opt.state[late] and "momentum_buffer" not in opt.state[late]
+        early_scale = opt.state[early]["scale"].clone()
+        early.grad, late.grad = torch.randn(8, 8), torch.randn(8, 8) * 3 + 1
+        before = late.detach().clone()
+        opt.step()
+        raw = late.grad.norm() / (late.grad.std() + 1e-8)
+        reference = opt.state["gsnr_max"] if rule == "gsnr_max" else 1.0
+        assert opt.state[late]["scale"].item() == pytest.approx(raw.item() / reference, rel=1e-6)
+        assert torch.equal(opt.state[early]["scale"], early_scale)   # frozen
+        torch.testing.assert_close(opt.state[late]["momentum_buffer"], late.grad)   # m_1 = g_k
+        torch.testing.assert_close(
+            before * (1 - 1e-2 * 1e-2) - late.detach(),
+            1e-2 * opt.state[late]["scale"] * late.grad)
+
+
+def test_sgd_sai_nan_gradient_at_scale_step_raises_naming_the_parameter():
+    model = make_model()
+    opt = optim.build_optimizer("sgd_sai", model, lr=1e-3)
+    before = copy.deepcopy(model.state_dict())
+    xy = batches(1)[0]
+    nn.functional.cross_entropy(model(xy[:, :-1]).flatten(0, 1), xy[:, 1:].flatten()).backward()
+    model.blocks[1].v_proj.weight.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"blocks\.1\.v_proj\.weight.*NaN or Inf"):
+        opt.step()
+    assert all(not s for s in opt.state.values())          # nothing frozen, all or nothing
+    for k, v in model.state_dict().items():                 # nothing updated
+        assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("name", sorted(optim.OPTIMIZERS))
+def test_state_dict_round_trip_continues_identically(name):
+    model = make_model()
+    hp = {"lr": 1e-3} if name == "sgd_sai" else {"lr": 1e-2}
+    opt = optim.build_optimizer(name, model, weight_decay=0.1, **hp)
+    data = batches(20)
+    train(model, opt, data[:10])
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    uninterrupted = train(model, opt, data[10:])
+
+    resumed = make_model(seed=123)                          # different init, then loaded
+    resumed.load_state_dict(saved_model)
+    resumed_opt = optim.build_optimizer(name, resumed, weight_decay=0.0, lr=5.0)
+    resumed_opt.load_state_dict(saved_opt)                  # hyperparameters come back too
+    assert train(resumed, resumed_opt, data[10:]) == uninterrupted
+    assert max_rel_diff(resumed, model) == 0.0
+
+
+def test_sgd_sai_scales_stay_float32_through_state_dict():
+    p = nn.Parameter(torch.randn(64, dtype=torch.bfloat16))
+    opt = optim.SGDSaI([p], lr=1e-3)
+    p.grad = torch.randn(64, dtype=torch.bfloat16)
+    opt.step()
+    scale = opt.state[p]["scale"]
+    restored = optim.SGDSaI([p], lr=1e-3)
+    restored.load_state_dict(opt.state_dict())
+    assert restored.state[p]["scale"].dtype == torch.float32
+    assert torch.equal(restored.state[p]["scale"], scale)
+
+
+@pytest.mark.parametrize("name", sorted(optim.OPTIMIZERS))
+def test_params_without_grad_are_skipped(name):
+    """A parameter whose .grad is None gets no state and no update (not even weight decay)."""
+    model = make_model()
+    opt = optim.build_optimizer(name, model, lr=1e-2, weight_decay=0.1)
+    before = copy.deepcopy(model.state_dict())
+    model.embed.weight.grad = torch.ones_like(model.embed.weight)
+    opt.step()
+    assert [p for p, s in opt.state.items() if s] == [model.embed.weight]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]) != (key == "embed.weight"), key
+
+    train(model, opt, batches(1))                     # now every parameter has state
+    model.lm_head.weight.grad = None
+    model.embed.weight.grad = torch.ones_like(model.embed.weight)
+    head = model.lm_head.weight.detach().clone()
+    opt.step()
+    assert torch.equal(model.lm_head.weight, head)
+
+
+def test_state_bytes_exact():
+    """Exact optimizer-state bytes for TinyLM (vocab 50, width 32, 4 heads, 2 layers, 16 positions),
+    float32: N = 28,928 parameters in 29 tensors."""
+    counts = {}
+    for name in optim.OPTIMIZERS:
+        model = make_model()
+        opt = optim.build_optimizer(name, model, lr=1e-3)
+        train(model, opt, batches(1))
+        counts[name] = optim.state_bytes(opt)
+    n_params = sum(p.numel() for p in make_model().parameters())
+    assert n_params == 28_928
+    assert counts["adamw"] == 2 * n_params * 4
+    assert counts["sgd_sai"] == n_params * 4 + 29 * 4          # momentum + one scale per tensor
+    # Adam-mini blocks: wpe 1, embed 50 rows, lm_head 50 rows, final norm 1 + 32 (bias, full),
+    # per layer: norms 2 x (1 + 32), q and k 4 heads each, v and o 32 rows each,
+    # mlp 128 rows + 128 bias + 32 rows + 32 bias = 458; total 1 + 50 + 50 + 33 + 2 x 458 = 1050
+    assert counts["adam_mini"] == n_params * 4 + 1050 * 4
+    assert counts["sgd_sai"] / counts["adamw"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_partition_table_lists_every_parameter():
+    model = make_model()
+    table = optim.partition_table(model, model.block_rules())
+    assert "blocks.0.q_proj.weight" in table and "('heads', 4)" in table
+    assert table.splitlines()[-1].split()[-1] == "1050"
+    assert len(table.splitlines()) == 2 + len(list(model.parameters()))
+
+
+BAD_HPARAMS = [
+    ("adamw", {"lr": -1.0}, ValueError, r"lr=-1\.0 .*\[0\.0"),
+    ("adamw", {"lr": float("nan")}, ValueError, r"lr=nan"),
+    ("adamw", {"lr": "0.1"}, TypeError, r"lr must be a number"),
+    ("adamw", {"betas": (1.0, 0.99)}, ValueError, r"betas\[0\]=1\.0 .*\[0\.0, 1\.0\)"),
+    ("adam_mini", {"betas": (0.9, -0.1)}, ValueError, r"betas\[1\]=-0\.1"),
+    ("sgd_sai", {"momentum": 1.0}, ValueError, r"momentum=1\.0 .*\[0\.0, 1\.0\)"),
+    ("sgd_sai", {"eps": -1e-8}, ValueError, r"eps=-1e-08"),
+    ("adamw", {"weight_decay": -0.1}, ValueError, r"weight_decay=-0\.1"),
+    ("sgd_sai", {"scale_rule": "snr"}, ValueError, r"scale_rule='snr' .*'gsnr'"),
+    ("sgd_sai", {"betas": (0.9, 0.99)}, TypeError, r"does not take \['betas'\].*momentum"),
+]
+
+
+@pytest.mark.parametrize("name,hparams,error,message", BAD_HPARAMS)
+def test_bad_hyperparameters_raise_specific_errors(name, hparams, error, message):
+    with pytest.raises(error, match=message):
+        optim.build_optimizer(name, make_model(), **{"lr": 1e-3, **hparams})
+
+
+def test_unknown_optimizer_lists_valid_names():
+    with pytest.raises(ValueError, match=r"'adam'.*\['adam_mini', 'adamw', 'sgd_sai'"):
+        optim.build_optimizer("adam", make_model(), lr=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(optim.OPTIMIZERS))
+def test_sparse_gradient_is_rejected(name):
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = optim.build_optimizer(name, emb, lr=1e-3)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match=r"weight has a sparse gradient"):
+        opt.step()
+
+
+@pytest.mark.parametrize("rule,message", [
+    (("heads", 5), r"blocks\.0\.q_proj\.weight: .*5 heads do not divide the 32 rows"),
+    (("qkv", 4), r"fused QKV weight needs rows divisible by 3 x 4"),
+    ("per_head", r"'per_head' is not one of"),
+])
+def test_bad_partition_rule_names_parameter(rule, message):
+    model = make_model()
+    rules = {**model.block_rules(), model.blocks[0].q_proj.weight: rule}
+    with pytest.raises(ValueError, match=message):
+        optim.AdamMini(model.named_parameters(), lr=1e-3, block_rules=rules)

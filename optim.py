@@ -393,22 +393,61 @@ def rule_for(rules, p):
     return rules.get(p, "rows" if p.dim() >= 2 else "full")
 
 
-def default_block_rules(model):
-    """Adam-mini rules from module types: Linear and Embedding weights one block per row,
-    biases per element (full Adam, as official 1.1.1), anything else one block per tensor.
+# What each parameter is. Models say it in a `param_kinds()` method ({parameter: kind}) and carry
+# `n_head`; Adam-mini's blocks, and the diagnostics' grouping, follow from the kind.
+KIND_RULES = {
+    "embedding": "rows",        # token embedding (and a head tied to it): one block per token
+    "head": "rows",             # output layer: one block per output (token or class)
+    "qk": "heads",              # a Q or a K weight: one block per head
+    "qkv": "qkv",               # fused [Q; K; V]: Q and K per head, V per row
+    "v": "rows", "proj": "rows", "mlp": "rows", "linear": "rows",   # one block per neuron
+    "position": "tensor", "norm": "tensor", "other": "tensor",      # one block per tensor
+    "bias": "full",             # one per element: plain Adam, as official 1.1.1
+}
 
-    Attention Q/K weights need the head count, which only the model knows: models override
-    those entries (and position embeddings, "tensor") in their own `block_rules()`.
-    """
-    rules = {}
+
+def guess_param_kinds(model):
+    """Kinds from module types, for models without `param_kinds()`: biases "bias", Embedding
+    weights "embedding", Linear weights "linear", LayerNorm weights "norm", the rest "other".
+    It cannot tell Q/K from other matrices: models with attention should say so themselves."""
+    kinds = {}
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if name == "bias":
-                rules[p] = "full"
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                rules[p] = "rows"
+                kinds[p] = "bias"
+            elif isinstance(module, nn.Embedding):
+                kinds[p] = "embedding"
+            elif isinstance(module, nn.Linear):
+                kinds.setdefault(p, "linear")
+            elif isinstance(module, nn.LayerNorm):
+                kinds[p] = "norm"
             else:
-                rules.setdefault(p, "tensor")
+                kinds.setdefault(p, "other")
+    return kinds
+
+
+def param_kinds(model):
+    """{parameter: kind}: the model's own `param_kinds()`, else `guess_param_kinds`."""
+    kinds = model.param_kinds() if hasattr(model, "param_kinds") else guess_param_kinds(model)
+    for p, kind in kinds.items():
+        if kind not in KIND_RULES:
+            raise ValueError(f"parameter kind {kind!r} (shape {tuple(p.shape)}) is not one of "
+                             f"{sorted(KIND_RULES)}")
+    return kinds
+
+
+def block_rules(model):
+    """Adam-mini's partition of `model`: {parameter: rule} from each parameter's kind."""
+    rules = {}
+    for p, kind in param_kinds(model).items():
+        rule = KIND_RULES[kind]
+        if rule in ("heads", "qkv"):
+            n_head = getattr(model, "n_head", None)
+            if not isinstance(n_head, int):
+                raise ValueError(f"a {kind!r} parameter needs the model's head count: give the "
+                                 "model an int attribute n_head")
+            rule = (rule, n_head)
+        rules[p] = rule
     return rules
 
 
@@ -448,7 +487,7 @@ class AdamMini(_SandboxOptimizer):
     official code); other tensors (norm gains, position embeddings) one per tensor.
 
     The partition is given, not guessed from parameter names: `block_rules` maps parameters to
-    rules (see `default_block_rules` and the models' `block_rules()`), so a fused QKV weight is
+    rules (`block_rules(model)` derives them from the model's `param_kinds()`), so a fused QKV is
     split correctly, where the official name matching falls back to one value per tensor for
     nanoGPT's `c_attn` (its issue #30). Parameters not in the map get "rows" if they have two
     or more dimensions and "full" otherwise. Left out on purpose: model sharding, grouped-query
@@ -518,8 +557,7 @@ def build_optimizer(name, model, **hparams):
 
     Two param groups as in nanoGPT: tensors with 2+ dims (matmul weights, embeddings) get
     `weight_decay`, the others (biases, norm gains) none. Parameters are passed with their names,
-    so errors name them. Adam-mini gets its partition from `model.block_rules()` when the model
-    defines it, else from `default_block_rules(model)`.
+    so errors name them. Adam-mini gets its partition from `block_rules(model)`.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
@@ -530,8 +568,7 @@ def build_optimizer(name, model, **hparams):
               {"params": [(n, p) for n, p in named if p.dim() < 2], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if name == "adam_mini":
-        rules = model.block_rules() if hasattr(model, "block_rules") else default_block_rules(model)
-        hparams["block_rules"] = rules
+        hparams["block_rules"] = block_rules(model)
     cls = OPTIMIZERS[name]
     allowed = list(inspect.signature(cls).parameters)[1:]
     unknown = sorted(set(hparams) - set(allowed))

@@ -285,7 +285,7 @@ def test_state_bytes_exact():
 
 def test_partition_table_lists_every_parameter():
     model = make_model()
-    table = optim.partition_table(model, model.block_rules())
+    table = optim.partition_table(model, optim.block_rules(model))
     assert "blocks.0.q_proj.weight" in table and "('heads', 4)" in table
     assert table.splitlines()[-1].split()[-1] == "1050"
     assert len(table.splitlines()) == 2 + len(list(model.parameters()))
@@ -332,6 +332,6 @@ def test_sparse_gradient_is_rejected(name):
 ])
 def test_bad_partition_rule_names_parameter(rule, message):
     model = make_model()
-    rules = {**model.block_rules(), model.blocks[0].q_proj.weight: rule}
+    rules = {**optim.block_rules(model), model.blocks[0].q_proj.weight: rule}
     with pytest.raises(ValueError, match=message):
         optim.AdamMini(model.named_parameters(), lr=1e-3, block_rules=rules)

@@ -30,7 +30,7 @@ class Block(nn.Module):
 class TinyLM(nn.Module):
     def __init__(self, vocab=50, dim=32, n_heads=4, n_layers=2, block_size=16):
         super().__init__()
-        self.n_heads = n_heads
+        self.n_head = n_heads
         self.embed = nn.Embedding(vocab, dim)
         self.wpe = nn.Parameter(0.02 * torch.randn(block_size, dim))
         self.blocks = nn.ModuleList(Block(dim, n_heads) for _ in range(n_layers))
@@ -43,14 +43,16 @@ class TinyLM(nn.Module):
             x = block(x)
         return self.lm_head(self.norm_f(x))
 
-    def block_rules(self):
-        from optim import default_block_rules
-        rules = default_block_rules(self)
-        rules[self.wpe] = "tensor"
-        for block in self.blocks:
-            rules[block.q_proj.weight] = ("heads", self.n_heads)
-            rules[block.k_proj.weight] = ("heads", self.n_heads)
-        return rules
+    def param_kinds(self):
+        kinds = {self.embed.weight: "embedding", self.wpe: "position",
+                 self.lm_head.weight: "head", self.norm_f.weight: "norm", self.norm_f.bias: "bias"}
+        for b in self.blocks:
+            kinds.update({b.q_proj.weight: "qk", b.k_proj.weight: "qk", b.v_proj.weight: "v",
+                          b.o_proj.weight: "proj"})
+            kinds.update({p: "mlp" if p.dim() == 2 else "bias" for p in b.mlp.parameters()})
+            kinds.update({n.weight: "norm" for n in (b.norm1, b.norm2)})
+            kinds.update({n.bias: "bias" for n in (b.norm1, b.norm2)})
+        return kinds
 
 
 def make_model(seed=0, **kw):

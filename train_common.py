@@ -1,0 +1,339 @@
+"""
+What both trainers share: the --key=value CLI, device and precision, the LR schedule,
+atomic checkpoints, RNG state, the JSONL metrics log, memory probes, Ctrl-C handling and the
+compare-several-optimizers driver. Each trainer still reads top to bottom; this file only keeps
+them from writing the same plumbing twice.
+"""
+import ast
+import contextlib
+import dataclasses
+import difflib
+import json
+import math
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+import optim
+
+
+class ConfigError(ValueError):
+    """A bad command line: the trainers print its message as one line and exit with status 2."""
+
+
+def option(default, help):
+    """A config field with a one-line meaning, shown by --help."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+def help_text(cfg, usage):
+    lines = [usage, "", "Options (--key=value; defaults shown):"]
+    for f in dataclasses.fields(cfg):
+        lines.append(f"  --{f.name}={getattr(cfg, f.name)!r:<14} {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def parse_value(key, raw, default):
+    """Parse one --key=value against the type of its default; ConfigError when it does not fit."""
+    kind = type(default)
+    if kind is str:
+        return raw
+    if kind is bool:
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--{key} expects True or False, got {raw!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"--{key} expects {kind.__name__}, got {raw!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"--{key} expects {kind.__name__}, got {raw!r}")
+    return value
+
+
+def parse_args(cfg, argv, usage):
+    """Apply --key=value overrides to the dataclass `cfg`; return (new cfg, keys given)."""
+    names = [f.name for f in dataclasses.fields(cfg)]
+    given = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(help_text(cfg, usage))
+            sys.exit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"arguments are --key=value, got {arg!r} (--help lists the keys)")
+        key, raw = arg[2:].split("=", 1)
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean --{close[0]}?" if close else ""
+            raise ConfigError(f"unknown option --{key}{hint} (--help lists the keys)")
+        given[key] = parse_value(key, raw, getattr(cfg, key))
+    return dataclasses.replace(cfg, **given), set(given)
+
+
+def check_positive(cfg, *keys):
+    for key in keys:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"--{key} must be > 0, got {getattr(cfg, key)}")
+
+
+def optimizer_names(spec):
+    """'all' or a comma-separated list of names from optim.OPTIMIZERS."""
+    names = list(optim.OPTIMIZERS) if spec == "all" else spec.split(",")
+    for name in names:
+        if name not in optim.OPTIMIZERS:
+            raise ConfigError(f"--optimizer: unknown optimizer {name!r}; "
+                              f"choose from {', '.join(optim.OPTIMIZERS)}, a comma-separated "
+                              "list of them, or all")
+    return names
+
+
+def check_common(cfg):
+    """Checks both trainers need: schedule, optimizer hyperparameters, device and dtype."""
+    optimizer_names(cfg.optimizer)
+    check_positive(cfg, "batch_size", "max_iters", "eval_interval", "log_interval",
+                   "grad_accum", "eval_iters")
+    for key in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "warmup_iters"):
+        if not getattr(cfg, key) >= 0:
+            raise ConfigError(f"--{key} must be >= 0, got {getattr(cfg, key)}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ConfigError(f"--{key} must be in [0, 1), got {getattr(cfg, key)}")
+    if cfg.sai_rule not in optim.SCALE_RULES:
+        raise ConfigError(f"--sai_rule must be one of {', '.join(optim.SCALE_RULES)}, "
+                          f"got {cfg.sai_rule!r}")
+    if cfg.device not in ("auto", "cpu", "cuda", "mps") and not cfg.device.startswith("cuda:"):
+        raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+
+
+def optimizer_hparams(cfg, name, lr):
+    """The config's optimizer settings, as the keyword arguments optimizer `name` takes."""
+    hp = {"lr": lr, "weight_decay": cfg.weight_decay}
+    if name == "sgd_sai":
+        hp.update(momentum=cfg.beta1, scale_rule=cfg.sai_rule)
+    else:
+        hp.update(betas=(cfg.beta1, cfg.beta2))
+    return hp
+
+
+# ---------------------------------------------------------------------------------------------
+# device, precision, schedule
+
+def pick_device(name):
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device={name} but CUDA is not available; use --device=cpu")
+        if name == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("--device=mps but MPS is not available; use --device=cpu")
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(name, device):
+    """Autocast dtype: bf16 on GPUs that support it, else fp16 (with a GradScaler); fp32 off CUDA."""
+    if name == "auto":
+        if not device.startswith("cuda"):
+            return "float32"
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if name != "float32" and not device.startswith("cuda"):
+        raise ConfigError(f"--dtype={name} is for CUDA autocast; use --dtype=float32 on {device}")
+    return name
+
+
+def autocast(device, dtype):
+    """Mixed precision on CUDA (parameters and optimizer state stay float32); nothing elsewhere."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=getattr(torch, dtype))
+
+
+def lr_at(it, cfg, lr):
+    """Linear warmup for warmup_iters, then cosine from lr down to lr * min_lr_ratio."""
+    if it < cfg.warmup_iters:
+        return lr * (it + 1) / (cfg.warmup_iters + 1)
+    progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters))
+    min_lr = lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def maybe_compile(model, enabled, trial):
+    """torch.compile is opt-in; if compiling or the first compiled step fails, warn and go on
+    uncompiled. `trial` runs one forward/backward (its RNG use and gradients are undone)."""
+    if not enabled:
+        return model
+    rng = rng_state()
+    try:
+        compiled = torch.compile(model)
+        trial(compiled)
+        return compiled
+    except Exception as err:  # any compiler failure: the eager model trains the same
+        print(f"warning: torch.compile failed ({type(err).__name__}: {err}); "
+              "continuing without it", file=sys.stderr)
+        return model
+    finally:
+        model.zero_grad(set_to_none=True)
+        set_rng_state(rng)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints, RNG, Ctrl-C
+
+def save_checkpoint(path, obj):
+    """torch.save to a temp file, then rename: a crash or Ctrl-C never leaves half a file."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopOnCtrlC:
+    """The first Ctrl-C asks the loop to stop after the current iteration (so the checkpoint it
+    writes is consistent); a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this iteration and saving a checkpoint "
+              "(press again to abort without saving)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics and memory
+
+class MetricsLog:
+    """Append-only JSONL, one object per line, flushed each write so `plots/` can read it live.
+    On resume, lines past the checkpoint's step and the old end line are dropped: the run goes on
+    from the checkpoint and recomputes them."""
+
+    def __init__(self, path, resume_step=None):
+        self.path = path
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                # a line without its newline was torn by a crash; it is past the checkpoint anyway
+                records = [(line, json.loads(line)) for line in f if line.endswith("\n")]
+            kept = [line for line, r in records
+                    if r["step"] <= resume_step and r["event"] != "end"]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+        self.file = open(path, "a")
+
+    def write(self, **record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def peak_memory(device):
+    """(bytes, what): CUDA max allocated on a GPU, the process's peak RSS elsewhere."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "cpu_peak_rss"
+
+
+def memory_fields(model, optimizer, device):
+    params = list(model.parameters())
+    peak, peak_kind = peak_memory(device)
+    return {"param_bytes": sum(p.numel() * p.element_size() for p in params),
+            "grad_bytes": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+            "state_bytes": optim.state_bytes(optimizer),
+            "peak_bytes": peak, "peak_kind": peak_kind}
+
+
+def console_line(it, loss, lr, ms, items_per_s, unit, state_vs_adamw):
+    return (f"iter {it} | loss {loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
+            f"{items_per_s:,.0f} {unit}/s | state {state_vs_adamw:.2f}x AdamW")
+
+
+class Timer:
+    """Seconds spent training, excluding evaluation and checkpoints (so optimizers compare on
+    the work they do); CUDA is synchronised so the clock sees finished kernels."""
+
+    def __init__(self, device, seconds=0.0):
+        self.device, self.seconds = device, seconds
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        self.last = time.perf_counter() - self.t0
+        self.seconds += self.last
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+def new_run_dir(out_root, name):
+    """out_root/<time>-<name>, never an existing directory (earlier runs are not touched)."""
+    stem = os.path.join(out_root, time.strftime("%Y%m%d-%H%M%S") + "-" + name)
+    path, n = stem, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{stem}-{n}"
+    os.makedirs(path)
+    return path
+
+
+def compare(script, names, argv, out_dir):
+    """Train each optimizer in its own process (so peak memory is its own), same seed and
+    batches, into out_dir/<name>. Returns (how many finished, the run directories with metrics:
+    a diverged run is drawn too, up to where it stopped)."""
+    finished, runs = 0, []
+    for name in names:
+        run_dir = os.path.join(out_dir, name)
+        rest = [a for a in argv if not a.startswith(("--optimizer=", "--out_dir="))]
+        cmd = [sys.executable, script, f"--optimizer={name}", f"--out_dir={run_dir}", *rest]
+        print(f"=== {name}: {' '.join(cmd[1:])}", flush=True)
+        if subprocess.run(cmd).returncode == 0:
+            finished += 1
+        else:
+            print(f"=== {name} did not finish; see {run_dir}", flush=True)
+        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+            runs.append(run_dir)
+    return finished, runs

@@ -1,7 +1,7 @@
 """
 A nanoGPT-style GPT trained with any optimizer in optim.py (SGD-SaI by default).
 
-    python nanogpt_sai.py                                    # baby GPT on tiny shakespeare, ~3 min CPU
+    python nanogpt_sai.py                                    # baby GPT, tiny shakespeare, ~3 min
     python nanogpt_sai.py --optimizer=sgd_sai,adamw,adam_mini # compare (or --optimizer=all)
     python nanogpt_sai.py --dataset=shakespeare --max_iters=500   # GPT-2 BPE tokens
     python nanogpt_sai.py --resume=out/<run dir>             # continue an interrupted run
@@ -39,7 +39,7 @@ class Config:
                                                  "(GPT-2 BPE)")
     data_path: str = tc.option("", "tiny shakespeare input.txt to use (default: cache, then "
                                    "download, then an offline corpus)")
-    data_dir: str = tc.option("data/cache", "where raw and prepared data are cached")
+    data_dir: str = tc.option(tc.DATA_CACHE, "where raw and prepared data are cached")
     # model (defaults: nanoGPT's CPU run; the gpu preset is in PRESETS)
     n_layer: int = tc.option(4, "transformer blocks")
     n_head: int = tc.option(4, "attention heads (must divide n_embd)")
@@ -113,8 +113,12 @@ def resolve_config(argv):
         raise tc.ConfigError(f"--preset must be auto, cpu or gpu, got {cfg.preset!r}")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in PRESETS[preset].items() if k not in given})
     if cfg.dataset not in ("shakespeare_char", "shakespeare"):
-        raise tc.ConfigError(f"--dataset must be shakespeare_char or shakespeare, got {cfg.dataset!r}")
-    tc.check_positive(cfg, "n_layer", "n_head", "n_embd", "block_size")
+        raise tc.ConfigError("--dataset must be shakespeare_char or shakespeare, got "
+                             f"{cfg.dataset!r}")
+    tc.check_positive(cfg, "n_layer", "n_head", "n_embd", "block_size", "max_iters",
+                      "eval_interval", "eval_iters", "grad_accum")
+    if cfg.lr_decay_iters < 0:
+        raise tc.ConfigError(f"--lr_decay_iters must be >= 0, got {cfg.lr_decay_iters}")
     if cfg.n_embd % cfg.n_head:
         raise tc.ConfigError(f"--n_embd={cfg.n_embd} must be divisible by --n_head={cfg.n_head}")
     if not 0 <= cfg.dropout < 1:
@@ -233,7 +237,10 @@ class GPT(nn.Module):
 def train(cfg):
     """One run; returns "finished", "stopped" (Ctrl-C) or "diverged"."""
     device = cfg.device
-    data = load_text(cfg.dataset, data_dir=cfg.data_dir, text_path=cfg.data_path)
+    try:
+        data = load_text(cfg.dataset, data_dir=cfg.data_dir, text_path=cfg.data_path)
+    except (OSError, ValueError) as err:   # a --data_path that is missing or unreadable
+        raise tc.ConfigError(f"--data_path: {err}") from None
     splits = {"train": torch.from_numpy(data.train.astype("int64")),
               "val": torch.from_numpy(data.val.astype("int64"))}
     shortest = min(len(s) for s in splits.values())
@@ -335,7 +342,7 @@ def train(cfg):
     t_start = time.time()
     with tc.StopOnCtrlC() as stop:
         while True:
-            lr = tc.lr_at(it, cfg, cfg.lr)
+            lr = tc.lr_at(it, cfg.lr, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr_ratio)
             for group in opt.param_groups:
                 group["lr"] = lr
 

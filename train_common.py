@@ -22,6 +22,10 @@ import torch
 import optim
 
 
+# Downloads and prepared data live beside the code, wherever the trainer is started from.
+DATA_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cache")
+
+
 class ConfigError(ValueError):
     """A bad command line: the trainers print its message as one line and exit with status 2."""
 
@@ -102,11 +106,12 @@ def optimizer_names(spec):
 def check_common(cfg):
     """Checks both trainers need: schedule, optimizer hyperparameters, device and dtype."""
     optimizer_names(cfg.optimizer)
-    check_positive(cfg, "batch_size", "max_iters", "eval_interval", "log_interval",
-                   "grad_accum", "eval_iters")
-    for key in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "warmup_iters"):
+    check_positive(cfg, "batch_size", "log_interval")
+    for key in ("lr", "weight_decay", "grad_clip", "warmup_iters"):
         if not getattr(cfg, key) >= 0:
             raise ConfigError(f"--{key} must be >= 0, got {getattr(cfg, key)}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise ConfigError(f"--min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(cfg, key) < 1:
             raise ConfigError(f"--{key} must be in [0, 1), got {getattr(cfg, key)}")
@@ -147,7 +152,8 @@ def pick_device(name):
 
 
 def pick_dtype(name, device):
-    """Autocast dtype: bf16 on GPUs that support it, else fp16 (with a GradScaler); fp32 off CUDA."""
+    """Autocast dtype: bf16 on GPUs that support it, else fp16 (with a GradScaler); fp32 off
+    CUDA."""
     if name == "auto":
         if not device.startswith("cuda"):
             return "float32"
@@ -164,12 +170,13 @@ def autocast(device, dtype):
     return torch.autocast(device_type="cuda", dtype=getattr(torch, dtype))
 
 
-def lr_at(it, cfg, lr):
-    """Linear warmup for warmup_iters, then cosine from lr down to lr * min_lr_ratio."""
-    if it < cfg.warmup_iters:
-        return lr * (it + 1) / (cfg.warmup_iters + 1)
-    progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters))
-    min_lr = lr * cfg.min_lr_ratio
+def lr_at(it, lr, warmup_iters, decay_iters, min_lr_ratio):
+    """Linear warmup for warmup_iters, then cosine from lr down to lr * min_lr_ratio at
+    decay_iters (and flat after)."""
+    if it < warmup_iters:
+        return lr * (it + 1) / (warmup_iters + 1)
+    progress = min(1.0, (it - warmup_iters) / max(1, decay_iters - warmup_iters))
+    min_lr = lr * min_lr_ratio
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 

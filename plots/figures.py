@@ -20,7 +20,8 @@ class Run:
     @property
     def label(self):
         c = self.config
-        rule = f" ({c['sai_rule']})" if c["optimizer"] == "sgd_sai" and c.get("sai_rule") != "gsnr" else ""
+        sai_rule = c["optimizer"] == "sgd_sai" and c.get("sai_rule", "gsnr") != "gsnr"
+        rule = f" ({c['sai_rule']})" if sai_rule else ""
         return f"{c['optimizer']}{rule} lr={c['lr']:g}"
 
     def events(self, kind):

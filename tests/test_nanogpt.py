@@ -120,7 +120,8 @@ def test_offline_default_falls_back_to_the_python_manual(tmp_path, monkeypatch, 
         raise urllib.error.URLError("no network in this test")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     out = tmp_path / "run"
-    assert run(TINY + [f"--data_dir={tmp_path / 'cache'}", "--max_iters=2", f"--out_dir={out}"]) == 0
+    assert run(TINY + [f"--data_dir={tmp_path / 'cache'}", "--max_iters=2",
+                       f"--out_dir={out}"]) == 0
     with open(out / "run.json") as f:
         assert json.load(f)["data_source"] == "pydoc_topics"
     assert "--data_path" in capsys.readouterr().out

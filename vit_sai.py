@@ -1,0 +1,401 @@
+"""
+A small Vision Transformer trained from scratch with any optimizer in optim.py.
+
+    python vit_sai.py                                      # Fashion-MNIST, SGD-SaI
+    python vit_sai.py --optimizer=sgd_sai,adamw,adam_mini   # compare (or --optimizer=all)
+    python vit_sai.py --dataset=cifar10                    # with crop + flip augmentation
+    python vit_sai.py --resume=out/<run dir>               # continue an interrupted run
+    python vit_sai.py --help                               # every option
+
+Same conventions as nanogpt_sai.py (config, CLI, logs, checkpoints, plots); reads top to bottom:
+config -> data -> model -> optimizer -> loop over epochs. Offline without the data, it trains on
+digits rendered from matplotlib's fonts and says so.
+"""
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from einops.layers.torch import Rearrange
+from torch import nn
+from tqdm import tqdm
+
+import optim
+import train_common as tc
+from data.images import load_images, random_crop_flip
+from plots.figures import draw_all
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = tc.option("fashion_mnist", "fashion_mnist, cifar10 or digits (rendered)")
+    data_path: str = tc.option("", "folder with the data set's files (default: cache, "
+                                   "/usr/share/datasets, download, then rendered digits)")
+    data_dir: str = tc.option(tc.DATA_CACHE, "where downloads and caches go")
+    # model
+    patch_size: int = tc.option(4, "patch side in pixels (must divide the image side)")
+    dim: int = tc.option(64, "width")
+    depth: int = tc.option(4, "transformer blocks")
+    heads: int = tc.option(4, "attention heads (must divide dim)")
+    mlp_ratio: int = tc.option(2, "MLP hidden width = mlp_ratio * dim")
+    pool: str = tc.option("cls", "cls (class token) or mean (average of patch tokens)")
+    dropout: float = tc.option(0.0, "dropout probability")
+    # optimizer
+    optimizer: str = tc.option("sgd_sai", "sgd_sai, adamw, adam_mini, a comma-separated list of "
+                                          "them, or all (compare)")
+    lr: float = tc.option(0.0, "peak learning rate; 0 = the optimizer's default")
+    min_lr_ratio: float = tc.option(0.01, "cosine decays the lr to lr * min_lr_ratio")
+    weight_decay: float = tc.option(0.05, "decoupled weight decay of matrices and embeddings")
+    beta1: float = tc.option(0.9, "AdamW/Adam-mini beta1; SGD-SaI momentum")
+    beta2: float = tc.option(0.99, "AdamW/Adam-mini beta2")
+    sai_rule: str = tc.option("gsnr", "SGD-SaI scale rule: gsnr, gsnr_max, sqrt_numel, none")
+    grad_clip: float = tc.option(1.0, "clip the global gradient norm to this; 0 = off")
+    warmup_iters: int = tc.option(200, "linear warmup steps")
+    label_smoothing: float = tc.option(0.1, "cross-entropy label smoothing")
+    # training
+    batch_size: int = tc.option(128, "images per step")
+    epochs: int = tc.option(6, "passes over the training set")
+    max_iters: int = tc.option(0, "stop after this many steps; 0 = all epochs")
+    log_interval: int = tc.option(50, "console and metrics line every this many steps")
+    seed: int = tc.option(1337, "seed of weights, shuffling, augmentation and dropout")
+    # system
+    device: str = tc.option("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: str = tc.option("auto", "autocast dtype: auto (bf16, else fp16 on CUDA; fp32 "
+                                   "elsewhere), float32, bfloat16, float16")
+    compile: bool = tc.option(False, "torch.compile the model (falls back if it fails)")
+    out_dir: str = tc.option("", "run directory; default out/<time>-<dataset>-<optimizer>")
+    resume: str = tc.option("", "run directory to resume from its checkpoint")
+
+
+# Peak learning rates from the Fashion-MNIST sweep in the README.
+DEFAULT_LR = {"adamw": 2e-3, "sgd_sai": 1e-2, "adam_mini": 2e-3}
+USAGE = __doc__.strip().splitlines()[0] + "\n\n" + "\n".join(__doc__.strip().splitlines()[2:7])
+
+
+def resolve_config(argv):
+    """Command line -> checked Config (default lr applied) and the device."""
+    cfg, given = tc.parse_args(Config(), argv, USAGE)
+    if cfg.resume:
+        if given != {"resume"}:
+            raise tc.ConfigError("--resume continues a run with its saved config; drop "
+                                 + ", ".join(f"--{k}" for k in sorted(given - {"resume"})))
+        path = os.path.join(cfg.resume, "config.json")
+        if not os.path.exists(path):
+            raise tc.ConfigError(f"--resume={cfg.resume}: no config.json there; pass a run "
+                                 "directory written by vit_sai.py")
+        with open(path) as f:
+            return dataclasses.replace(Config(**json.load(f)), resume=cfg.resume)
+    tc.check_common(cfg)
+    if len(tc.optimizer_names(cfg.optimizer)) > 1:
+        return cfg
+    if cfg.dataset not in ("fashion_mnist", "cifar10", "digits"):
+        raise tc.ConfigError(f"--dataset must be fashion_mnist, cifar10 or digits, got "
+                             f"{cfg.dataset!r}")
+    tc.check_positive(cfg, "patch_size", "dim", "depth", "heads", "mlp_ratio", "epochs")
+    if cfg.max_iters < 0:
+        raise tc.ConfigError(f"--max_iters must be >= 0, got {cfg.max_iters}")
+    if cfg.dim % cfg.heads:
+        raise tc.ConfigError(f"--dim={cfg.dim} must be divisible by --heads={cfg.heads}")
+    if cfg.pool not in ("cls", "mean"):
+        raise tc.ConfigError(f"--pool must be cls or mean, got {cfg.pool!r}")
+    if not 0 <= cfg.dropout < 1 or not 0 <= cfg.label_smoothing < 1:
+        raise tc.ConfigError("--dropout and --label_smoothing must be in [0, 1)")
+    device = tc.pick_device(cfg.device)
+    return dataclasses.replace(cfg, device=device, dtype=tc.pick_dtype(cfg.dtype, device),
+                               lr=cfg.lr or DEFAULT_LR[cfg.optimizer])
+
+
+# ---------------------------------------------------------------------------------------------
+# model: ViT (Dosovitskiy et al. 2021) in the style of lucidrains/vit-pytorch, pre-norm blocks
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, dropout):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm = nn.LayerNorm(dim)
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)  # fused [Q; K; V]
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = rearrange(self.to_qkv(self.norm(x)), "b n (three h d) -> three b h n d",
+                            three=3, h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, hidden, dropout):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(),
+                                 nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg, image_size, channels, num_classes):
+        super().__init__()
+        p = cfg.patch_size
+        num_patches, patch_dim = (image_size // p) ** 2, channels * p * p
+        self.n_head, self.pool = cfg.heads, cfg.pool
+        self.to_patch_embedding = nn.Sequential(
+            Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p),
+            nn.LayerNorm(patch_dim), nn.Linear(patch_dim, cfg.dim), nn.LayerNorm(cfg.dim))
+        self.pos_embedding = nn.Parameter(0.02 * torch.randn(1, num_patches + 1, cfg.dim))
+        self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, cfg.dim))
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(nn.ModuleList([
+            Attention(cfg.dim, cfg.heads, cfg.dropout),
+            FeedForward(cfg.dim, cfg.mlp_ratio * cfg.dim, cfg.dropout)])
+            for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.mlp_head = nn.Linear(cfg.dim, num_classes)
+
+    def forward(self, img):                                   # (B, C, H, W), normalised
+        x = self.to_patch_embedding(img)                      # (B, N, dim)
+        cls = repeat(self.cls_token, "1 1 d -> b 1 d", b=x.shape[0])
+        x = self.dropout(torch.cat([cls, x], dim=1) + self.pos_embedding)
+        for attn, ff in self.layers:
+            x = x + attn(x)
+            x = x + ff(x)
+        x = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1)
+        return self.mlp_head(self.norm(x))                    # (B, classes)
+
+    def param_kinds(self):
+        """What each parameter is, for optim.py (Adam-mini's blocks, the diagnostics): Q/K of
+        the fused to_qkv per head, V/proj/MLP/patch embedding per neuron, head per class, class
+        token and position embedding one block each."""
+        kinds = {self.pos_embedding: "position", self.cls_token: "position",
+                 self.mlp_head.weight: "head", self.to_patch_embedding[2].weight: "linear"}
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                kinds[module.weight] = "norm"
+        for attn, ff in self.layers:
+            kinds[attn.to_qkv.weight] = "qkv"
+            kinds[attn.to_out.weight] = "proj"
+            kinds[ff.net[1].weight] = kinds[ff.net[4].weight] = "mlp"
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                kinds[p] = "bias"
+        return kinds
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+def train(cfg):
+    """One run; returns "finished", "stopped" (Ctrl-C) or "diverged"."""
+    device = cfg.device
+    try:
+        # seed 0, not cfg.seed: the rendered digits' test fonts stay the same across seeds
+        data = load_images(cfg.dataset, data_dir=cfg.data_dir, data_path=cfg.data_path, seed=0)
+    except (OSError, ValueError) as err:   # a --data_path that is missing or malformed
+        raise tc.ConfigError(f"--data_path: {err}") from None
+    channels, image_size = data.train_x.shape[1], data.train_x.shape[-1]
+    if image_size % cfg.patch_size:
+        raise tc.ConfigError(f"--patch_size={cfg.patch_size} must divide the image side "
+                             f"{image_size} of {data.source}")
+    # per-channel mean and std of the training pixels, to normalise inputs
+    pixels = data.train_x.float().div_(255).transpose(0, 1).flatten(1)
+    mean, std = (s.view(1, -1, 1, 1).to(device) for s in (pixels.mean(1), pixels.std(1)))
+    del pixels
+
+    def to_input(x_uint8):
+        return (x_uint8.to(device).float() / 255 - mean) / std
+
+    torch.manual_seed(cfg.seed)  # same initial weights for every optimizer
+    model = ViT(cfg, image_size, channels, len(data.classes)).to(device)
+    opt = optim.build_optimizer(cfg.optimizer, model,
+                                **tc.optimizer_hparams(cfg, cfg.optimizer, cfg.lr))
+    if cfg.optimizer == "adam_mini":
+        print(optim.partition_table(model, optim.block_rules(model)))
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.dtype == "float16")
+    n_train = len(data.train_y)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed)      # epoch order and augmentation
+    order = torch.randperm(n_train, generator=shuffle_gen)
+
+    # run directory: a fresh one, or the one we resume (its checkpoint restores everything)
+    it, train_s, best_acc = 0, 0.0, 0.0
+    if cfg.resume:
+        run_dir = cfg.resume
+        ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location=device)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        shuffle_gen.set_state(ckpt["shuffle_gen"])
+        order = ckpt["order"]
+        tc.set_rng_state(ckpt["rng"])
+        it, train_s, best_acc = ckpt["step"], ckpt["train_s"], ckpt["best_acc"]
+        print(f"resuming {run_dir} at step {it}")
+    else:
+        run_dir = cfg.out_dir or tc.new_run_dir("out", f"{cfg.dataset}-{cfg.optimizer}")
+        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+            raise tc.ConfigError(f"--out_dir={run_dir} already holds a run; resume it with "
+                                 f"--resume={run_dir} or choose another --out_dir")
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    n_params = sum(p.numel() for p in model.parameters())
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        json.dump(dict(device=device, dtype=cfg.dtype, torch=torch.__version__,
+                       python=platform.python_version(), cpus=os.cpu_count(),
+                       threads=torch.get_num_threads(), data_source=data.source,
+                       n_train=n_train, n_test=len(data.test_y), n_params=n_params,
+                       argv=sys.argv), f, indent=1)
+    print(f"{n_params / 1e6:.2f}M parameters | {data.source} {n_train} train images | "
+          f"{cfg.optimizer} lr {cfg.lr:g} | {device} {cfg.dtype} | run dir {run_dir}")
+    log = tc.MetricsLog(os.path.join(run_dir, "metrics.jsonl"),
+                        resume_step=it if cfg.resume else None)
+    ctx = tc.autocast(device, cfg.dtype)
+
+    def get_batch(step):
+        """Batch `step` of the current epoch's order; cifar10 gets crop + flip."""
+        idx = order[(step % steps_per_epoch) * cfg.batch_size:][:cfg.batch_size]
+        x = data.train_x[idx]
+        if data.augment:
+            x = random_crop_flip(x, shuffle_gen)
+        return to_input(x), data.train_y[idx].to(device)
+
+    def trial(m):  # one throw-away forward/backward through the compiled model
+        with ctx:
+            F.cross_entropy(m(to_input(data.train_x[:cfg.batch_size])),
+                            data.train_y[:cfg.batch_size].to(device)).backward()
+
+    fast_model = tc.maybe_compile(model, cfg.compile, trial)
+
+    @torch.no_grad()
+    def evaluate():
+        """Loss and accuracy on the whole test set."""
+        fast_model.eval()
+        loss_sum, correct = 0.0, 0
+        for i in range(0, len(data.test_y), 1000):
+            y = data.test_y[i:i + 1000].to(device)
+            with ctx:
+                logits = fast_model(to_input(data.test_x[i:i + 1000])).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+        fast_model.train()
+        return loss_sum / len(data.test_y), correct / len(data.test_y)
+
+    def save():
+        tc.save_checkpoint(os.path.join(run_dir, "ckpt.pt"), dict(
+            model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+            shuffle_gen=shuffle_gen.get_state(), order=order, rng=tc.rng_state(), step=it,
+            train_s=train_s, best_acc=best_acc, config=dataclasses.asdict(cfg)))
+
+    adamw_state = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+    timer, status, resumed_at = tc.Timer(device, train_s), "finished", it
+    bar = tqdm(total=total_steps, initial=it, disable=None, dynamic_ncols=True, leave=False)
+    interval_s, interval_steps, epoch_loss, epoch_steps = 0.0, 0, 0.0, 0
+    t_start = time.time()
+    with tc.StopOnCtrlC() as stop:
+        while True:
+            lr = tc.lr_at(it, cfg.lr, cfg.warmup_iters, total_steps, cfg.min_lr_ratio)
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+            # evaluate and checkpoint at each epoch's end (the resumed step was evaluated)
+            if (it % steps_per_epoch == 0 or it == total_steps) and not (
+                    cfg.resume and it == resumed_at):
+                test_loss, test_acc = evaluate()
+                if not math.isfinite(test_loss):
+                    status = "diverged"
+                    break
+                best_acc = max(best_acc, test_acc)
+                log.write(event="eval", step=it, epoch=it / steps_per_epoch,
+                          train_loss=epoch_loss / epoch_steps if epoch_steps else None,
+                          test_loss=test_loss,
+                          test_acc=test_acc, best_test_acc=best_acc, lr=lr,
+                          samples=it * cfg.batch_size, train_s=timer.seconds,
+                          wall_s=time.time() - t_start, **tc.memory_fields(model, opt, device))
+                bar.write(f"epoch {it / steps_per_epoch:.2f}: test loss {test_loss:.4f}, "
+                          f"test accuracy {100 * test_acc:.2f}%")
+                epoch_loss, epoch_steps = 0.0, 0
+                save()
+            if it == total_steps:
+                break
+
+            # forward/backward, clip, step
+            with timer:
+                x, y = get_batch(it)
+                with ctx:
+                    loss = F.cross_entropy(fast_model(x), y, label_smoothing=cfg.label_smoothing)
+                scaler.scale(loss).backward()
+                loss = loss.item()
+                if not math.isfinite(loss):
+                    status = "diverged"
+                    break
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(opt)
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+            it += 1
+            if it % steps_per_epoch == 0:  # drawn before the epoch-end checkpoint, saved with it
+                order = torch.randperm(n_train, generator=shuffle_gen)
+            train_s = timer.seconds
+            bar.update(1)
+            interval_s, interval_steps = interval_s + timer.last, interval_steps + 1
+            epoch_loss, epoch_steps = epoch_loss + loss, epoch_steps + 1
+
+            # log
+            if it % cfg.log_interval == 0 or it == total_steps:
+                ms = 1000 * interval_s / interval_steps
+                mem = tc.memory_fields(model, opt, device)
+                log.write(event="train", step=it, epoch=it / steps_per_epoch, loss=loss, lr=lr,
+                          ms=ms, samples=it * cfg.batch_size, train_s=train_s,
+                          wall_s=time.time() - t_start, **mem)
+                bar.write(tc.console_line(it, loss, lr, ms, cfg.batch_size * 1000 / ms, "img",
+                                          mem["state_bytes"] / adamw_state))
+                interval_s, interval_steps = 0.0, 0
+            if stop.requested:
+                save()
+                status = "stopped"
+                break
+    bar.close()
+    log.write(event="end", step=it, status=status, train_s=train_s)
+    log.close()
+    if status == "diverged":
+        print(f"loss is not finite at step {it}: training diverged (try a lower --lr). The last "
+              f"good checkpoint, if any, is intact in {run_dir}.", file=sys.stderr)
+        return status
+    if status == "stopped":
+        print(f"stopped at step {it}; resume with: python vit_sai.py --resume={run_dir}")
+        return status
+    for path in draw_all([run_dir], run_dir):
+        print(f"wrote {path}")
+    return status
+
+
+def main(argv):
+    try:
+        cfg = resolve_config(argv)
+        names = tc.optimizer_names(cfg.optimizer)
+        if len(names) > 1:
+            out_dir = cfg.out_dir or tc.new_run_dir("out", f"compare-{cfg.dataset}")
+            finished, runs = tc.compare(__file__, names, argv, out_dir)
+            for path in draw_all(runs, out_dir):
+                print(f"wrote {path}")
+            return 0 if finished == len(names) else 1
+        status = train(cfg)
+    except tc.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return {"finished": 0, "stopped": 130, "diverged": 3}[status]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -12,10 +12,8 @@ out/<time>-<dataset>-<optimizer>/: config.json, run.json, metrics.jsonl, ckpt.pt
 the figures from plots/.
 """
 import dataclasses
-import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -29,7 +27,6 @@ from tqdm import tqdm
 import optim
 import train_common as tc
 from data.text import load_text
-from plots.figures import draw_all
 
 
 @dataclass
@@ -94,16 +91,7 @@ def resolve_config(argv):
     """Command line -> checked Config (preset and default lr applied) and the device."""
     cfg, given = tc.parse_args(Config(), argv, USAGE)
     if cfg.resume:
-        if given != {"resume"}:
-            raise tc.ConfigError("--resume continues a run with its saved config; drop "
-                                 + ", ".join(f"--{k}" for k in sorted(given - {"resume"})))
-        path = os.path.join(cfg.resume, "config.json")
-        if not os.path.exists(path):
-            raise tc.ConfigError(f"--resume={cfg.resume}: no config.json there; pass a run "
-                                 "directory written by nanogpt_sai.py")
-        with open(path) as f:
-            saved = json.load(f)
-        return dataclasses.replace(Config(**saved), resume=cfg.resume)
+        return tc.resumed_config(Config, cfg, given)
     tc.check_common(cfg)
     if len(tc.optimizer_names(cfg.optimizer)) > 1:
         return cfg
@@ -269,31 +257,14 @@ def train(cfg):
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # training batch order
 
     # run directory: a fresh one, or the one we resume (its checkpoint restores everything)
+    run_dir = tc.open_run_dir(cfg, f"{cfg.dataset}-{cfg.optimizer}")
     it, train_s, best_val = 0, 0.0, float("inf")
     if cfg.resume:
-        run_dir = cfg.resume
-        ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location=device)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        ckpt = tc.load_run(run_dir, device, model, opt, scaler)
         batch_gen.set_state(ckpt["batch_gen"])
-        tc.set_rng_state(ckpt["rng"])
         it, train_s, best_val = ckpt["step"], ckpt["train_s"], ckpt["best_val"]
-        print(f"resuming {run_dir} at step {it}")
-    else:
-        run_dir = cfg.out_dir or tc.new_run_dir("out", f"{cfg.dataset}-{cfg.optimizer}")
-        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-            raise tc.ConfigError(f"--out_dir={run_dir} already holds a run; resume it with "
-                                 f"--resume={run_dir} or choose another --out_dir")
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-    n_params = sum(p.numel() for p in model.parameters())
-    with open(os.path.join(run_dir, "run.json"), "w") as f:
-        json.dump(dict(device=device, dtype=cfg.dtype, torch=torch.__version__,
-                       python=platform.python_version(), cpus=os.cpu_count(),
-                       threads=torch.get_num_threads(), data_source=data.source,
-                       vocab_size=data.vocab_size, n_params=n_params, argv=sys.argv), f, indent=1)
+    n_params = tc.write_run_info(run_dir, cfg, model, data_source=data.source,
+                                 vocab_size=data.vocab_size)
     print(f"{n_params / 1e6:.2f}M parameters | {cfg.optimizer} lr {cfg.lr:g} | {device} "
           f"{cfg.dtype} | run dir {run_dir}")
     log = tc.MetricsLog(os.path.join(run_dir, "metrics.jsonl"),
@@ -329,10 +300,8 @@ def train(cfg):
         return out
 
     def save():
-        tc.save_checkpoint(os.path.join(run_dir, "ckpt.pt"), dict(
-            model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-            batch_gen=batch_gen.get_state(), rng=tc.rng_state(), step=it, train_s=train_s,
-            best_val=best_val, config=dataclasses.asdict(cfg)))
+        tc.save_run(run_dir, model, opt, scaler, cfg, batch_gen=batch_gen.get_state(), step=it,
+                    train_s=train_s, best_val=best_val)
 
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     adamw_state = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
@@ -399,15 +368,7 @@ def train(cfg):
     bar.close()
     log.write(event="end", step=it, status=status, train_s=train_s)
     log.close()
-    if status == "diverged":
-        print(f"loss is not finite at step {it}: training diverged (try a lower --lr). The last "
-              f"good checkpoint, if any, is intact in {run_dir}.", file=sys.stderr)
-        return status
-    if status == "stopped":
-        print(f"stopped at step {it}; resume with: python nanogpt_sai.py --resume={run_dir}")
-        return status
-
-    if cfg.sample_tokens:
+    if status == "finished" and cfg.sample_tokens:
         model.eval()
         start = torch.tensor([data.encode("\n")], device=device)
         with ctx:
@@ -415,26 +376,11 @@ def train(cfg):
         print(f"--- sample ---\n{text}\n--------------")
         with open(os.path.join(run_dir, "sample.txt"), "w") as f:
             f.write(text)
-    for path in draw_all([run_dir], run_dir):
-        print(f"wrote {path}")
-    return status
+    return tc.finish_run(status, it, run_dir, "nanogpt_sai.py")
 
 
 def main(argv):
-    try:
-        cfg = resolve_config(argv)
-        names = tc.optimizer_names(cfg.optimizer)
-        if len(names) > 1:
-            out_dir = cfg.out_dir or tc.new_run_dir("out", f"compare-{cfg.dataset}")
-            finished, runs = tc.compare(__file__, names, argv, out_dir)
-            for path in draw_all(runs, out_dir):
-                print(f"wrote {path}")
-            return 0 if finished == len(names) else 1
-        status = train(cfg)
-    except tc.ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return {"finished": 0, "stopped": 130, "diverged": 3}[status]
+    return tc.main(argv, resolve_config, train, __file__)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import difflib
 import json
 import math
 import os
+import platform
 import resource
 import signal
 import subprocess
@@ -20,7 +21,7 @@ import time
 import torch
 
 import optim
-
+from plots.figures import draw_all
 
 # Downloads and prepared data live beside the code, wherever the trainer is started from.
 DATA_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cache")
@@ -344,3 +345,97 @@ def compare(script, names, argv, out_dir):
         if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
             runs.append(run_dir)
     return finished, runs
+
+
+# ---------------------------------------------------------------------------------------------
+# a run's beginning and end, the same in both trainers
+
+def resumed_config(config_cls, cfg, given):
+    """--resume=<run dir>: that run's saved config; no other option may change it."""
+    if given != {"resume"}:
+        raise ConfigError("--resume continues a run with its saved config; drop "
+                          + ", ".join(f"--{k}" for k in sorted(given - {"resume"})))
+    path = os.path.join(cfg.resume, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"--resume={cfg.resume}: no config.json there; pass a run directory "
+                          "this trainer wrote")
+    with open(path) as f:
+        return dataclasses.replace(config_cls(**json.load(f)), resume=cfg.resume)
+
+
+def open_run_dir(cfg, name):
+    """The resumed run's directory, or a new one holding config.json. An existing run is never
+    overwritten: it is resumed, or left alone."""
+    if cfg.resume:
+        return cfg.resume
+    run_dir = cfg.out_dir or new_run_dir("out", name)
+    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        raise ConfigError(f"--out_dir={run_dir} already holds a run; resume it with "
+                          f"--resume={run_dir} or choose another --out_dir")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    return run_dir
+
+
+def write_run_info(run_dir, cfg, model, **facts):
+    """run.json: what the figures were measured on. Returns the parameter count."""
+    n_params = sum(p.numel() for p in model.parameters())
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        json.dump(dict(device=cfg.device, dtype=cfg.dtype, torch=torch.__version__,
+                       python=platform.python_version(), cpus=os.cpu_count(),
+                       threads=torch.get_num_threads(), n_params=n_params, argv=sys.argv,
+                       **facts), f, indent=1)
+    return n_params
+
+
+def save_run(run_dir, model, optimizer, scaler, cfg, **entries):
+    """Checkpoint everything a resume needs; the trainer adds its data position in `entries`."""
+    save_checkpoint(os.path.join(run_dir, "ckpt.pt"), dict(
+        model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+        rng=rng_state(), config=dataclasses.asdict(cfg), **entries))
+
+
+def load_run(run_dir, device, model, optimizer, scaler):
+    """Restore what save_run saved (SGD-SaI's frozen scales travel in the optimizer's state);
+    returns the checkpoint, for the trainer's own entries."""
+    ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location=device)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    print(f"resuming {run_dir} at step {ckpt['step']}")
+    return ckpt
+
+
+def finish_run(status, step, run_dir, script):
+    """Say how the run ended; a finished run gets its figures."""
+    if status == "diverged":
+        print(f"loss is not finite at step {step}: training diverged (try a lower --lr). The "
+              f"last good checkpoint, if any, is intact in {run_dir}.", file=sys.stderr)
+    elif status == "stopped":
+        print(f"stopped at step {step}; resume with: python {script} --resume={run_dir}")
+    else:
+        for path in draw_all([run_dir], run_dir):
+            print(f"wrote {path}")
+    return status
+
+
+def main(argv, resolve_config, train, script):
+    """Both trainers' entry point: one run, or several optimizers compared (each in its own
+    process). Exit status 0 finished, 130 stopped by Ctrl-C, 3 diverged, 2 bad command line
+    (one line on stderr), 1 a compared run did not finish."""
+    try:
+        cfg = resolve_config(argv)
+        names = optimizer_names(cfg.optimizer)
+        if len(names) > 1:
+            out_dir = cfg.out_dir or new_run_dir("out", f"compare-{cfg.dataset}")
+            finished, runs = compare(script, names, argv, out_dir)
+            for path in draw_all(runs, out_dir):
+                print(f"wrote {path}")
+            return 0 if finished == len(names) else 1
+        status = train(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return {"finished": 0, "stopped": 130, "diverged": 3}[status]

@@ -12,10 +12,8 @@ config -> data -> model -> optimizer -> loop over epochs. Offline without the da
 digits rendered from matplotlib's fonts and says so.
 """
 import dataclasses
-import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +28,6 @@ from tqdm import tqdm
 import optim
 import train_common as tc
 from data.images import load_images, random_crop_flip
-from plots.figures import draw_all
 
 
 @dataclass
@@ -84,15 +81,7 @@ def resolve_config(argv):
     """Command line -> checked Config (default lr applied) and the device."""
     cfg, given = tc.parse_args(Config(), argv, USAGE)
     if cfg.resume:
-        if given != {"resume"}:
-            raise tc.ConfigError("--resume continues a run with its saved config; drop "
-                                 + ", ".join(f"--{k}" for k in sorted(given - {"resume"})))
-        path = os.path.join(cfg.resume, "config.json")
-        if not os.path.exists(path):
-            raise tc.ConfigError(f"--resume={cfg.resume}: no config.json there; pass a run "
-                                 "directory written by vit_sai.py")
-        with open(path) as f:
-            return dataclasses.replace(Config(**json.load(f)), resume=cfg.resume)
+        return tc.resumed_config(Config, cfg, given)
     tc.check_common(cfg)
     if len(tc.optimizer_names(cfg.optimizer)) > 1:
         return cfg
@@ -227,33 +216,15 @@ def train(cfg):
     order = torch.randperm(n_train, generator=shuffle_gen)
 
     # run directory: a fresh one, or the one we resume (its checkpoint restores everything)
+    run_dir = tc.open_run_dir(cfg, f"{cfg.dataset}-{cfg.optimizer}")
     it, train_s, best_acc = 0, 0.0, 0.0
     if cfg.resume:
-        run_dir = cfg.resume
-        ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location=device)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        ckpt = tc.load_run(run_dir, device, model, opt, scaler)
         shuffle_gen.set_state(ckpt["shuffle_gen"])
         order = ckpt["order"]
-        tc.set_rng_state(ckpt["rng"])
         it, train_s, best_acc = ckpt["step"], ckpt["train_s"], ckpt["best_acc"]
-        print(f"resuming {run_dir} at step {it}")
-    else:
-        run_dir = cfg.out_dir or tc.new_run_dir("out", f"{cfg.dataset}-{cfg.optimizer}")
-        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-            raise tc.ConfigError(f"--out_dir={run_dir} already holds a run; resume it with "
-                                 f"--resume={run_dir} or choose another --out_dir")
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-    n_params = sum(p.numel() for p in model.parameters())
-    with open(os.path.join(run_dir, "run.json"), "w") as f:
-        json.dump(dict(device=device, dtype=cfg.dtype, torch=torch.__version__,
-                       python=platform.python_version(), cpus=os.cpu_count(),
-                       threads=torch.get_num_threads(), data_source=data.source,
-                       n_train=n_train, n_test=len(data.test_y), n_params=n_params,
-                       argv=sys.argv), f, indent=1)
+    n_params = tc.write_run_info(run_dir, cfg, model, data_source=data.source, n_train=n_train,
+                                 n_test=len(data.test_y))
     print(f"{n_params / 1e6:.2f}M parameters | {data.source} {n_train} train images | "
           f"{cfg.optimizer} lr {cfg.lr:g} | {device} {cfg.dtype} | run dir {run_dir}")
     log = tc.MetricsLog(os.path.join(run_dir, "metrics.jsonl"),
@@ -290,10 +261,8 @@ def train(cfg):
         return loss_sum / len(data.test_y), correct / len(data.test_y)
 
     def save():
-        tc.save_checkpoint(os.path.join(run_dir, "ckpt.pt"), dict(
-            model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-            shuffle_gen=shuffle_gen.get_state(), order=order, rng=tc.rng_state(), step=it,
-            train_s=train_s, best_acc=best_acc, config=dataclasses.asdict(cfg)))
+        tc.save_run(run_dir, model, opt, scaler, cfg, shuffle_gen=shuffle_gen.get_state(),
+                    order=order, step=it, train_s=train_s, best_acc=best_acc)
 
     adamw_state = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
     timer, status, resumed_at = tc.Timer(device, train_s), "finished", it
@@ -368,33 +337,11 @@ def train(cfg):
     bar.close()
     log.write(event="end", step=it, status=status, train_s=train_s)
     log.close()
-    if status == "diverged":
-        print(f"loss is not finite at step {it}: training diverged (try a lower --lr). The last "
-              f"good checkpoint, if any, is intact in {run_dir}.", file=sys.stderr)
-        return status
-    if status == "stopped":
-        print(f"stopped at step {it}; resume with: python vit_sai.py --resume={run_dir}")
-        return status
-    for path in draw_all([run_dir], run_dir):
-        print(f"wrote {path}")
-    return status
+    return tc.finish_run(status, it, run_dir, "vit_sai.py")
 
 
 def main(argv):
-    try:
-        cfg = resolve_config(argv)
-        names = tc.optimizer_names(cfg.optimizer)
-        if len(names) > 1:
-            out_dir = cfg.out_dir or tc.new_run_dir("out", f"compare-{cfg.dataset}")
-            finished, runs = tc.compare(__file__, names, argv, out_dir)
-            for path in draw_all(runs, out_dir):
-                print(f"wrote {path}")
-            return 0 if finished == len(names) else 1
-        status = train(cfg)
-    except tc.ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return {"finished": 0, "stopped": 130, "diverged": 3}[status]
+    return tc.main(argv, resolve_config, train, __file__)
 
 
 if __name__ == "__main__":

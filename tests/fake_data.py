@@ -46,3 +46,10 @@ def write_cifar10(path, per_batch=2, skip=()):
             x[:, 0, 0, 0], x[:, 1, 1, 2], x[:, 2, 3, 4] = k, 100 + k, 200 + k
             add(tar, name, {b"data": x.reshape(per_batch, 3072), b"labels": (k % 10).tolist(),
                             b"batch_label": name.encode()})
+
+
+def write_corpus(path, chars=20_000):
+    """A text file of `chars` characters from the Python manual that ships with Python."""
+    from pydoc_data.topics import topics
+    path.write_text("".join(topics[k] for k in sorted(topics))[:chars])
+    return path

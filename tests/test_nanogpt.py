@@ -1,19 +1,16 @@
 """nanogpt_sai.py through its command line: runs, logs, plots, exact resume, divergence, errors."""
 import json
 import os
-import signal
-import struct
 import urllib.error
 import urllib.request
 
-import matplotlib.pyplot as plt
 import pytest
 import torch
-from pydoc_data.topics import topics
+from fake_data import write_corpus
+from run_helpers import ctrl_c_after_step, is_png, records
 
 import nanogpt_sai
 import optim
-import train_common
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4",
         "--eval_iters=2", "--warmup_iters=2", "--sample_tokens=20", "--device=cpu"]
@@ -22,26 +19,12 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_
 @pytest.fixture
 def corpus(tmp_path):
     """A 20k-character text file and an empty data cache, so no test touches the network."""
-    path = tmp_path / "input.txt"
-    path.write_text("".join(topics[k] for k in sorted(topics))[:20_000])
+    path = write_corpus(tmp_path / "input.txt")
     return ["--data_path=" + str(path), "--data_dir=" + str(tmp_path / "cache")]
 
 
 def run(args):
     return nanogpt_sai.main(args)
-
-
-def records(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def is_png(path):
-    with open(path, "rb") as f:
-        head = f.read(24)
-    width, height = struct.unpack(">II", head[16:24])
-    return head[:8] == b"\x89PNG\r\n\x1a\n" and width > 100 and height > 100 and \
-        plt.imread(path).ndim == 3
 
 
 @pytest.mark.parametrize("optimizer", ["sgd_sai", "adamw", "adam_mini"])
@@ -78,19 +61,12 @@ def test_resume_is_exact(corpus, tmp_path, monkeypatch):
                               "--dropout=0.1", "--optimizer=sgd_sai"]
     assert run(common + [f"--out_dir={tmp_path / 'straight'}"]) == 0
 
-    write = train_common.MetricsLog.write
-
-    def ctrl_c_after_step_5(self, **record):
-        write(self, **record)
-        if record["event"] == "train" and record["step"] == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(train_common.MetricsLog, "write", ctrl_c_after_step_5)
+    ctrl_c_after_step(monkeypatch, 5)
     stopped = tmp_path / "stopped"
     assert run(common + [f"--out_dir={stopped}"]) == 130
     assert torch.load(stopped / "ckpt.pt")["step"] == 5
     assert records(stopped)[-1]["status"] == "stopped"
-    monkeypatch.setattr(train_common.MetricsLog, "write", write)
+    monkeypatch.undo()
     assert run([f"--resume={stopped}"]) == 0
 
     def losses(run_dir):

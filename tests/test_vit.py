@@ -1,17 +1,14 @@
 """vit_sai.py through its command line: shapes, partition, runs, exact resume, data, errors."""
 import json
-import os
-import signal
 
 import pytest
 import torch
+from fake_data import write_cifar10, write_fashion_mnist
+from run_helpers import ctrl_c_after_step, is_png, records
 
 import data.images
 import optim
-import train_common
 import vit_sai
-from fake_data import write_cifar10, write_fashion_mnist
-from test_nanogpt import is_png, records
 
 TINY = ["--dim=16", "--depth=1", "--heads=2", "--mlp_ratio=2", "--batch_size=16",
         "--warmup_iters=2", "--log_interval=2", "--device=cpu"]
@@ -74,17 +71,10 @@ def test_resume_is_exact(fmnist, tmp_path, monkeypatch):
     common = TINY + fmnist + ["--epochs=3", "--log_interval=1", "--dropout=0.1",
                               "--optimizer=adam_mini"]
     assert vit_sai.main(common + [f"--out_dir={tmp_path / 'straight'}"]) == 0
-    write = train_common.MetricsLog.write
-
-    def ctrl_c_after_step_6(self, **record):
-        write(self, **record)
-        if record["event"] == "train" and record["step"] == 6:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(train_common.MetricsLog, "write", ctrl_c_after_step_6)
+    ctrl_c_after_step(monkeypatch, 6)
     stopped = tmp_path / "stopped"
     assert vit_sai.main(common + [f"--out_dir={stopped}"]) == 130
-    monkeypatch.setattr(train_common.MetricsLog, "write", write)
+    monkeypatch.undo()
     assert vit_sai.main([f"--resume={stopped}"]) == 0
 
     def curve(run_dir):

@@ -1,0 +1,139 @@
+"""sweep.py (grids, skip on re-run, divergence) and snr.py (per-example SNR, SaI scales)."""
+import csv
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fake_data import write_corpus
+from run_helpers import ctrl_c_after_step
+from tiny_models import batches, make_model
+
+import nanogpt_sai
+import optim
+import snr
+import sweep
+
+TINY_GPT = ("n_layer=1 n_head=2 n_embd=16 block_size=16 batch_size=4 max_iters=6 "
+            "eval_interval=3 eval_iters=2 warmup_iters=0 sample_tokens=0 device=cpu")
+
+
+@pytest.fixture
+def text(tmp_path):
+    path = write_corpus(tmp_path / "input.txt")
+    return f"data_path={path} data_dir={tmp_path / 'cache'}"
+
+
+def test_parse_grid_is_a_union_of_products():
+    assert sweep.parse_grid("a=1,2 b=x | a=3") == [
+        {"a": "1", "b": "x"}, {"a": "2", "b": "x"}, {"a": "3"}]
+    with pytest.raises(ValueError, match="'lr' is not key=value"):
+        sweep.parse_grid("optimizer=adamw lr")
+
+
+def test_sweep_runs_skips_finished_runs_and_records_divergence(tmp_path, text, capsys):
+    """2 optimizers x 2 learning rates, one forced to diverge (lr 1e12)."""
+    out = tmp_path / "sweep"
+    args = ["--grid=optimizer=adamw,sgd_sai lr=1e-3,1e12", "--seeds=1",
+            f"--set={TINY_GPT} {text}", f"--sweep_dir={out}"]
+    assert sweep.main(args) == 0
+    with open(out / "runs.jsonl") as f:
+        runs = [json.loads(line) for line in f]
+    assert [(r["setting"]["optimizer"], r["setting"]["lr"], r["status"]) for r in runs] == [
+        ("adamw", "1e-3", "finished"), ("adamw", "1e12", "diverged"),
+        ("sgd_sai", "1e-3", "finished"), ("sgd_sai", "1e12", "diverged")]
+    with open(out / "summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4 and [t["diverged"] for t in table] == ["0", "1", "0", "1"]
+    assert float(table[0]["final_val_loss"]) == runs[0]["final_val_loss"]
+    summary = (out / "summary.md").read_text()
+    assert summary.count("diverged") >= 3            # header + the two diverged rows
+    assert (out / "lr_sensitivity.png").exists()
+
+    mtimes = {d: os.path.getmtime(out / d / "metrics.jsonl") for d in os.listdir(out)
+              if (out / d).is_dir()}
+    capsys.readouterr()
+    assert sweep.main(args) == 0                      # a re-run skips all four
+    assert capsys.readouterr().out.count("(skipped)") == 4
+    assert mtimes == {d: os.path.getmtime(out / d / "metrics.jsonl") for d in mtimes}
+
+
+def test_sweep_resumes_a_stopped_run_from_its_checkpoint(tmp_path, text, monkeypatch):
+    """A run stopped at step 4 (Ctrl-C) is resumed by the re-run and ends as if never stopped."""
+    args = ["--grid=optimizer=sgd_sai", "--seeds=3", f"--set={TINY_GPT} {text}"]
+    assert sweep.main(args + [f"--sweep_dir={tmp_path / 'straight'}"]) == 0
+
+    run_dir = tmp_path / "sweep" / sweep.run_name({"optimizer": "sgd_sai"}, 3)
+    ctrl_c_after_step(monkeypatch, 4)
+    trainer_args = [f"--{kv}" for kv in f"{TINY_GPT} {text}".split()]
+    assert nanogpt_sai.main(trainer_args + ["--optimizer=sgd_sai", "--seed=3", "--log_interval=1",
+                                            f"--out_dir={run_dir}"]) == 130
+    monkeypatch.undo()
+    assert sweep.last_status(run_dir) == "stopped"
+
+    assert sweep.main(args + ["--set=" + f"{TINY_GPT} {text} log_interval=1",
+                              f"--sweep_dir={tmp_path / 'sweep'}"]) == 0
+    assert sweep.last_status(run_dir) == "finished"
+    resumed = torch.load(run_dir / "ckpt.pt")["model"]
+    straight = torch.load(tmp_path / "straight" / run_dir.name / "ckpt.pt")["model"]
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_bad_sweep_arguments(capsys):
+    assert sweep.main(["--study=everything"]) == 2
+    assert "--study must be one of lr, sai_rule, batch" in capsys.readouterr().err
+    assert sweep.main(["--grid=lr=1", "--seeds=a,b"]) == 2
+    assert "--seeds must be comma-separated ints" in capsys.readouterr().err
+
+
+def loss_fn(out, y):
+    return F.cross_entropy(out.flatten(0, 1), y.flatten())
+
+
+def test_per_example_snr_matches_a_loop_over_examples():
+    model = make_model().double()
+    xy = batches(1, batch=5)[0]
+    x, y = xy[:, :-1], xy[:, 1:]
+    fast = snr.per_example_grads(model, loss_fn, x, y)
+    names = [name for name, _ in model.named_parameters()]
+    slow = {name: [] for name in names}
+    for i in range(len(x)):                                # one example at a time
+        model.zero_grad()
+        loss_fn(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for name, p in model.named_parameters():
+            slow[name].append(p.grad.clone())
+    for name in names:
+        torch.testing.assert_close(fast[name], torch.stack(slow[name]), rtol=1e-9, atol=1e-12)
+    stats = snr.gradient_snr(fast)
+    for name in names:                                     # the documented definition
+        g = torch.stack(slow[name])
+        mean = g.mean(0)
+        power = (mean ** 2).sum().item()
+        noise = sum(((gi - mean) ** 2).sum().item() for gi in g) / len(g) / len(g)
+        assert stats[name] == pytest.approx((power, noise, power / noise), rel=1e-9)
+
+
+@pytest.mark.parametrize("rule", optim.SCALE_RULES)
+def test_sai_scales_plotted_equal_those_the_optimizer_froze(rule):
+    model = make_model()
+    xy = batches(1, batch=6)[0]
+    x, y = xy[:, :-1], xy[:, 1:]
+    per_example = snr.per_example_grads(model, loss_fn, x, y)
+    plotted = snr.sai_scales({n: g.mean(0) for n, g in per_example.items()})[rule]
+    opt = optim.SGDSaI(model.named_parameters(), lr=1e-3, scale_rule=rule)
+    loss_fn(model(x), y).backward()                        # the batch gradient, as in training
+    opt.step()
+    for name, p in model.named_parameters():
+        assert opt.state[p]["scale"].item() == pytest.approx(plotted[name], rel=1e-4), name
+
+
+def test_snr_command_writes_table_and_figure(tmp_path, text):
+    data_path = text.split()[0].split("=", 1)[1]
+    out = tmp_path / "snr"
+    assert snr.main(["--batch_size=4", f"--data_path={data_path}", f"--out_dir={out}"]) == 0
+    with open(out / "snr.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["kind"] for r in rows} == {"embedding", "position", "norm", "qkv", "proj", "mlp"}
+    assert all(float(r["example_snr"]) > 0 for r in rows)
+    assert (out / "snr.png").stat().st_size > 10_000

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
-from fake_data import CIFAR_CLASSES, idx_bytes, write_cifar10, write_fashion_mnist
 
 import data.images
 import data.text
 from data.images import load_images, random_crop_flip, read_cifar10, read_idx, render_digits
 from data.text import gpt2_encoding, load_text
+from fake_data import CIFAR_CLASSES, idx_bytes, write_cifar10, write_fashion_mnist
 
 SAMPLE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
           "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than "

@@ -6,11 +6,11 @@ import urllib.request
 
 import pytest
 import torch
-from fake_data import write_corpus
-from run_helpers import ctrl_c_after_step, is_png, records
 
 import nanogpt_sai
 import optim
+from fake_data import write_corpus
+from run_helpers import ctrl_c_after_step, is_png, records
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4",
         "--eval_iters=2", "--warmup_iters=2", "--sample_tokens=20", "--device=cpu"]

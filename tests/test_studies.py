@@ -6,14 +6,14 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from fake_data import write_corpus
-from run_helpers import ctrl_c_after_step
-from tiny_models import batches, make_model
 
 import nanogpt_sai
 import optim
 import snr
 import sweep
+from fake_data import write_corpus
+from run_helpers import ctrl_c_after_step
+from tiny_models import batches, make_model
 
 TINY_GPT = ("n_layer=1 n_head=2 n_embd=16 block_size=16 batch_size=4 max_iters=6 "
             "eval_interval=3 eval_iters=2 warmup_iters=0 sample_tokens=0 device=cpu")

@@ -3,12 +3,12 @@ import json
 
 import pytest
 import torch
-from fake_data import write_cifar10, write_fashion_mnist
-from run_helpers import ctrl_c_after_step, is_png, records
 
 import data.images
 import optim
 import vit_sai
+from fake_data import write_cifar10, write_fashion_mnist
+from run_helpers import ctrl_c_after_step, is_png, records
 
 TINY = ["--dim=16", "--depth=1", "--heads=2", "--mlp_ratio=2", "--batch_size=16",
         "--warmup_iters=2", "--log_interval=2", "--device=cpu"]

@@ -7,7 +7,10 @@ Optimizer step time and state memory on nanoGPT's 6-layer, 384-wide GPT (~10.7M 
 Times optimizer.step() alone (gradients are fixed random tensors, set once), for our optimizers
 and the references: torch.optim.AdamW (foreach and per-tensor), official SGD_sai 1.0.3 and
 official Adam_mini 1.1.1 (if installed: `pip install -r requirements-test.txt`). Rounds are
-interleaved so that drift in machine speed hits every optimizer alike. Prints a markdown table.
+interleaved so that drift in machine speed hits every optimizer alike. Prints a markdown table,
+then APOLLO-Mini against its targets: state of the projected matrices < 1% of AdamW's for the
+same matrices, step time <= 1.5x torch AdamW (foreach). The timed steps reuse a cached random
+projection: APOLLO draws P again only every update_proj_gap (200) steps.
 """
 import contextlib
 import io
@@ -51,6 +54,10 @@ def candidates(model):
                                                         weight_decay=0.1),
         "Adam-mini (ours)": lambda: optim.build_optimizer(
             "adam_mini", model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
+        "APOLLO (ours)": lambda: optim.build_optimizer(
+            "apollo", model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
+        "APOLLO-Mini (ours)": lambda: optim.build_optimizer(
+            "apollo_mini", model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
     }
     with contextlib.suppress(ImportError):
         from sgd_sai import SGD_sai
@@ -113,6 +120,16 @@ def main(argv):
         state = optim.state_bytes(opt)
         print(f"| {name} | {ms:.2f} | {ms / 1000 / base:.2f}x | {state / MIB:.2f} | "
               f"{state / adamw_state:.3f}x |")
+
+    projected = optim.projected_params(model)
+    mini_state = optim.state_bytes(optimizers["APOLLO-Mini (ours)"], projected)
+    adamw_projected = optim.state_bytes(optimizers["AdamW (ours, foreach)"], projected)
+    mini_time = statistics.median(times["APOLLO-Mini (ours)"]) / base
+    print()
+    print(f"APOLLO-Mini state of the {len(projected)} projected matrices: {mini_state} bytes = "
+          f"{100 * mini_state / adamw_projected:.2f}% of AdamW's for the same matrices "
+          "(target < 1%)")
+    print(f"APOLLO-Mini step time: {mini_time:.2f}x torch AdamW (foreach) (target <= 1.5x)")
 
 
 if __name__ == "__main__":

@@ -45,8 +45,8 @@ class Config:
     dropout: float = tc.option(0.0, "dropout probability")
     bias: bool = tc.option(False, "biases in Linear and LayerNorm layers")
     # optimizer
-    optimizer: str = tc.option("sgd_sai", "sgd_sai, adamw, adam_mini, a comma-separated list of "
-                                          "them, or all (compare)")
+    optimizer: str = tc.option("sgd_sai", "sgd_sai, adamw, adam_mini, apollo, apollo_mini, a "
+                                          "comma-separated list of them, or all (compare)")
     lr: float = tc.option(0.0, "peak learning rate; 0 = the optimizer's default for the preset")
     min_lr_ratio: float = tc.option(0.1, "cosine decays the lr to lr * min_lr_ratio")
     weight_decay: float = tc.option(0.1, "decoupled weight decay of matrices and embeddings")
@@ -83,7 +83,8 @@ PRESETS = {
 }
 # Peak learning rates per preset, from the CPU sweep in the README (3+ values each, 3 seeds).
 # The gpu preset reuses them: not tuned on a GPU.
-DEFAULT_LR = {"adamw": 1e-3, "sgd_sai": 1e-2, "adam_mini": 1e-3}
+DEFAULT_LR = {"adamw": 1e-3, "sgd_sai": 1e-2, "adam_mini": 1e-3, "apollo": 2e-3,
+              "apollo_mini": 2e-3}
 USAGE = __doc__.strip().splitlines()[0] + "\n\n" + "\n".join(__doc__.strip().splitlines()[2:7])
 
 

@@ -1,17 +1,22 @@
 """
-Memory-efficient optimizers side by side: AdamW, SGD-SaI and Adam-mini.
+Memory-efficient optimizers side by side: AdamW, SGD-SaI, Adam-mini, APOLLO and APOLLO-Mini.
 
 Each optimizer is one pure update function (the math, testable on its own) under a thin
-torch.optim.Optimizer class (state bookkeeping only). What each keeps per parameter tensor theta:
+torch.optim.Optimizer class (state bookkeeping only). What each keeps per parameter tensor theta
+(APOLLO: per projected k x N matrix, k <= N, at rank r; its other tensors keep AdamW's state):
 
-| optimizer | state per tensor                                   | floats              | vs AdamW |
-|-----------|----------------------------------------------------|---------------------|----------|
-| AdamW     | m (first moment), v (second moment)                | 2 |theta|           | 1.00x    |
-| SGD-SaI   | m (momentum), scale (frozen g-SNR, one per tensor) | |theta| + 1         | ~0.50x   |
-| Adam-mini | m (first moment), v (one per block)                | |theta| + #blocks   | ~0.50x   |
+| optimizer   | state per tensor                                   | floats            | vs AdamW |
+|-------------|----------------------------------------------------|-------------------|----------|
+| AdamW       | m (first moment), v (second moment)                | 2 |theta|         | 1.00x    |
+| SGD-SaI     | m (momentum), scale (frozen g-SNR, one per tensor) | |theta| + 1       | ~0.50x   |
+| Adam-mini   | m (first moment), v (one per block)                | |theta| + #blocks | ~0.50x   |
+| APOLLO      | m, v of the rank-r projected gradient (r x N each) | 2 r N + 1         | r / k    |
+|             | and the last update norm; r = k / 4 by default     |                   | (0.25x)  |
+| APOLLO-Mini | as APOLLO with r = 1                               | 2 N + 1           | ~1 / k   |
 
-Step counters are plain Python ints (no tensor), so `state_bytes` counts exactly the floats
-above (4 bytes each in float32). `build_optimizer` is the one entry point the trainers use.
+Step counters (and APOLLO's projection seeds) are plain Python ints (no tensor), so `state_bytes`
+counts exactly the floats above (4 bytes each in float32); APOLLO's projection P is drawn again
+from its seed, not stored. `build_optimizer` is the one entry point the trainers use.
 """
 import inspect
 import math
@@ -22,14 +27,22 @@ from torch import nn
 from torch.optim import Optimizer
 
 
-def _check_range(name, value, low, high=math.inf, high_open=False):
+def _check_range(name, value, low, high=math.inf, high_open=False, low_open=False):
     """Raise a ValueError naming the argument, its value and the allowed range."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    ok = low <= value < high if high_open else low <= value <= high
+    ok = (low < value if low_open else low <= value) and \
+        (value < high if high_open else value <= high)
     if not ok:  # also catches NaN, which fails every comparison
-        bracket = ")" if high_open else "]"
-        raise ValueError(f"{name}={value!r} is outside the allowed range [{low}, {high}{bracket}")
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name}={value!r} is outside the allowed range "
+                         f"{left}{low}, {high}{right}")
+
+
+def _check_int(name, value, low):
+    """Raise a ValueError naming the argument and its value unless it is an int >= low."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} is not allowed: it must be an int >= {low}")
 
 
 def _check_hparams(group):
@@ -48,6 +61,16 @@ def _check_hparams(group):
         _check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
     if "scale_rule" in group and group["scale_rule"] not in SCALE_RULES:
         raise ValueError(f"scale_rule={group['scale_rule']!r} is not one of {SCALE_RULES}")
+    if "scale_type" in group and group["scale_type"] not in SCALE_TYPES:
+        raise ValueError(f"scale_type={group['scale_type']!r} is not one of {SCALE_TYPES}")
+    if "rank" in group and group["rank"] is not None:
+        _check_int("rank", group["rank"], 1)        # None: a quarter of each matrix's width
+    if "scale" in group:
+        _check_range("scale", group["scale"], 0.0, low_open=True)
+    if "update_proj_gap" in group:
+        _check_int("update_proj_gap", group["update_proj_gap"], 1)
+    if "proj_seed" in group:
+        _check_int("proj_seed", group["proj_seed"], 0)
 
 
 def _param_name(group, group_index, i):
@@ -547,9 +570,261 @@ class AdamMini(_SandboxOptimizer):
 
 
 # ---------------------------------------------------------------------------------------------
+# APOLLO and APOLLO-Mini
+
+SCALE_TYPES = ("channel", "tensor")
+PROJECTED_KINDS = ("qkv", "qk", "v", "proj", "mlp")    # the attention and MLP matrices
+MAX_NORM_GROWTH = 1.01                                 # gamma of the norm-growth limiter
+
+
+def projection_rank(rank, shape):
+    """r for a matrix of `shape`: `rank` capped at its smaller dimension k, or k // 4 (at least
+    1) when `rank` is None."""
+    k = min(shape)
+    return max(1, k // 4) if rank is None else min(rank, k)
+
+
+def random_projection(rank, dim, seed, regeneration):
+    """P (rank x dim) with entries N(0, 1/rank): the `regeneration`-th projection of the
+    parameter whose seed is `seed`. Drawn on the CPU, so every device gets the same P."""
+    # torch's CPU generator keeps only the low 32 bits of a seed (seeds 1 and 1 + 2**32 draw the
+    # same numbers), so fold the pair into 32 bits. The multiplier, 2**32 / golden ratio, spreads
+    # consecutive parameter seeds apart: 1000 consecutive parameter seeds stay distinct for
+    # their first 1.9 million regenerations.
+    generator = torch.Generator().manual_seed((seed * 0x9E3779B9 + regeneration) % 2 ** 32)
+    return torch.randn(rank, dim, generator=generator) / math.sqrt(rank)
+
+
+def apollo_update(param, grad, proj, m, v, step, update_norm, *, lr, beta1, beta2, eps,
+                  weight_decay, scale_type, scale):
+    """One APOLLO step for one matrix, in place. `step` is t, counted from 1.
+
+    proj is P (r x k) for k the smaller dimension of the matrix: its columns if it has at least
+    as many rows as columns (R = G P^T, one channel per row), else its rows (R = P G, one channel
+    per column). m, v have R's shape. update_norm is the norm of the previous step's update U
+    (a 0-d tensor, 0 before the first step); it is overwritten with this step's.
+    """
+    rows_are_channels = grad.shape[0] >= grad.shape[1]
+    r_grad = grad @ proj.T if rows_are_channels else proj @ grad    # R_t = G_t P^T or P G_t
+    m.lerp_(r_grad, 1 - beta1)                                     # m_t = b1 m + (1 - b1) R_t
+    v.mul_(beta2).addcmul_(r_grad, r_grad, value=1 - beta2)        # v_t = b2 v + (1 - b2) R_t^2
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)    # sqrt(v_hat) + eps
+    r_adam = (m / bias_correction1).div_(denom)                    # R~_t = m_hat / denom
+    if scale_type == "channel":                 # norms along the projected dimension
+        dim = 1 if rows_are_channels else 0
+        r_adam_norm = torch.linalg.vector_norm(r_adam, dim=dim, keepdim=True)
+        r_norm = torch.linalg.vector_norm(r_grad, dim=dim, keepdim=True)
+        grad_norm_sq = torch.linalg.vector_norm(grad, dim=dim, keepdim=True).square_()
+    else:
+        r_adam_norm = torch.linalg.vector_norm(r_adam)
+        r_norm = torch.linalg.vector_norm(r_grad)
+        grad_norm_sq = torch.linalg.vector_norm(grad).square_()
+    # s = ||R~|| / ||R||; a channel whose projected gradient is exactly 0 gets s = 0 (the
+    # official code divides by ||R|| + 1e-8 and would scale a nonzero G_j there by ~1e8)
+    s = torch.where(r_norm > 0, r_adam_norm / r_norm, 0.0)
+    coeff = s * math.sqrt(scale)                                   # U = sqrt(scale) G_t diag(s)
+    norm = (coeff.square() * grad_norm_sq).sum().sqrt()            # ||U||, without forming U
+    limiter = torch.where(update_norm > 0,                         # growth over gamma, >= 1
+                          (norm / (MAX_NORM_GROWTH * update_norm)).clamp_(min=1.0), 1.0)
+    coeff = coeff / limiter                                        # U <- U / limiter
+    update_norm.copy_(norm / limiter)                              # ||U_t||, for step t + 1
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)                          # theta <- theta - lr*wd*theta
+    param.addcmul_(grad, coeff, value=-lr)                         # theta_t <- theta - lr U
+
+
+class Apollo(_SandboxOptimizer):
+    r"""APOLLO: AdamW's moments kept in a random low-rank space, used only to scale the gradient.
+
+    Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance", MLSys 2025, arXiv 2412.05270
+    (Algorithm 1; official package apollo-torch, file apollo_torch/apollo.py).
+
+    .. code-block:: text
+
+        input: lr (eta), betas (b1, b2), eps, weight_decay (lambda), rank r, scale (alpha),
+               update_proj_gap (T); a matrix W with gradient G, projected along its
+               smaller dimension k (the other one, N, holds the channels)
+        init:  m_0 <- 0, v_0 <- 0 (both r x N), ||U_0|| <- none
+        for t = 1, 2, ...:
+            if (t - 1) mod T = 0:                       # also at t = 1
+                P <- N(0, 1/r)^{r x k}, from the seed (parameter seed, (t - 1) // T)
+            R_t     <- P G_t                            # G_t P^T when k is the columns
+            m_t     <- b1 m_{t-1} + (1 - b1) R_t
+            v_t     <- b2 v_{t-1} + (1 - b2) R_t^2
+            R~_t    <- (m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps)
+            s       <- ||R~_t[:, j]|| / ||R_t[:, j]|| for each channel j     # APOLLO
+                       ||R~_t|| / ||R_t||                                    # APOLLO-Mini
+            U_t     <- sqrt(alpha) G_t diag(s)
+            if ||U_t|| > 1.01 ||U_{t-1}||:  U_t <- U_t * 1.01 ||U_{t-1}|| / ||U_t||
+            theta   <- theta_{t-1} - eta lambda theta_{t-1}                 # decoupled decay
+            theta_t <- theta - eta U_t
+
+    A channel is a row or column along the dimension that is not projected (N): the moments
+    estimate, per channel, how much AdamW would shrink or stretch the gradient, and the full-rank
+    gradient is scaled by that amount. Every other tensor (embeddings, head, norms, biases) is
+    updated with plain AdamW (`adamw_update_foreach`), as the official code does for parameters
+    outside its APOLLO group. `build_optimizer` projects the 2-D weights whose kind is one of
+    PROJECTED_KINDS (attention and MLP matrices); `Apollo(params)` without `projected` projects
+    every 2-D parameter.
+
+    Facts from the paper and the official code, and where we differ:
+    - P is redrawn every T steps from a seed, never stored (paper, Algorithm 1).
+      The official code chains seeds (each regeneration draws the next); we derive the seed of
+      each regeneration from the parameter's seed and (t - 1) // T, so any step's P follows from
+      the state ("seed" and "step", Python ints). P is drawn on the CPU (the same P on every
+      device) and cached outside `self.state` (`projection`): drawing all of them at every step
+      added ~4 ms to APOLLO's ~60 ms step on bench.py's 10.7M GPT (CPU, one thread), and on a
+      GPU would be ~4 ms of CPU work and a copy per matrix against a step of about a
+      millisecond. The cache holds r x k floats per matrix, fewer than the moments, and is
+      rebuilt lazily (e.g. after load_state_dict).
+    - At a regeneration the moments are kept, not reset: the official code creates exp_avg and
+      exp_avg_sq once and never clears them (as GaLore does). The limiter bounds any jump this
+      causes.
+    - Bias correction: m and v are bias-corrected before forming R~ (the paper's AdamW on R).
+      The official code instead multiplies the final step by sqrt(1 - b2^t) / (1 - b1^t), after
+      the limiter, so its limiter sees ||U|| times (1 - b1^t) / sqrt(1 - b2^t), which for
+      b2 = 0.999 doubles over the first ten steps and then falls back over thousands; its eps
+      is in effect eps * sqrt(1 - b2^t). Ours gives, with r = k and P a signed permutation,
+      exactly AdamW's update norm per channel (channel-wise) or per tensor (tensor-wise).
+    - Norm-growth limiter (from Fira, arXiv 2410.01623; gamma = 1.01 as the official code): it
+      compares ||U|| before the learning rate, so an lr warmup is not undone by it. A previous
+      norm of 0 (an all-zero gradient) disables it for the next step; the official code divides
+      by ||U_{t-1}|| + 1e-8 and would shrink that step to ~1e-8.
+    - Weight decay is applied to theta_{t-1} as in Algorithm 1 and our AdamW; the official code
+      decays after the update (a difference of order lr^2 lambda).
+    - eps defaults to 1e-8 as our AdamW (official 1e-6).
+
+    Defaults (see `apollo` and `apollo_mini`): the paper's LLaMA runs (widths 512 to 2048) use
+    rank 256 for APOLLO and rank 1 with scale 128 for APOLLO-Mini, T = 200. Our models are 32 to
+    384 wide, where rank 256 would be (nearly) full rank and save little, so APOLLO's rank is a
+    quarter of each matrix's smaller dimension. The scale makes up for the rank: at t = 1 R~ is
+    sign(R), so ||U|| / ||AdamW's update|| = sqrt(scale * r / k). APOLLO at r = k / 4, scale 1
+    takes half AdamW's step; APOLLO-Mini at scale 128 takes sqrt(128 / k) of it (0.58x on the
+    384-wide GPT, 2x on the 32-wide test model). Tune lr for each name, as for the others.
+
+    Args:
+        params: parameters, (name, parameter) pairs, or param group dicts.
+        lr, betas, eps, weight_decay: as AdamW (also for the tensors that are not projected).
+        scale_type: "channel" (APOLLO) or "tensor" (APOLLO-Mini).
+        rank: r, an int >= 1, capped at each matrix's smaller dimension; None: a quarter of it.
+        scale: alpha > 0; the update is multiplied by sqrt(alpha), as the official code.
+        update_proj_gap: T >= 1, steps between regenerations of P.
+        proj_seed: int >= 0; the seed of a parameter is proj_seed + its index over all groups.
+        projected: the parameters to project (each must be 2-D); None: every 2-D parameter.
+            Whether each parameter is projected is stored in its param group ("projected",
+            aligned with "params") and so travels with state_dict().
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 scale_type="channel", rank=None, scale=1.0, update_proj_gap=200, proj_seed=0,
+                 projected=None):
+        self._projected = None if projected is None else set(projected)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        scale_type=scale_type, rank=rank, scale=scale,
+                        update_proj_gap=update_proj_gap, proj_seed=proj_seed)
+        super().__init__(params, defaults)
+        self._projections = {}      # param -> ((seed, regeneration, rank), P); not state
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
+        flags = []
+        for i, p in enumerate(group["params"]):
+            projected = p.dim() == 2 if self._projected is None else p in self._projected
+            if projected and p.dim() != 2:
+                raise ValueError(f"APOLLO projects matrices: {_param_name(group, gi, i)} has "
+                                 f"shape {tuple(p.shape)}; leave it out of `projected`")
+            flags.append(projected)
+        group["projected"] = flags
+
+    def projection(self, p, group):
+        """P for parameter p of param group `group` at p's current step (a cache hit unless the
+        seed, the regeneration index or the rank changed)."""
+        state = self.state[p]
+        key = (state["seed"], (state["step"] - 1) // group["update_proj_gap"],
+               projection_rank(group["rank"], p.shape))
+        cached = self._projections.get(p)
+        if cached is None or cached[0] != key:
+            seed, regeneration, rank = key
+            proj = random_projection(rank, min(p.shape), seed, regeneration)
+            cached = self._projections[p] = (key, proj.to(p.device, p.dtype))
+        return cached[1]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        first_index = 0             # index of the group's first param over all groups (seeds)
+        for gi, group in enumerate(self.param_groups):
+            beta1, beta2 = group["betas"]
+            hp = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                      weight_decay=group["weight_decay"])
+            params, grads, ms, vs, steps = [], [], [], [], []   # the tensors AdamW updates
+            for i, _, p, grad in _params_with_grad(self, gi, group):
+                state = self.state[p]
+                if not group["projected"][i]:
+                    if not state:
+                        state["step"] = 0
+                        state["exp_avg"] = torch.zeros_like(p)      # m, first moment
+                        state["exp_avg_sq"] = torch.zeros_like(p)   # v, second moment
+                    state["step"] += 1
+                    params.append(p)
+                    grads.append(grad)
+                    ms.append(state["exp_avg"])
+                    vs.append(state["exp_avg_sq"])
+                    steps.append(state["step"])
+                    continue
+                if not state:
+                    rank = projection_rank(group["rank"], p.shape)
+                    shape = (p.shape[0], rank) if p.shape[0] >= p.shape[1] else (rank, p.shape[1])
+                    state["step"] = 0
+                    state["seed"] = group["proj_seed"] + first_index + i
+                    state["exp_avg"] = p.new_zeros(shape)       # m, first moment of R
+                    state["exp_avg_sq"] = p.new_zeros(shape)    # v, second moment of R
+                    state["update_norm"] = p.new_zeros(())      # ||U_{t-1}||, for the limiter
+                state["step"] += 1
+                apollo_update(p, grad, self.projection(p, group), state["exp_avg"],
+                              state["exp_avg_sq"], state["step"], state["update_norm"], **hp,
+                              scale_type=group["scale_type"], scale=group["scale"])
+            if params:
+                adamw_update_foreach(params, grads, ms, vs, steps, **hp)
+            first_index += len(group["params"])
+        return loss
+
+
+def apollo(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, rank=None,
+           scale=1.0, update_proj_gap=200, proj_seed=0, projected=None):
+    """APOLLO: channel-wise scaling, scale 1, rank None (a quarter of each matrix's smaller
+    dimension). See `Apollo`."""
+    return Apollo(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                  scale_type="channel", rank=rank, scale=scale, update_proj_gap=update_proj_gap,
+                  proj_seed=proj_seed, projected=projected)
+
+
+def apollo_mini(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, rank=1,
+                scale=128.0, update_proj_gap=200, proj_seed=0, projected=None):
+    """APOLLO-Mini: tensor-wise scaling, rank 1, scale 128 (the paper's). See `Apollo`."""
+    return Apollo(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                  scale_type="tensor", rank=rank, scale=scale, update_proj_gap=update_proj_gap,
+                  proj_seed=proj_seed, projected=projected)
+
+
+def projected_params(model):
+    """The parameters APOLLO projects: 2-D weights whose kind is in PROJECTED_KINDS."""
+    return [p for p, kind in param_kinds(model).items()
+            if kind in PROJECTED_KINDS and p.dim() == 2]
+
+
+# ---------------------------------------------------------------------------------------------
 # Factory and accounting
 
-OPTIMIZERS = {"adamw": AdamW, "sgd_sai": SGDSaI, "adam_mini": AdamMini}
+OPTIMIZERS = {"adamw": AdamW, "sgd_sai": SGDSaI, "adam_mini": AdamMini, "apollo": apollo,
+              "apollo_mini": apollo_mini}
 
 
 def build_optimizer(name, model, **hparams):
@@ -557,7 +832,8 @@ def build_optimizer(name, model, **hparams):
 
     Two param groups as in nanoGPT: tensors with 2+ dims (matmul weights, embeddings) get
     `weight_decay`, the others (biases, norm gains) none. Parameters are passed with their names,
-    so errors name them. Adam-mini gets its partition from `block_rules(model)`.
+    so errors name them. Adam-mini gets its partition from `block_rules(model)`, APOLLO and
+    APOLLO-Mini the matrices to project from `projected_params(model)`.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
@@ -569,6 +845,8 @@ def build_optimizer(name, model, **hparams):
     groups = [g for g in groups if g["params"]]
     if name == "adam_mini":
         hparams["block_rules"] = block_rules(model)
+    if name in ("apollo", "apollo_mini"):
+        hparams["projected"] = projected_params(model)
     cls = OPTIMIZERS[name]
     allowed = list(inspect.signature(cls).parameters)[1:]
     unknown = sorted(set(hparams) - set(allowed))
@@ -577,8 +855,9 @@ def build_optimizer(name, model, **hparams):
     return cls(groups, **hparams)
 
 
-def state_bytes(optimizer):
-    """Bytes of every tensor in the optimizer's state (not parameters or gradients)."""
+def state_bytes(optimizer, params=None):
+    """Bytes of every tensor in the optimizer's state (not parameters or gradients), or only in
+    the state of `params`."""
     def tensor_bytes(value):
         if isinstance(value, torch.Tensor):
             return value.numel() * value.element_size()
@@ -587,4 +866,6 @@ def state_bytes(optimizer):
         if isinstance(value, (list, tuple)):
             return sum(tensor_bytes(v) for v in value)
         return 0
-    return tensor_bytes(dict(optimizer.state))
+    if params is None:
+        return tensor_bytes(dict(optimizer.state))
+    return sum(tensor_bytes(optimizer.state[p]) for p in params if p in optimizer.state)

@@ -46,8 +46,8 @@ class Config:
     pool: str = tc.option("cls", "cls (class token) or mean (average of patch tokens)")
     dropout: float = tc.option(0.0, "dropout probability")
     # optimizer
-    optimizer: str = tc.option("sgd_sai", "sgd_sai, adamw, adam_mini, a comma-separated list of "
-                                          "them, or all (compare)")
+    optimizer: str = tc.option("sgd_sai", "sgd_sai, adamw, adam_mini, apollo, apollo_mini, a "
+                                          "comma-separated list of them, or all (compare)")
     lr: float = tc.option(0.0, "peak learning rate; 0 = the optimizer's default")
     min_lr_ratio: float = tc.option(0.01, "cosine decays the lr to lr * min_lr_ratio")
     weight_decay: float = tc.option(0.05, "decoupled weight decay of matrices and embeddings")
@@ -73,7 +73,8 @@ class Config:
 
 
 # Peak learning rates from the Fashion-MNIST sweep in the README.
-DEFAULT_LR = {"adamw": 2e-3, "sgd_sai": 1e-2, "adam_mini": 2e-3}
+DEFAULT_LR = {"adamw": 2e-3, "sgd_sai": 1e-2, "adam_mini": 2e-3, "apollo": 2e-3,
+              "apollo_mini": 2e-3}
 USAGE = __doc__.strip().splitlines()[0] + "\n\n" + "\n".join(__doc__.strip().splitlines()[2:7])
 
 

@@ -312,7 +312,8 @@ def test_bad_hyperparameters_raise_specific_errors(name, hparams, error, message
 
 
 def test_unknown_optimizer_lists_valid_names():
-    with pytest.raises(ValueError, match=r"'adam'.*\['adam_mini', 'adamw', 'sgd_sai'"):
+    with pytest.raises(ValueError, match=r"'adam'.*\['adam_mini', 'adamw', 'apollo', "
+                                         r"'apollo_mini', 'sgd_sai'\]"):
         optim.build_optimizer("adam", make_model(), lr=1e-3)
 
 

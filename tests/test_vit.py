@@ -48,7 +48,7 @@ def test_adam_mini_partition_of_the_vit():
     assert blocks[attn.to_qkv.weight] == 4 + 4 + 32 and blocks[model.mlp_head.weight] == 10
 
 
-@pytest.mark.parametrize("optimizer", ["sgd_sai", "adamw", "adam_mini"])
+@pytest.mark.parametrize("optimizer", sorted(optim.OPTIMIZERS))
 def test_few_iterations_of_each_optimizer(optimizer, fmnist, tmp_path):
     out = tmp_path / "run"
     assert vit_sai.main(TINY + fmnist + [f"--optimizer={optimizer}", "--epochs=2",

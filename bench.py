@@ -1,29 +1,43 @@
 """
-Optimizer step time and state memory on nanoGPT's 6-layer, 384-wide GPT (~10.7M parameters).
+Optimizer step time and state memory on nanoGPT's 6-layer, 384-wide GPT (~10.7M parameters),
+and the trainer's own overhead.
 
     python bench.py                    # CPU, median of 30 timed steps per optimizer
     python bench.py --steps=60 --device=cuda
+    python bench.py --what=overhead    # nanogpt_sai.py's ms/iter against a plain loop
 
 Times optimizer.step() alone (gradients are fixed random tensors, set once), for our optimizers
 and the references: torch.optim.AdamW (foreach and per-tensor), official SGD_sai 1.0.3 and
 official Adam_mini 1.1.1 (if installed: `pip install -r requirements-test.txt`). Rounds are
 interleaved so that drift in machine speed hits every optimizer alike. Prints a markdown table,
-then APOLLO-Mini against its targets: state of the projected matrices < 1% of AdamW's for the
-same matrices, step time <= 1.5x torch AdamW (foreach). The timed steps reuse a cached random
-projection: APOLLO draws P again only every update_proj_gap (200) steps.
+then each optimizer against its targets (SGD-SaI <= 0.4x torch AdamW (foreach) and no slower
+than the official SGD_sai; Adam-mini <= 0.5x the official Adam_mini and <= 1.2x torch AdamW;
+APOLLO-Mini's state of the projected matrices < 1% of AdamW's for the same matrices and its
+step <= 1.5x torch AdamW). The timed steps reuse a cached random projection: APOLLO draws P
+again only every update_proj_gap (200) steps.
+
+--what=overhead trains the default baby GPT (SGD-SaI) three ways, interleaved: a plain loop
+(batch, forward, backward, clip, step, nothing else), nanogpt_sai.py logging every step (console
+line, metrics line, memory probes, progress bar) and nanogpt_sai.py with its default logging.
+For the trainer, ms/iter is wall-clock between its first and last metrics lines, logging included.
 """
 import contextlib
 import io
+import json
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 
+import nanogpt_sai
 import optim
 import train_common as tc
+from data.text import load_text
 from nanogpt_sai import GPT, Config
 
 MIB = 2 ** 20
@@ -34,6 +48,8 @@ class BenchConfig:
     steps: int = tc.option(30, "timed steps per optimizer")
     rounds: int = tc.option(3, "interleaved rounds the steps are split into")
     device: str = tc.option("cpu", "cpu, cuda, cuda:N, mps or auto")
+    what: str = tc.option("steps", "steps (optimizer.step timings) or overhead (the trainer's)")
+    data_path: str = tc.option("", "tiny shakespeare for --what=overhead (as nanogpt_sai.py)")
 
 
 def candidates(model):
@@ -70,8 +86,7 @@ def candidates(model):
     return out
 
 
-def main(argv):
-    cfg, _ = tc.parse_args(BenchConfig(), argv, __doc__.strip().splitlines()[0])
+def bench_steps(cfg):
     device = tc.pick_device(cfg.device)
     torch.manual_seed(0)
     model = GPT(Config(n_layer=6, n_head=6, n_embd=384, block_size=256), vocab_size=65)
@@ -104,19 +119,16 @@ def main(argv):
                 if round_:
                     times[name].append(time.perf_counter() - t0)
 
-    base = statistics.median(times["torch AdamW (foreach)"])
+    median = {name: statistics.median(t) for name, t in times.items()}
+    base = median["torch AdamW (foreach)"]
     adamw_state = optim.state_bytes(optimizers["AdamW (ours, foreach)"])
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor()) \
-        if sys.platform == "linux" else platform.processor()
-    print(f"{time.strftime('%Y-%m-%d')} | {cpu} | {torch.get_num_threads()} threads | torch "
-          f"{torch.__version__} | {device} | GPT 6x384, {n_params / 1e6:.2f}M params | median of "
+    print(f"{machine(device)} | GPT 6x384, {n_params / 1e6:.2f}M params | median of "
           f"{len(times[next(iter(times))])} steps")
     print()
     print("| optimizer | step ms | vs torch AdamW (foreach) | state MiB | state vs AdamW |")
     print("|---|---:|---:|---:|---:|")
     for name, opt in optimizers.items():
-        ms = 1000 * statistics.median(times[name])
+        ms = 1000 * median[name]
         state = optim.state_bytes(opt)
         print(f"| {name} | {ms:.2f} | {ms / 1000 / base:.2f}x | {state / MIB:.2f} | "
               f"{state / adamw_state:.3f}x |")
@@ -124,13 +136,113 @@ def main(argv):
     projected = optim.projected_params(model)
     mini_state = optim.state_bytes(optimizers["APOLLO-Mini (ours)"], projected)
     adamw_projected = optim.state_bytes(optimizers["AdamW (ours, foreach)"], projected)
-    mini_time = statistics.median(times["APOLLO-Mini (ours)"]) / base
     print()
-    print(f"APOLLO-Mini state of the {len(projected)} projected matrices: {mini_state} bytes = "
-          f"{100 * mini_state / adamw_projected:.2f}% of AdamW's for the same matrices "
-          "(target < 1%)")
-    print(f"APOLLO-Mini step time: {mini_time:.2f}x torch AdamW (foreach) (target <= 1.5x)")
+    targets = [("SGD-SaI step", median["SGD-SaI (ours)"] / base, "torch AdamW (foreach)", 0.4)]
+    if "SGD_sai (official 1.0.3)" in median:
+        targets.append(("SGD-SaI step", median["SGD-SaI (ours)"] / median[
+            "SGD_sai (official 1.0.3)"], "official SGD_sai", 1.0))
+    if "Adam_mini (official 1.1.1)" in median:
+        targets.append(("Adam-mini step", median["Adam-mini (ours)"] / median[
+            "Adam_mini (official 1.1.1)"], "official Adam_mini", 0.5))
+    targets += [("Adam-mini step", median["Adam-mini (ours)"] / base, "torch AdamW (foreach)",
+                 1.2),
+                ("APOLLO-Mini step", median["APOLLO-Mini (ours)"] / base,
+                 "torch AdamW (foreach)", 1.5),
+                (f"APOLLO-Mini state of the {len(projected)} projected matrices",
+                 mini_state / adamw_projected, "AdamW's for the same matrices", 0.01)]
+    for what, ratio, against, target in targets:
+        verdict = "met" if ratio <= target else "MISSED"
+        print(f"- {what}: {ratio:.3f}x {against} (target <= {target}x): {verdict}")
+
+
+def machine(device):
+    """One line naming what the figures were measured on."""
+    cpu = platform.processor()
+    if sys.platform == "linux":
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    if device.startswith("cuda"):
+        cpu = torch.cuda.get_device_name(device)
+    return (f"{time.strftime('%Y-%m-%d')} | {cpu} | {torch.get_num_threads()} threads | torch "
+            f"{torch.__version__} | {device}")
+
+
+def bench_overhead(cfg):
+    """ms/iter of a plain training loop against nanogpt_sai.py's, on the default baby GPT."""
+    device = tc.pick_device(cfg.device)
+    gpt_cfg = nanogpt_sai.resolve_config(["--preset=cpu", f"--device={device}",
+                                          "--dtype=float32", "--sample_tokens=0"])
+    data = load_text(gpt_cfg.dataset, data_dir=gpt_cfg.data_dir, text_path=cfg.data_path,
+                     log=lambda line: None)
+    tokens = torch.from_numpy(data.train.astype("int64"))
+    offsets = torch.arange(gpt_cfg.block_size + 1)
+
+    def plain_loop():
+        torch.manual_seed(0)
+        model = GPT(gpt_cfg, data.vocab_size).to(device)
+        opt = optim.build_optimizer("sgd_sai", model, lr=gpt_cfg.lr, weight_decay=0.1)
+        gen = torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        for _ in range(cfg.steps):
+            ix = torch.randint(len(tokens) - gpt_cfg.block_size, (gpt_cfg.batch_size,),
+                               generator=gen)
+            xy = tokens[ix[:, None] + offsets].to(device)
+            _, loss = model(xy[:, :-1], xy[:, 1:])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.item()     # the trainer reads the loss every step too (divergence check)
+        return (time.perf_counter() - t0) / cfg.steps
+
+    def trainer(log_interval, out_dir):
+        args = ["--preset=cpu", f"--device={device}", "--sample_tokens=0",
+                f"--max_iters={cfg.steps + 1}", f"--eval_interval={cfg.steps + 1}",
+                "--eval_iters=1", f"--log_interval={log_interval}", f"--out_dir={out_dir}",
+                f"--data_path={cfg.data_path}"]
+        with contextlib.redirect_stdout(io.StringIO()):
+            nanogpt_sai.main(args)
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            train = [r for r in map(json.loads, f) if r["event"] == "train"]
+        return (train[-1]["wall_s"] - train[0]["wall_s"]) / (train[-1]["step"] - train[0]["step"])
+
+    sparse = min(gpt_cfg.log_interval, max(1, cfg.steps // 4))   # the default, if it fits
+    results = {"plain loop": [], "trainer, log every step": [],
+               f"trainer, log every {sparse}": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(cfg.rounds):
+            results["plain loop"].append(plain_loop())
+            results["trainer, log every step"].append(
+                trainer(1, os.path.join(tmp, f"every-{round_}")))
+            results[f"trainer, log every {sparse}"].append(
+                trainer(sparse, os.path.join(tmp, f"sparse-{round_}")))
+    print(f"{machine(device)} | baby GPT (nanoGPT CPU config), SGD-SaI | {cfg.steps} steps, "
+          f"median of {cfg.rounds} interleaved rounds")
+    print()
+    print("| loop | ms/iter | vs plain loop |")
+    print("|---|---:|---:|")
+    base = statistics.median(results["plain loop"])
+    for name, values in results.items():
+        ms = statistics.median(values)
+        print(f"| {name} | {1000 * ms:.1f} | {ms / base:.3f}x |")
+
+
+def main(argv):
+    try:
+        cfg, _ = tc.parse_args(BenchConfig(), argv, __doc__.strip().splitlines()[0])
+        if cfg.what not in ("steps", "overhead"):
+            raise tc.ConfigError(f"--what must be steps or overhead, got {cfg.what!r}")
+        tc.check_positive(cfg, "steps", "rounds")
+    except tc.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if cfg.what == "steps":
+        bench_steps(cfg)
+    else:
+        bench_overhead(cfg)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -261,7 +261,7 @@ def train(cfg):
     run_dir = tc.open_run_dir(cfg, f"{cfg.dataset}-{cfg.optimizer}")
     it, train_s, best_val = 0, 0.0, float("inf")
     if cfg.resume:
-        ckpt = tc.load_run(run_dir, device, model, opt, scaler)
+        ckpt = tc.load_run(run_dir, model, opt, scaler)
         batch_gen.set_state(ckpt["batch_gen"])
         it, train_s, best_val = ckpt["step"], ckpt["train_s"], ckpt["best_val"]
     n_params = tc.write_run_info(run_dir, cfg, model, data_source=data.source,

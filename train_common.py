@@ -396,10 +396,12 @@ def save_run(run_dir, model, optimizer, scaler, cfg, **entries):
         rng=rng_state(), config=dataclasses.asdict(cfg), **entries))
 
 
-def load_run(run_dir, device, model, optimizer, scaler):
+def load_run(run_dir, model, optimizer, scaler):
     """Restore what save_run saved (SGD-SaI's frozen scales travel in the optimizer's state);
     returns the checkpoint, for the trainer's own entries."""
-    ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location=device)
+    # loaded on the CPU: RNG and generator states must be CPU tensors; the model's and the
+    # optimizer's load_state_dict copy theirs to the parameters' device
+    ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])

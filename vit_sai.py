@@ -220,7 +220,7 @@ def train(cfg):
     run_dir = tc.open_run_dir(cfg, f"{cfg.dataset}-{cfg.optimizer}")
     it, train_s, best_acc = 0, 0.0, 0.0
     if cfg.resume:
-        ckpt = tc.load_run(run_dir, device, model, opt, scaler)
+        ckpt = tc.load_run(run_dir, model, opt, scaler)
         shuffle_gen.set_state(ckpt["shuffle_gen"])
         order = ckpt["order"]
         it, train_s, best_acc = ckpt["step"], ckpt["train_s"], ckpt["best_acc"]

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import train_common as tc
+from nanogpt_sai import DEFAULT_LR
 from plots import studies
 
 TRAINERS = {"nanogpt": "nanogpt_sai.py", "vit": "vit_sai.py"}
@@ -51,25 +52,25 @@ class SweepConfig:
 
 
 # The studies, at nanoGPT's CPU baby size (4 layers, 128 wide, block 64, batch 12), 400 steps:
-# minutes per run on 2 CPU cores. LR grids are log-spaced around each optimizer's usable range.
+# under a minute per run on 2 CPU cores. LR grids are log-spaced (factors of ~3) around each
+# optimizer's usable range.
 BABY = "max_iters=400 eval_interval=100 eval_iters=20 warmup_iters=40 log_interval=50"
 STUDIES = {
-    "lr": dict(grid=" | ".join([
-        "optimizer=adamw lr=3e-4,1e-3,3e-3,1e-2",
-        "optimizer=adam_mini lr=3e-4,1e-3,3e-3,1e-2",
-        "optimizer=sgd_sai lr=3e-3,1e-2,3e-2,1e-1"]), seeds="1,2,3", set=BABY),
+    "lr": dict(grid=" | ".join(
+        [f"optimizer={name} lr=1e-3,3e-3,1e-2,3e-2"
+         for name in ("adamw", "adam_mini", "apollo", "apollo_mini")] +
+        ["optimizer=sgd_sai lr=3e-3,1e-2,3e-2,1e-1"]), seeds="1,2,3", set=BABY),
     "sai_rule": dict(grid=" | ".join([
         "optimizer=sgd_sai sai_rule=gsnr lr=3e-3,1e-2,3e-2",
         "optimizer=sgd_sai sai_rule=sqrt_numel lr=3e-3,1e-2,3e-2",
-        "optimizer=sgd_sai sai_rule=gsnr_max lr=0.3,1.0,3.0",
-        "optimizer=sgd_sai sai_rule=none lr=0.3,1.0,3.0"]), seeds="1,2", set=BABY),
+        "optimizer=sgd_sai sai_rule=gsnr_max lr=0.3,1.0,3.0,10.0",
+        "optimizer=sgd_sai sai_rule=none lr=0.3,1.0,3.0,10.0"]), seeds="1,2", set=BABY),
     # base batch 12 for 400 steps vs batch 48 for 100 steps (the same tokens), the LR of the
     # base run (the trainer's default) multiplied by 1 (none), sqrt(4) = 2 or 4 (linear)
     "batch": dict(grid=" | ".join(
-        [f"optimizer={o} batch_size=12 max_iters=400 lr={lr:g}" for o, lr in
-         (("adamw", 1e-3), ("sgd_sai", 1e-2), ("adam_mini", 1e-3))] +
-        [f"optimizer={o} batch_size=48 max_iters=100 lr={lr:g},{2 * lr:g},{4 * lr:g}"
-         for o, lr in (("adamw", 1e-3), ("sgd_sai", 1e-2), ("adam_mini", 1e-3))]),
+        [f"optimizer={o} batch_size=12 max_iters=400 lr={lr:g}" for o, lr in DEFAULT_LR.items()]
+        + [f"optimizer={o} batch_size=48 max_iters=100 lr={lr:g},{2 * lr:g},{4 * lr:g}"
+           for o, lr in DEFAULT_LR.items()]),
         seeds="1,2", set="eval_interval=25 eval_iters=20 warmup_iters=10 log_interval=25"),
 }
 

@@ -24,7 +24,6 @@ from einops import rearrange
 from torch import nn
 from tqdm import tqdm
 
-import optim
 import train_common as tc
 from data.text import load_text
 
@@ -250,11 +249,7 @@ def train(cfg):
 
     torch.manual_seed(cfg.seed)  # same initial weights for every optimizer
     model = GPT(cfg, data.vocab_size).to(device)
-    opt = optim.build_optimizer(cfg.optimizer, model,
-                                **tc.optimizer_hparams(cfg, cfg.optimizer, cfg.lr))
-    if cfg.optimizer == "adam_mini":
-        print(optim.partition_table(model, optim.block_rules(model)))
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.dtype == "float16")
+    opt, scaler = tc.make_optimizer(cfg, model)
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # training batch order
 
     # run directory: a fresh one, or the one we resume (its checkpoint restores everything)
@@ -305,7 +300,6 @@ def train(cfg):
                     train_s=train_s, best_val=best_val)
 
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    adamw_state = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
     timer, status, resumed_at = tc.Timer(device, train_s), "finished", it
     bar = tqdm(total=cfg.max_iters, initial=it, disable=None, dynamic_ncols=True, leave=False)
     interval_s, interval_steps = 0.0, 0
@@ -341,12 +335,7 @@ def train(cfg):
                 if not math.isfinite(loss):
                     status = "diverged"
                     break
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
+                tc.clip_and_step(model, opt, scaler, cfg.grad_clip)
             it += 1
             train_s = timer.seconds
             bar.update(1)
@@ -354,13 +343,10 @@ def train(cfg):
 
             # log
             if it % cfg.log_interval == 0 or it == cfg.max_iters:
-                ms = 1000 * interval_s / interval_steps
-                mem = tc.memory_fields(model, opt, device)
-                log.write(event="train", step=it, loss=loss, lr=lr, ms=ms,
-                          tokens=it * tokens_per_step, train_s=train_s,
-                          wall_s=time.time() - t_start, **mem)
-                bar.write(tc.console_line(it, loss, lr, ms, tokens_per_step * 1000 / ms,
-                                          "tok", mem["state_bytes"] / adamw_state))
+                tc.log_train(log, bar, model, opt, device, step=it, loss=loss, lr=lr,
+                             ms=1000 * interval_s / interval_steps, items_per_step=tokens_per_step,
+                             unit="tok", tokens=it * tokens_per_step, train_s=train_s,
+                             wall_s=time.time() - t_start)
                 interval_s, interval_steps = 0.0, 0
             if stop.requested:
                 save()

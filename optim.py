@@ -128,6 +128,30 @@ def adamw_update_foreach(params, grads, ms, vs, steps, *, lr, beta1, beta2, eps,
     torch._foreach_addcdiv_(params, ms, denoms, [-lr / b for b in bias_correction1])
 
 
+class _AdamWTensors:
+    """The tensors of one param group that take an AdamW step, gathered for one (foreach) call;
+    `add` creates a tensor's state on its first step (used by AdamW, and by APOLLO for the
+    tensors it does not project)."""
+
+    def __init__(self):
+        self.params, self.grads, self.ms, self.vs, self.steps = [], [], [], [], []
+
+    def add(self, p, grad, state):
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)      # m, first moment
+            state["exp_avg_sq"] = torch.zeros_like(p)   # v, second moment
+        state["step"] += 1
+        self.params.append(p)
+        self.grads.append(grad)
+        self.ms.append(state["exp_avg"])
+        self.vs.append(state["exp_avg_sq"])
+        self.steps.append(state["step"])
+
+    def lists(self):
+        return self.params, self.grads, self.ms, self.vs, self.steps
+
+
 class AdamW(_SandboxOptimizer):
     r"""AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, ICLR 2019, arXiv 1711.05101).
 
@@ -169,28 +193,18 @@ class AdamW(_SandboxOptimizer):
             with torch.enable_grad():
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
-            params, grads, ms, vs, steps = [], [], [], [], []
+            tensors = _AdamWTensors()
             for _, _, p, grad in _params_with_grad(self, gi, group):
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)      # m, first moment
-                    state["exp_avg_sq"] = torch.zeros_like(p)   # v, second moment
-                state["step"] += 1
-                params.append(p)
-                grads.append(grad)
-                ms.append(state["exp_avg"])
-                vs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-            if not params:
+                tensors.add(p, grad, self.state[p])
+            if not tensors.params:
                 continue
             beta1, beta2 = group["betas"]
             hp = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"])
             if group["foreach"]:
-                adamw_update_foreach(params, grads, ms, vs, steps, **hp)
+                adamw_update_foreach(*tensors.lists(), **hp)
             else:
-                for args in zip(params, grads, ms, vs, steps):
+                for args in zip(*tensors.lists()):
                     adamw_update(*args, **hp)
         return loss
 
@@ -764,20 +778,11 @@ class Apollo(_SandboxOptimizer):
             beta1, beta2 = group["betas"]
             hp = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"])
-            params, grads, ms, vs, steps = [], [], [], [], []   # the tensors AdamW updates
+            adamw_tensors = _AdamWTensors()          # embeddings, head, norms, biases
             for i, _, p, grad in _params_with_grad(self, gi, group):
                 state = self.state[p]
                 if not group["projected"][i]:
-                    if not state:
-                        state["step"] = 0
-                        state["exp_avg"] = torch.zeros_like(p)      # m, first moment
-                        state["exp_avg_sq"] = torch.zeros_like(p)   # v, second moment
-                    state["step"] += 1
-                    params.append(p)
-                    grads.append(grad)
-                    ms.append(state["exp_avg"])
-                    vs.append(state["exp_avg_sq"])
-                    steps.append(state["step"])
+                    adamw_tensors.add(p, grad, state)
                     continue
                 if not state:
                     rank = projection_rank(group["rank"], p.shape)
@@ -791,8 +796,8 @@ class Apollo(_SandboxOptimizer):
                 apollo_update(p, grad, self.projection(p, group), state["exp_avg"],
                               state["exp_avg_sq"], state["step"], state["update_norm"], **hp,
                               scale_type=group["scale_type"], scale=group["scale"])
-            if params:
-                adamw_update_foreach(params, grads, ms, vs, steps, **hp)
+            if adamw_tensors.params:
+                adamw_update_foreach(*adamw_tensors.lists(), **hp)
             first_index += len(group["params"])
         return loss
 

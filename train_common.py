@@ -125,6 +125,26 @@ def check_common(cfg):
         raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
 
 
+def make_optimizer(cfg, model):
+    """The optimizer cfg names, with the config's hyperparameters, and the GradScaler (active
+    only under float16 autocast). Adam-mini's partition is printed, so it can be checked."""
+    opt = optim.build_optimizer(cfg.optimizer, model,
+                                **optimizer_hparams(cfg, cfg.optimizer, cfg.lr))
+    if cfg.optimizer == "adam_mini":
+        print(optim.partition_table(model, optim.block_rules(model)))
+    return opt, torch.amp.GradScaler("cuda", enabled=cfg.dtype == "float16")
+
+
+def clip_and_step(model, opt, scaler, grad_clip):
+    """Unscale the gradients (fp16 only), clip their global norm (0 = off), step, zero them."""
+    if grad_clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
 def optimizer_hparams(cfg, name, lr):
     """The config's optimizer settings, as the keyword arguments optimizer `name` takes."""
     hp = {"lr": lr, "weight_decay": cfg.weight_decay}
@@ -291,9 +311,16 @@ def memory_fields(model, optimizer, device):
             "peak_bytes": peak, "peak_kind": peak_kind}
 
 
-def console_line(it, loss, lr, ms, items_per_s, unit, state_vs_adamw):
-    return (f"iter {it} | loss {loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
-            f"{items_per_s:,.0f} {unit}/s | state {state_vs_adamw:.2f}x AdamW")
+def log_train(log, bar, model, opt, device, *, step, loss, lr, ms, items_per_step, unit,
+              **fields):
+    """The periodic training line, to the metrics log and the console:
+    iter 100 | loss 1.2345 | lr 1.0e-03 | 12.3 ms | 52,000 tok/s | state 0.50x AdamW.
+    Memory is probed here only, so steps between lines pay nothing for it."""
+    mem = memory_fields(model, opt, device)
+    log.write(event="train", step=step, loss=loss, lr=lr, ms=ms, **fields, **mem)
+    state_vs_adamw = mem["state_bytes"] / (2 * mem["param_bytes"])   # AdamW keeps m and v
+    bar.write(f"iter {step} | loss {loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
+              f"{items_per_step * 1000 / ms:,.0f} {unit}/s | state {state_vs_adamw:.2f}x AdamW")
 
 
 class Timer:

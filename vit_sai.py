@@ -25,7 +25,6 @@ from einops.layers.torch import Rearrange
 from torch import nn
 from tqdm import tqdm
 
-import optim
 import train_common as tc
 from data.images import load_images, random_crop_flip
 
@@ -205,11 +204,7 @@ def train(cfg):
 
     torch.manual_seed(cfg.seed)  # same initial weights for every optimizer
     model = ViT(cfg, image_size, channels, len(data.classes)).to(device)
-    opt = optim.build_optimizer(cfg.optimizer, model,
-                                **tc.optimizer_hparams(cfg, cfg.optimizer, cfg.lr))
-    if cfg.optimizer == "adam_mini":
-        print(optim.partition_table(model, optim.block_rules(model)))
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.dtype == "float16")
+    opt, scaler = tc.make_optimizer(cfg, model)
     n_train = len(data.train_y)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
@@ -265,7 +260,6 @@ def train(cfg):
         tc.save_run(run_dir, model, opt, scaler, cfg, shuffle_gen=shuffle_gen.get_state(),
                     order=order, step=it, train_s=train_s, best_acc=best_acc)
 
-    adamw_state = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
     timer, status, resumed_at = tc.Timer(device, train_s), "finished", it
     bar = tqdm(total=total_steps, initial=it, disable=None, dynamic_ncols=True, leave=False)
     interval_s, interval_steps, epoch_loss, epoch_steps = 0.0, 0, 0.0, 0
@@ -307,12 +301,7 @@ def train(cfg):
                 if not math.isfinite(loss):
                     status = "diverged"
                     break
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
+                tc.clip_and_step(model, opt, scaler, cfg.grad_clip)
             it += 1
             if it % steps_per_epoch == 0:  # drawn before the epoch-end checkpoint, saved with it
                 order = torch.randperm(n_train, generator=shuffle_gen)
@@ -323,13 +312,10 @@ def train(cfg):
 
             # log
             if it % cfg.log_interval == 0 or it == total_steps:
-                ms = 1000 * interval_s / interval_steps
-                mem = tc.memory_fields(model, opt, device)
-                log.write(event="train", step=it, epoch=it / steps_per_epoch, loss=loss, lr=lr,
-                          ms=ms, samples=it * cfg.batch_size, train_s=train_s,
-                          wall_s=time.time() - t_start, **mem)
-                bar.write(tc.console_line(it, loss, lr, ms, cfg.batch_size * 1000 / ms, "img",
-                                          mem["state_bytes"] / adamw_state))
+                tc.log_train(log, bar, model, opt, device, step=it, loss=loss, lr=lr,
+                             ms=1000 * interval_s / interval_steps, items_per_step=cfg.batch_size,
+                             unit="img", epoch=it / steps_per_epoch, samples=it * cfg.batch_size,
+                             train_s=train_s, wall_s=time.time() - t_start)
                 interval_s, interval_steps = 0.0, 0
             if stop.requested:
                 save()

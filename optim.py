@@ -91,11 +91,22 @@ def _params_with_grad(optimizer, group_index, group):
 
 
 class _SandboxOptimizer(Optimizer):
-    """Optimizer base that validates every param group, also those added later."""
+    """Optimizer base: validates every param group (also those added later) and runs the
+    closure; each optimizer's `_update` does the step itself."""
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         _check_hparams(self.param_groups[-1])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step; `closure`, if given, re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._update()
+        return loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,12 +197,7 @@ class AdamW(_SandboxOptimizer):
                         foreach=foreach)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self):
         for gi, group in enumerate(self.param_groups):
             tensors = _AdamWTensors()
             for _, _, p, grad in _params_with_grad(self, gi, group):
@@ -206,7 +212,6 @@ class AdamW(_SandboxOptimizer):
             else:
                 for args in zip(*tensors.lists()):
                     adamw_update(*args, **hp)
-        return loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,12 +332,7 @@ class SGDSaI(_SandboxOptimizer):
                 s = s / self.state["gsnr_max"]
             self.state[p]["scale"] = s.cpu()
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self):
         self._freeze_new_scales()
         for gi, group in enumerate(self.param_groups):
             for _, _, p, grad in _params_with_grad(self, gi, group):
@@ -342,7 +342,6 @@ class SGDSaI(_SandboxOptimizer):
                 sgd_sai_update(p, grad, state["momentum_buffer"], state["scale"].item(),
                                lr=group["lr"], momentum=group["momentum"],
                                weight_decay=group["weight_decay"])
-        return loss
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
@@ -561,12 +560,7 @@ class AdamMini(_SandboxOptimizer):
             rules.append(rule)
         group["block_rules"] = rules
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self):
         for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             for i, _, p, grad in _params_with_grad(self, gi, group):
@@ -580,7 +574,6 @@ class AdamMini(_SandboxOptimizer):
                 adam_mini_update(p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
                                  layout, lr=group["lr"], beta1=beta1, beta2=beta2,
                                  eps=group["eps"], weight_decay=group["weight_decay"])
-        return loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -767,12 +760,7 @@ class Apollo(_SandboxOptimizer):
             cached = self._projections[p] = (key, proj.to(p.device, p.dtype))
         return cached[1]
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self):
         first_index = 0             # index of the group's first param over all groups (seeds)
         for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
@@ -799,7 +787,6 @@ class Apollo(_SandboxOptimizer):
             if adamw_tensors.params:
                 adamw_update_foreach(*adamw_tensors.lists(), **hp)
             first_index += len(group["params"])
-        return loss
 
 
 def apollo(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, rank=None,

@@ -11,7 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _label(setting, skip=("lr",)):
-    return " ".join(f"{k}={v}" for k, v in setting.items() if k not in skip)
+    """'adamw batch_size=48': the optimizer by name, other settings as key=value."""
+    return " ".join(v if k == "optimizer" else f"{k}={v}" for k, v in setting.items()
+                    if k not in skip)
 
 
 def _final(row):

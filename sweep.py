@@ -45,7 +45,8 @@ class SweepConfig:
     grid: str = tc.option("", "settings to sweep, e.g. 'optimizer=adamw lr=1e-3,3e-3 | "
                               "optimizer=sgd_sai lr=1e-2'")
     seeds: str = tc.option("1,2,3", "comma-separated seeds; every setting runs with each")
-    set: str = tc.option("", "fixed trainer options for every run, e.g. 'max_iters=300'")
+    set: str = tc.option("", "fixed trainer options for every run, e.g. 'max_iters=300' (with "
+                             "--study: added to the study's)")
     sweep_dir: str = tc.option("", "where runs and the summary go; default out/sweep-<study>")
     jobs: int = tc.option(1, "runs at a time; above 1 each gets cores/jobs threads, and the "
                              "wall-clock figures are then those of a shared machine")
@@ -54,7 +55,8 @@ class SweepConfig:
 # The studies, at nanoGPT's CPU baby size (4 layers, 128 wide, block 64, batch 12), 400 steps:
 # under a minute per run on 2 CPU cores. LR grids are log-spaced (factors of ~3) around each
 # optimizer's usable range.
-BABY = "max_iters=400 eval_interval=100 eval_iters=20 warmup_iters=40 log_interval=50"
+BABY = ("max_iters=400 eval_interval=100 eval_iters=20 warmup_iters=40 log_interval=50 "
+        "sample_tokens=0")
 STUDIES = {
     "lr": dict(grid=" | ".join(
         [f"optimizer={name} lr=1e-3,3e-3,1e-2,3e-2"
@@ -205,6 +207,8 @@ def main(argv):
                 raise tc.ConfigError(f"--study must be one of {', '.join(STUDIES)}, got "
                                      f"{cfg.study!r}")
             preset = {k: v for k, v in STUDIES[cfg.study].items() if k not in given}
+            if "set" in given:       # added to the study's fixed options, overriding the same keys
+                preset["set"] = f"{STUDIES[cfg.study]['set']} {cfg.set}"
             cfg = dataclasses.replace(cfg, **preset)
         if cfg.trainer not in TRAINERS:
             raise tc.ConfigError(f"--trainer must be one of {', '.join(TRAINERS)}, got "

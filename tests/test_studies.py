@@ -80,6 +80,17 @@ def test_sweep_resumes_a_stopped_run_from_its_checkpoint(tmp_path, text, monkeyp
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
+def test_study_options_add_to_the_studys_own(tmp_path, text, monkeypatch):
+    monkeypatch.setitem(sweep.STUDIES, "tiny", dict(grid="optimizer=sgd_sai", seeds="1",
+                                                    set=TINY_GPT))
+    out = tmp_path / "sweep"
+    assert sweep.main(["--study=tiny", f"--set={text} max_iters=3", f"--sweep_dir={out}"]) == 0
+    with open(out / "optimizer=sgd_sai-seed1" / "config.json") as f:
+        config = json.load(f)
+    assert (config["max_iters"], config["n_embd"]) == (3, 16)     # user's, and the study's
+    assert config["data_path"] == text.split()[0].split("=", 1)[1]
+
+
 def test_bad_sweep_arguments(capsys):
     assert sweep.main(["--study=everything"]) == 2
     assert "--study must be one of lr, sai_rule, batch" in capsys.readouterr().err

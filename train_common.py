@@ -42,7 +42,8 @@ def option(default, help):
 def help_text(cfg, usage):
     lines = [usage, "", "Options (--key=value; defaults shown):"]
     for f in dataclasses.fields(cfg):
-        lines.append(f"  --{f.name}={getattr(cfg, f.name)!r:<14} {f.metadata.get('help', '')}")
+        option_text = f"--{f.name}={getattr(cfg, f.name)!r}"
+        lines.append(f"  {option_text:<30} {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 

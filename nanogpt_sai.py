@@ -80,10 +80,14 @@ PRESETS = {
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
                 max_iters=5000, eval_iters=200, log_interval=100),
 }
-# Peak learning rates per preset, from the CPU sweep in the README (3+ values each, 3 seeds).
-# The gpu preset reuses them: not tuned on a GPU.
-DEFAULT_LR = {"adamw": 1e-3, "sgd_sai": 1e-2, "adam_mini": 1e-3, "apollo": 2e-3,
-              "apollo_mini": 2e-3}
+# Peak learning rates: cpu, the best of the README's sweep at the cpu preset (5-6 values each);
+# gpu, not tuned: the cpu values times nanoGPT's own AdamW ratio between the two (1e-3 / 4e-3).
+DEFAULT_LR = {
+    "cpu": {"adamw": 4e-3, "sgd_sai": 2e-2, "adam_mini": 8e-3, "apollo": 3.2e-2,
+            "apollo_mini": 8e-3},
+    "gpu": {"adamw": 1e-3, "sgd_sai": 5e-3, "adam_mini": 2e-3, "apollo": 8e-3,
+            "apollo_mini": 2e-3},
+}
 USAGE = __doc__.strip().splitlines()[0] + "\n\n" + "\n".join(__doc__.strip().splitlines()[2:7])
 
 
@@ -113,7 +117,7 @@ def resolve_config(argv):
         raise tc.ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     return dataclasses.replace(cfg, preset=preset, device=device,
                                dtype=tc.pick_dtype(cfg.dtype, device),
-                               lr=cfg.lr or DEFAULT_LR[cfg.optimizer],
+                               lr=cfg.lr or DEFAULT_LR[preset][cfg.optimizer],
                                lr_decay_iters=cfg.lr_decay_iters or cfg.max_iters)
 
 

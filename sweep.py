@@ -62,11 +62,15 @@ STUDIES = {
         [f"optimizer={name} lr=1e-3,3e-3,1e-2,3e-2"
          for name in ("adamw", "adam_mini", "apollo", "apollo_mini")] +
         ["optimizer=sgd_sai lr=3e-3,1e-2,3e-2,1e-1"]), seeds="1,2,3", set=BABY),
+    # weight decay off: decoupled decay multiplies by the lr, which differs ~250x between rules
+    # (gsnr_max and none need lr ~1 where gsnr needs ~1e-2), so with it on the rules would also
+    # differ in how fast they decay the weights
     "sai_rule": dict(grid=" | ".join([
         "optimizer=sgd_sai sai_rule=gsnr lr=3e-3,1e-2,3e-2",
         "optimizer=sgd_sai sai_rule=sqrt_numel lr=3e-3,1e-2,3e-2",
         "optimizer=sgd_sai sai_rule=gsnr_max lr=0.3,1.0,3.0,10.0",
-        "optimizer=sgd_sai sai_rule=none lr=0.3,1.0,3.0,10.0"]), seeds="1,2", set=BABY),
+        "optimizer=sgd_sai sai_rule=none lr=0.3,1.0,3.0,10.0"]), seeds="1,2",
+        set=BABY + " weight_decay=0.0"),
     # base batch 12 for 400 steps vs batch 48 for 100 steps (the same tokens), the LR of the
     # base run (the trainer's default) multiplied by 1 (none), sqrt(4) = 2 or 4 (linear)
     "batch": dict(grid=" | ".join(

@@ -397,6 +397,8 @@ def block_layout(rule, shape):
 
 def _chunk_views(t, layout):
     """Views of a contiguous tensor as (n_blocks, block_numel) matrices, one per chunk."""
+    if len(layout) == 1:
+        return [t.view(layout[0])]
     flat, views, offset = t.view(-1), [], 0
     for n, k in layout:
         views.append(flat[offset:offset + n * k].view(n, k))
@@ -404,13 +406,24 @@ def _chunk_views(t, layout):
     return views
 
 
+def block_mean_sq(grad, layout):
+    """mean(g^2) over each block of `layout`, one value per block (grad contiguous)."""
+    return torch.cat([torch.linalg.vector_norm(g, dim=1).square_().div_(g.shape[1])
+                      for g in _chunk_views(grad, layout)])
+
+
+def _step_blocks(param, m, step_size, layout):
+    """theta[b] -= step_size[b] * m[b] for every block b of `layout`."""
+    sizes = [n for n, _ in layout]
+    for p, m_chunk, s in zip(_chunk_views(param, layout), _chunk_views(m, layout),
+                             step_size.split(sizes)):
+        p.addcmul_(m_chunk, s[:, None], value=-1)
+
+
 def adam_mini_update(param, grad, m, v, step, layout, *, lr, beta1, beta2, eps, weight_decay):
     """One Adam-mini step for one tensor, in place; v holds one value per block of `layout`."""
     grad = grad.contiguous()
-    block_mean_sq = torch.cat([                                   # mean of g^2 over each block
-        torch.linalg.vector_norm(g, dim=1).square_().div_(g.shape[1])
-        for g in _chunk_views(grad, layout)])
-    v.mul_(beta2).add_(block_mean_sq, alpha=1 - beta2)            # v_t = b2 v + (1 - b2) mean(g^2)
+    v.mul_(beta2).add_(block_mean_sq(grad, layout), alpha=1 - beta2)  # v_t = b2 v + (1 - b2) mean(g^2)
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)                         # theta <- theta - lr*wd*theta
     m.lerp_(grad, 1 - beta1)                                      # m_t = b1 m + (1 - b1) g
@@ -418,10 +431,28 @@ def adam_mini_update(param, grad, m, v, step, layout, *, lr, beta1, beta2, eps, 
     bias_correction2 = 1 - beta2 ** step
     denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)   # sqrt(v_hat) + eps, per block
     step_size = (lr / bias_correction1) / denom                   # one lr per block
-    sizes = [n for n, _ in layout]
-    for p, m_chunk, s in zip(_chunk_views(param, layout), _chunk_views(m, layout),
-                             step_size.split(sizes)):
-        p.addcmul_(m_chunk, s[:, None], value=-1)                 # theta -= lr_b * m_hat
+    _step_blocks(param, m, step_size, layout)                     # theta -= lr_b * m_hat
+
+
+def adam_mini_update_foreach(params, grads, ms, vs, steps, layouts, *, lr, beta1, beta2, eps,
+                             weight_decay):
+    """adam_mini_update over lists of tensors: the arithmetic on the small per-block vectors v
+    with torch._foreach_* ops (a few calls instead of a dozen per tensor), then the per-element
+    work tensor by tensor, so that each tensor's theta, m and g stay in cache between ops."""
+    grads = [g.contiguous() for g in grads]
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_add_(vs, [block_mean_sq(g, layout) for g, layout in zip(grads, layouts)],
+                        alpha=1 - beta2)
+    step_sizes = torch._foreach_sqrt(vs)
+    torch._foreach_div_(step_sizes, [math.sqrt(1 - beta2 ** t) for t in steps])
+    torch._foreach_add_(step_sizes, eps)
+    torch._foreach_reciprocal_(step_sizes)
+    torch._foreach_mul_(step_sizes, [lr / (1 - beta1 ** t) for t in steps])
+    for param, grad, m, step_size, layout in zip(params, grads, ms, step_sizes, layouts):
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        m.lerp_(grad, 1 - beta1)
+        _step_blocks(param, m, step_size, layout)
 
 
 def rule_for(rules, p):
@@ -535,12 +566,15 @@ class AdamMini(_SandboxOptimizer):
         lr, betas, eps, weight_decay: as AdamW.
         block_rules: {parameter: rule}; the rule of each parameter is stored in its param group
             ("block_rules", aligned with "params") and so travels with state_dict().
+        foreach: batch the per-block arithmetic with torch._foreach_* ops
+            (`adam_mini_update_foreach`) instead of the per-tensor loop (`adam_mini_update`).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 block_rules=None):
+                 block_rules=None, foreach=True):
         self._rules_by_param = block_rules or {}
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        foreach=foreach)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -560,9 +594,14 @@ class AdamMini(_SandboxOptimizer):
             rules.append(rule)
         group["block_rules"] = rules
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:      # checkpoints written before the foreach option
+            group.setdefault("foreach", True)
+
     def _update(self):
         for gi, group in enumerate(self.param_groups):
-            beta1, beta2 = group["betas"]
+            params, grads, ms, vs, steps, layouts = [], [], [], [], [], []
             for i, _, p, grad in _params_with_grad(self, gi, group):
                 layout = block_layout(group["block_rules"][i], tuple(p.shape))
                 state = self.state[p]
@@ -571,9 +610,20 @@ class AdamMini(_SandboxOptimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = p.new_zeros(sum(n for n, _ in layout))  # one per block
                 state["step"] += 1
-                adam_mini_update(p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                                 layout, lr=group["lr"], beta1=beta1, beta2=beta2,
-                                 eps=group["eps"], weight_decay=group["weight_decay"])
+                for items, item in zip((params, grads, ms, vs, steps, layouts),
+                                       (p, grad, state["exp_avg"], state["exp_avg_sq"],
+                                        state["step"], layout)):
+                    items.append(item)
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            hp = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                      weight_decay=group["weight_decay"])
+            if group["foreach"]:
+                adam_mini_update_foreach(params, grads, ms, vs, steps, layouts, **hp)
+            else:
+                for args in zip(params, grads, ms, vs, steps, layouts):
+                    adam_mini_update(*args, **hp)
 
 
 # ---------------------------------------------------------------------------------------------

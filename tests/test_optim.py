@@ -79,10 +79,11 @@ def test_sgd_sai_matches_reference():
             ref_opt.state[ref_p]["gsnr"].item(), rel=1e-6)
 
 
-def test_adam_mini_matches_reference():
+@pytest.mark.parametrize("foreach", [False, True])
+def test_adam_mini_matches_reference(foreach):
     ours, ref = make_model(), make_model()
     opt = optim.build_optimizer("adam_mini", ours, lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
-                                weight_decay=0.1)
+                                weight_decay=0.1, foreach=foreach)
     with quiet():
         ref_opt = Adam_mini(ref.named_parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=0.1, dim=32, n_heads=4)
@@ -90,6 +91,27 @@ def test_adam_mini_matches_reference():
         ref_losses = train_scheduled(ref, ref_opt, data)
     assert train_scheduled(ours, opt, data) == pytest.approx(ref_losses, rel=1e-5)
     assert max_rel_diff(ours, ref) < 1e-5
+
+
+def test_adam_mini_foreach_matches_single_tensor():
+    """The batched path against the per-tensor reference, one tensor for every rule."""
+    rules = {(12, 4): ("qkv", 2), (8, 4): ("heads", 2), (6, 4): "rows", (5, 3): "tensor",
+             (7,): "full"}
+    torch.manual_seed(0)
+    initial = [torch.randn(shape) for shape in rules]
+    grads = [[torch.randn(shape) * torch.rand(1) for shape in rules] for _ in range(10)]
+    results = []
+    for foreach in (False, True):
+        params = [nn.Parameter(t.clone()) for t in initial]
+        opt = optim.AdamMini(params, lr=1e-2, weight_decay=0.1, foreach=foreach,
+                             block_rules=dict(zip(params, rules.values())))
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g
+            opt.step()
+        results.append(params)
+    for single, multi in zip(*results):
+        torch.testing.assert_close(multi, single, rtol=1e-6, atol=0)
 
 
 def test_adam_mini_with_element_blocks_is_adamw():

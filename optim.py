@@ -423,7 +423,8 @@ def _step_blocks(param, m, step_size, layout):
 def adam_mini_update(param, grad, m, v, step, layout, *, lr, beta1, beta2, eps, weight_decay):
     """One Adam-mini step for one tensor, in place; v holds one value per block of `layout`."""
     grad = grad.contiguous()
-    v.mul_(beta2).add_(block_mean_sq(grad, layout), alpha=1 - beta2)  # v_t = b2 v + (1 - b2) mean(g^2)
+    block_mean = block_mean_sq(grad, layout)
+    v.mul_(beta2).add_(block_mean, alpha=1 - beta2)               # v_t = b2 v + (1 - b2) mean(g^2)
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)                         # theta <- theta - lr*wd*theta
     m.lerp_(grad, 1 - beta1)                                      # m_t = b1 m + (1 - b1) g
@@ -443,10 +444,10 @@ def adam_mini_update_foreach(params, grads, ms, vs, steps, layouts, *, lr, beta1
     torch._foreach_mul_(vs, beta2)
     torch._foreach_add_(vs, [block_mean_sq(g, layout) for g, layout in zip(grads, layouts)],
                         alpha=1 - beta2)
-    step_sizes = torch._foreach_sqrt(vs)
+    step_sizes = torch._foreach_sqrt(vs)                           # sqrt(v_hat) + eps, per block
     torch._foreach_div_(step_sizes, [math.sqrt(1 - beta2 ** t) for t in steps])
     torch._foreach_add_(step_sizes, eps)
-    torch._foreach_reciprocal_(step_sizes)
+    torch._foreach_reciprocal_(step_sizes)                         # lr_b = lr / (1 - b1^t) / that
     torch._foreach_mul_(step_sizes, [lr / (1 - beta1 ** t) for t in steps])
     for param, grad, m, step_size, layout in zip(params, grads, ms, step_sizes, layouts):
         if weight_decay != 0:

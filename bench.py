@@ -42,8 +42,8 @@ import torch
 
 import nanogpt_sai
 import optim
-import train_common as tc
-from data.text import load_text
+from cli import ConfigError, check_positive, option, parse_args, pick_device
+from data.text import load_text, sample_batch
 from nanogpt_sai import GPT, Config
 
 MIB = 2 ** 20
@@ -51,18 +51,16 @@ MIB = 2 ** 20
 
 @dataclass
 class BenchConfig:
-    steps: int = tc.option(30, "timed steps per optimizer")
-    rounds: int = tc.option(3, "interleaved rounds the steps are split into")
-    device: str = tc.option("cpu", "cpu, cuda, cuda:N, mps or auto")
-    what: str = tc.option("steps", "steps (optimizer.step timings) or overhead (the trainer's)")
-    data_path: str = tc.option("", "tiny shakespeare for --what=overhead (as nanogpt_sai.py)")
+    steps: int = option(30, "timed steps per optimizer")
+    rounds: int = option(3, "interleaved rounds the steps are split into")
+    device: str = option("cpu", "cpu, cuda, cuda:N, mps or auto")
+    what: str = option("steps", "steps (optimizer.step timings) or overhead (the trainer's)")
+    data_path: str = option("", "tiny shakespeare for --what=overhead (as nanogpt_sai.py)")
 
 
 def candidates(model):
     """name -> function building that optimizer for `model` (hyperparameters as the trainer's)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = optim.decay_groups(model.parameters(), 0.1)
     out = {
         "torch AdamW (foreach)": lambda: torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99),
                                                            foreach=True),
@@ -95,7 +93,7 @@ def candidates(model):
 
 
 def bench_steps(cfg):
-    device = tc.pick_device(cfg.device)
+    device = pick_device(cfg.device)
     torch.manual_seed(0)
     model = GPT(Config(n_layer=6, n_head=6, n_embd=384, block_size=256), vocab_size=65)
     model.to(device)
@@ -181,13 +179,12 @@ def machine(device):
 
 def bench_overhead(cfg):
     """ms/iter of a plain training loop against nanogpt_sai.py's, on the default baby GPT."""
-    device = tc.pick_device(cfg.device)
+    device = pick_device(cfg.device)
     gpt_cfg = nanogpt_sai.resolve_config(["--preset=cpu", f"--device={device}",
                                           "--dtype=float32", "--sample_tokens=0"])
     data = load_text(gpt_cfg.dataset, data_dir=gpt_cfg.data_dir, text_path=cfg.data_path,
                      log=lambda line: None)
     tokens = torch.from_numpy(data.train.astype("int64"))
-    offsets = torch.arange(gpt_cfg.block_size + 1)
 
     def plain_loop():
         torch.manual_seed(0)
@@ -196,10 +193,8 @@ def bench_overhead(cfg):
         gen = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
         for _ in range(cfg.steps):
-            ix = torch.randint(len(tokens) - gpt_cfg.block_size, (gpt_cfg.batch_size,),
-                               generator=gen)
-            xy = tokens[ix[:, None] + offsets].to(device)
-            _, loss = model(xy[:, :-1], xy[:, 1:])
+            x, y = sample_batch(tokens, gpt_cfg.block_size, gpt_cfg.batch_size, gen)
+            _, loss = model(x.to(device), y.to(device))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -241,11 +236,11 @@ def bench_overhead(cfg):
 
 def main(argv):
     try:
-        cfg, _ = tc.parse_args(BenchConfig(), argv, __doc__.strip().splitlines()[0])
+        cfg, _ = parse_args(BenchConfig(), argv, __doc__.strip().splitlines()[0])
         if cfg.what not in ("steps", "overhead"):
-            raise tc.ConfigError(f"--what must be steps or overhead, got {cfg.what!r}")
-        tc.check_positive(cfg, "steps", "rounds")
-    except tc.ConfigError as err:
+            raise ConfigError(f"--what must be steps or overhead, got {cfg.what!r}")
+        check_positive(cfg, "steps", "rounds")
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if cfg.what == "steps":

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -24,55 +25,42 @@ from einops import rearrange
 from torch import nn
 from tqdm import tqdm
 
-import train_common as tc
-from data.text import load_text
+import optim
+from cli import (ConfigError, RunOptions, check_positive, compare, option, optimizer_names,
+                 pick_device, pick_dtype, read_config)
+from data.text import DATASETS, load_text, sample_batch
+from train_helpers import (MetricsLog, StopOnCtrlC, load_checkpoint, lr_at, maybe_compile,
+                           memory_fields, open_run_dir, report_end, save_checkpoint,
+                           seconds_since, write_run_info)
 
 
 @dataclass
-class Config:
+class Config(RunOptions):
+    """nanoGPT's CPU run by default (the gpu preset is in PRESETS). The options both trainers
+    share (--optimizer, --lr, --beta1, ..., --device, --dtype, --resume) are cli.RunOptions."""
     # data
-    dataset: str = tc.option("shakespeare_char", "shakespeare_char (characters) or shakespeare "
-                                                 "(GPT-2 BPE)")
-    data_path: str = tc.option("", "tiny shakespeare input.txt to use (default: cache, then "
-                                   "download, then an offline corpus)")
-    data_dir: str = tc.option(tc.DATA_CACHE, "where raw and prepared data are cached")
-    # model (defaults: nanoGPT's CPU run; the gpu preset is in PRESETS)
-    n_layer: int = tc.option(4, "transformer blocks")
-    n_head: int = tc.option(4, "attention heads (must divide n_embd)")
-    n_embd: int = tc.option(128, "width")
-    block_size: int = tc.option(64, "context length in tokens")
-    dropout: float = tc.option(0.0, "dropout probability")
-    bias: bool = tc.option(False, "biases in Linear and LayerNorm layers")
-    # optimizer
-    optimizer: str = tc.option("sgd_sai", "sgd_sai, adamw, adam_mini, apollo, apollo_mini, a "
-                                          "comma-separated list of them, or all (compare)")
-    lr: float = tc.option(0.0, "peak learning rate; 0 = the optimizer's default for the preset")
-    min_lr_ratio: float = tc.option(0.1, "cosine decays the lr to lr * min_lr_ratio")
-    weight_decay: float = tc.option(0.1, "decoupled weight decay of matrices and embeddings")
-    beta1: float = tc.option(0.9, "AdamW/Adam-mini beta1; SGD-SaI momentum")
-    beta2: float = tc.option(0.99, "AdamW/Adam-mini beta2")
-    sai_rule: str = tc.option("gsnr", "SGD-SaI scale rule: gsnr, gsnr_max, sqrt_numel, none")
-    grad_clip: float = tc.option(1.0, "clip the global gradient norm to this; 0 = off")
-    warmup_iters: int = tc.option(100, "linear warmup steps")
-    lr_decay_iters: int = tc.option(0, "cosine length in steps; 0 = max_iters")
-    # training
-    batch_size: int = tc.option(12, "sequences per micro-batch")
-    grad_accum: int = tc.option(1, "micro-batches per optimizer step")
-    max_iters: int = tc.option(2000, "optimizer steps")
-    eval_interval: int = tc.option(250, "evaluate and checkpoint every this many steps")
-    eval_iters: int = tc.option(20, "batches per split in each evaluation")
-    log_interval: int = tc.option(50, "console and metrics line every this many steps")
-    seed: int = tc.option(1337, "seed of weights, batches and dropout")
-    sample_tokens: int = tc.option(300, "tokens sampled at the end; 0 = none")
-    # system
-    preset: str = tc.option("auto", "cpu (nanoGPT's CPU run), gpu (6x384, block 256, batch 64) "
-                                    "or auto (gpu on CUDA)")
-    device: str = tc.option("auto", "auto, cpu, cuda, cuda:N or mps")
-    dtype: str = tc.option("auto", "autocast dtype: auto (bf16, else fp16 on CUDA; fp32 "
-                                   "elsewhere), float32, bfloat16, float16")
-    compile: bool = tc.option(False, "torch.compile the model (falls back if it fails)")
-    out_dir: str = tc.option("", "run directory; default out/<time>-<dataset>-<optimizer>")
-    resume: str = tc.option("", "run directory to resume from its checkpoint")
+    dataset: str = option("shakespeare_char", "shakespeare_char (characters) or shakespeare "
+                                              "(GPT-2 BPE)")
+    data_path: str = option("", "tiny shakespeare's input.txt (default: cache, download, offline)")
+    # model
+    n_layer: int = option(4, "transformer blocks")
+    n_head: int = option(4, "attention heads (must divide n_embd)")
+    n_embd: int = option(128, "width")
+    block_size: int = option(64, "context length in tokens")
+    bias: bool = option(False, "biases in Linear and LayerNorm layers")
+    dropout: float = option(0.0, "dropout probability")
+    # training (the optimizer's options are RunOptions'; the cosine's length is GPT-only)
+    lr_decay_iters: int = option(0, "cosine length in steps; 0 = max_iters")
+    batch_size: int = option(12, "sequences per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    max_iters: int = option(2000, "optimizer steps")
+    eval_interval: int = option(250, "evaluate and checkpoint every this many steps")
+    eval_iters: int = option(20, "batches per split in each evaluation")
+    log_interval: int = option(50, "console and metrics line every this many steps")
+    seed: int = option(1337, "seed of weights, batches and dropout")
+    sample_tokens: int = option(300, "tokens sampled at the end; 0 = none")
+    preset: str = option("auto", "cpu (nanoGPT's CPU run), gpu (6x384, block 256, batch 64) "
+                                 "or auto (gpu on CUDA)")
 
 
 PRESETS = {
@@ -92,31 +80,28 @@ USAGE = __doc__.strip().splitlines()[0] + "\n\n" + "\n".join(__doc__.strip().spl
 
 
 def resolve_config(argv):
-    """Command line -> checked Config (preset and default lr applied) and the device."""
-    cfg, given = tc.parse_args(Config(), argv, USAGE)
-    if cfg.resume:
-        return tc.resumed_config(Config, cfg, given)
-    tc.check_common(cfg)
-    if len(tc.optimizer_names(cfg.optimizer)) > 1:
+    """Command line -> checked Config with the preset, device, dtype and default lr filled in.
+    A resumed run's saved config is final; in compare mode each run resolves its own."""
+    cfg, given = read_config(Config, argv, USAGE)
+    if cfg.resume or len(optimizer_names(cfg.optimizer)) > 1:
         return cfg
-    device = tc.pick_device(cfg.device)
+    device = pick_device(cfg.device)
     preset = cfg.preset if cfg.preset != "auto" else ("gpu" if device.startswith("cuda") else "cpu")
     if preset not in PRESETS:
-        raise tc.ConfigError(f"--preset must be auto, cpu or gpu, got {cfg.preset!r}")
+        raise ConfigError(f"--preset must be auto, cpu or gpu, got {cfg.preset!r}")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in PRESETS[preset].items() if k not in given})
-    if cfg.dataset not in ("shakespeare_char", "shakespeare"):
-        raise tc.ConfigError("--dataset must be shakespeare_char or shakespeare, got "
-                             f"{cfg.dataset!r}")
-    tc.check_positive(cfg, "n_layer", "n_head", "n_embd", "block_size", "max_iters",
-                      "eval_interval", "eval_iters", "grad_accum")
+    if cfg.dataset not in DATASETS:
+        raise ConfigError(f"--dataset must be {' or '.join(DATASETS)}, got {cfg.dataset!r}")
+    check_positive(cfg, "n_layer", "n_head", "n_embd", "block_size", "max_iters",
+                   "eval_interval", "eval_iters", "grad_accum")
     if cfg.lr_decay_iters < 0:
-        raise tc.ConfigError(f"--lr_decay_iters must be >= 0, got {cfg.lr_decay_iters}")
+        raise ConfigError(f"--lr_decay_iters must be >= 0, got {cfg.lr_decay_iters}")
     if cfg.n_embd % cfg.n_head:
-        raise tc.ConfigError(f"--n_embd={cfg.n_embd} must be divisible by --n_head={cfg.n_head}")
+        raise ConfigError(f"--n_embd={cfg.n_embd} must be divisible by --n_head={cfg.n_head}")
     if not 0 <= cfg.dropout < 1:
-        raise tc.ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+        raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     return dataclasses.replace(cfg, preset=preset, device=device,
-                               dtype=tc.pick_dtype(cfg.dtype, device),
+                               dtype=pick_dtype(cfg.dtype, device),
                                lr=cfg.lr or DEFAULT_LR[preset][cfg.optimizer],
                                lr_decay_iters=cfg.lr_decay_iters or cfg.max_iters)
 
@@ -227,68 +212,62 @@ class GPT(nn.Module):
 # training
 
 def train(cfg):
-    """One run; returns "finished", "stopped" (Ctrl-C) or "diverged"."""
+    """One run; returns its exit status (0 finished, 130 stopped by Ctrl-C, 3 diverged)."""
     device = cfg.device
     try:
         data = load_text(cfg.dataset, data_dir=cfg.data_dir, text_path=cfg.data_path)
     except (OSError, ValueError) as err:   # a --data_path that is missing or unreadable
-        raise tc.ConfigError(f"--data_path: {err}") from None
+        raise ConfigError(f"--data_path: {err}") from None
     splits = {"train": torch.from_numpy(data.train.astype("int64")),
               "val": torch.from_numpy(data.val.astype("int64"))}
     shortest = min(len(s) for s in splits.values())
     if cfg.block_size >= shortest:
-        raise tc.ConfigError(f"--block_size={cfg.block_size} needs more tokens than the "
-                             f"{shortest} of the smallest split; use --block_size < {shortest}")
-    offsets = torch.arange(cfg.block_size + 1)
+        raise ConfigError(f"--block_size={cfg.block_size} needs more tokens than the "
+                          f"{shortest} of the smallest split; use --block_size < {shortest}")
 
     def get_batch(split, generator):
-        d = splits[split]
-        ix = torch.randint(len(d) - cfg.block_size, (cfg.batch_size,), generator=generator)
-        xy = d[ix[:, None] + offsets]                    # (B, T + 1)
-        x, y = xy[:, :-1], xy[:, 1:]
-        if device.startswith("cuda"):
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device,
-                                                                                  non_blocking=True)
+        x, y = sample_batch(splits[split], cfg.block_size, cfg.batch_size, generator)
+        if device.startswith("cuda"):   # pinned: the copy overlaps the GPU's work
+            return x.pin_memory().to(device, non_blocking=True), \
+                y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
 
+    # model, optimizer, and mixed precision: bf16/fp16 autocast on CUDA (parameters and optimizer
+    # state stay float32), a GradScaler only under fp16
     torch.manual_seed(cfg.seed)  # same initial weights for every optimizer
     model = GPT(cfg, data.vocab_size).to(device)
-    opt, scaler = tc.make_optimizer(cfg, model)
+    opt = optim.build_optimizer(cfg.optimizer, model, log=print,   # log: Adam-mini's partition
+                                **optim.trainer_hparams(cfg.optimizer, cfg))
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.dtype == "float16")
+    ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(
+        device_type="cuda", dtype=getattr(torch, cfg.dtype))
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # training batch order
 
     # run directory: a fresh one, or the one we resume (its checkpoint restores everything)
-    run_dir = tc.open_run_dir(cfg, f"{cfg.dataset}-{cfg.optimizer}")
+    run_dir = open_run_dir(cfg, f"{cfg.dataset}-{cfg.optimizer}")
     it, train_s, best_val = 0, 0.0, float("inf")
     if cfg.resume:
-        ckpt = tc.load_run(run_dir, model, opt, scaler)
+        ckpt = load_checkpoint(run_dir, model, opt, scaler)
         batch_gen.set_state(ckpt["batch_gen"])
         it, train_s, best_val = ckpt["step"], ckpt["train_s"], ckpt["best_val"]
-    n_params = tc.write_run_info(run_dir, cfg, model, data_source=data.source,
-                                 vocab_size=data.vocab_size)
+    n_params = write_run_info(run_dir, cfg, model, data_source=data.source,
+                              vocab_size=data.vocab_size)
     print(f"{n_params / 1e6:.2f}M parameters | {cfg.optimizer} lr {cfg.lr:g} | {device} "
           f"{cfg.dtype} | run dir {run_dir}")
-    log = tc.MetricsLog(os.path.join(run_dir, "metrics.jsonl"),
-                        resume_step=it if cfg.resume else None)
-    ctx = tc.autocast(device, cfg.dtype)
-
-    def forward_backward(m):
-        x, y = get_batch("train", batch_gen)
-        with ctx:
-            _, loss = m(x, y)
-        scaler.scale(loss / cfg.grad_accum).backward()
-        return loss.detach()
+    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), resume_step=it if cfg.resume else None)
 
     def trial(m):  # one throw-away step through the compiled model, on a copied batch stream
         x, y = get_batch("train", torch.Generator().manual_seed(0))
         with ctx:
             m(x, y)[1].backward()
 
-    fast_model = tc.maybe_compile(model, cfg.compile, trial)
+    fast_model = maybe_compile(model, cfg.compile, trial)
 
     @torch.no_grad()
     def evaluate():
+        """Mean loss on the same eval_iters batches of each split every time."""
         fast_model.eval()
-        gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same eval batches every time
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
         out = {}
         for split in ("train", "val"):
             losses = []
@@ -299,24 +278,20 @@ def train(cfg):
         fast_model.train()
         return out
 
-    def save():
-        tc.save_run(run_dir, model, opt, scaler, cfg, batch_gen=batch_gen.get_state(), step=it,
-                    train_s=train_s, best_val=best_val)
-
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    timer, status, resumed_at = tc.Timer(device, train_s), "finished", it
+    status, resumed_at = "finished", it if cfg.resume else None
     bar = tqdm(total=cfg.max_iters, initial=it, disable=None, dynamic_ncols=True, leave=False)
     interval_s, interval_steps = 0.0, 0
     t_start = time.time()
-    with tc.StopOnCtrlC() as stop:
+    with StopOnCtrlC() as stop:
         while True:
-            lr = tc.lr_at(it, cfg.lr, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr_ratio)
+            # the learning rate of this step
+            lr = lr_at(it, cfg.lr, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr_ratio)
             for group in opt.param_groups:
                 group["lr"] = lr
 
             # evaluate and checkpoint (the step we resumed at was evaluated before the stop)
-            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not (
-                    cfg.resume and it == resumed_at):
+            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != resumed_at:
                 losses = evaluate()
                 if not all(math.isfinite(v) for v in losses.values()):
                     status = "diverged"
@@ -324,36 +299,55 @@ def train(cfg):
                 best_val = min(best_val, losses["val"])
                 log.write(event="eval", step=it, train_loss=losses["train"],
                           val_loss=losses["val"], best_val_loss=best_val, lr=lr,
-                          tokens=it * tokens_per_step, train_s=timer.seconds,
-                          wall_s=time.time() - t_start, **tc.memory_fields(model, opt, device))
+                          tokens=it * tokens_per_step, train_s=train_s,
+                          wall_s=time.time() - t_start, **memory_fields(model, opt, device))
                 bar.write(f"step {it}: train loss {losses['train']:.4f}, val loss "
                           f"{losses['val']:.4f}")
-                save()
+                save_checkpoint(run_dir, model, opt, scaler, cfg, batch_gen=batch_gen.get_state(),
+                                step=it, train_s=train_s, best_val=best_val)
             if it == cfg.max_iters:
                 break
 
-            # forward/backward over grad_accum micro-batches, clip, step
-            with timer:
-                loss = sum(forward_backward(fast_model) for _ in range(cfg.grad_accum))
-                loss = loss.item() / cfg.grad_accum
-                if not math.isfinite(loss):
-                    status = "diverged"
-                    break
-                tc.clip_and_step(model, opt, scaler, cfg.grad_clip)
+            # forward and backward over grad_accum micro-batches (the loss scaled under fp16)
+            t0 = time.perf_counter()
+            loss = torch.zeros((), device=device)
+            for _ in range(cfg.grad_accum):
+                x, y = get_batch("train", batch_gen)
+                with ctx:
+                    _, micro_loss = fast_model(x, y)
+                scaler.scale(micro_loss / cfg.grad_accum).backward()
+                loss += micro_loss.detach()
+            loss = loss.item() / cfg.grad_accum
+            if not math.isfinite(loss):
+                status = "diverged"
+                break
+            # the optimizer step: unscale (fp16 only), clip the global norm, step, clear grads
+            if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            step_s = seconds_since(t0, device)
             it += 1
-            train_s = timer.seconds
+            train_s += step_s
             bar.update(1)
-            interval_s, interval_steps = interval_s + timer.last, interval_steps + 1
+            interval_s, interval_steps = interval_s + step_s, interval_steps + 1
 
-            # log
+            # log: the metrics line and the console line (memory is probed here only)
             if it % cfg.log_interval == 0 or it == cfg.max_iters:
-                tc.log_train(log, bar, model, opt, device, step=it, loss=loss, lr=lr,
-                             ms=1000 * interval_s / interval_steps, items_per_step=tokens_per_step,
-                             unit="tok", tokens=it * tokens_per_step, train_s=train_s,
-                             wall_s=time.time() - t_start)
+                ms = 1000 * interval_s / interval_steps
+                mem = memory_fields(model, opt, device)
+                log.write(event="train", step=it, loss=loss, lr=lr, ms=ms,
+                          tokens=it * tokens_per_step, train_s=train_s,
+                          wall_s=time.time() - t_start, **mem)
+                bar.write(f"iter {it} | loss {loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
+                          f"{tokens_per_step * 1000 / ms:,.0f} tok/s | state "
+                          f"{mem['state_bytes'] / (2 * mem['param_bytes']):.2f}x AdamW")
                 interval_s, interval_steps = 0.0, 0
             if stop.requested:
-                save()
+                save_checkpoint(run_dir, model, opt, scaler, cfg, batch_gen=batch_gen.get_state(),
+                                step=it, train_s=train_s, best_val=best_val)
                 status = "stopped"
                 break
     bar.close()
@@ -367,11 +361,21 @@ def train(cfg):
         print(f"--- sample ---\n{text}\n--------------")
         with open(os.path.join(run_dir, "sample.txt"), "w") as f:
             f.write(text)
-    return tc.finish_run(status, it, run_dir, "nanogpt_sai.py")
+    return report_end(status, it, run_dir, "nanogpt_sai.py")
 
 
 def main(argv):
-    return tc.main(argv, resolve_config, train, __file__)
+    """Exit status: 0 finished, 130 stopped by Ctrl-C, 3 diverged, 2 a bad command line (one
+    line on stderr), 1 a compared run that did not finish."""
+    try:
+        cfg = resolve_config(argv)
+        names = optimizer_names(cfg.optimizer)
+        if len(names) > 1:   # compare: each optimizer in its own process, then one figure
+            return compare(__file__, names, argv, cfg.out_dir, f"compare-{cfg.dataset}")
+        return train(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

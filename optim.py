@@ -16,7 +16,9 @@ torch.optim.Optimizer class (state bookkeeping only). What each keeps per parame
 
 Step counters (and APOLLO's projection seeds) are plain Python ints (no tensor), so `state_bytes`
 counts exactly the floats above (4 bytes each in float32); APOLLO's projection P is drawn again
-from its seed, not stored. `build_optimizer` is the one entry point the trainers use.
+from its seed, not stored. Everything that knows optimizer names is at the bottom:
+`build_optimizer` (what the trainers call), `trainer_hparams` (their options -> each optimizer's
+arguments), the parameter kinds behind Adam-mini's partition and APOLLO's projected set.
 """
 import inspect
 import math
@@ -45,32 +47,21 @@ def _check_int(name, value, low):
         raise ValueError(f"{name}={value!r} is not allowed: it must be an int >= {low}")
 
 
-def _check_hparams(group):
-    """Validate the hyperparameters present in a param group (shared by all optimizers)."""
+def _check_one_of(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {allowed}")
+
+
+def _check_adam_hparams(group):
+    """lr, betas, eps and weight_decay, as AdamW, Adam-mini and APOLLO take them."""
     _check_range("lr", group["lr"], 0.0)
     _check_range("weight_decay", group["weight_decay"], 0.0)
-    if "eps" in group:
-        _check_range("eps", group["eps"], 0.0)
-    if "betas" in group:
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        _check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
-        _check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
-    if "momentum" in group:
-        _check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
-    if "scale_rule" in group and group["scale_rule"] not in SCALE_RULES:
-        raise ValueError(f"scale_rule={group['scale_rule']!r} is not one of {SCALE_RULES}")
-    if "scale_type" in group and group["scale_type"] not in SCALE_TYPES:
-        raise ValueError(f"scale_type={group['scale_type']!r} is not one of {SCALE_TYPES}")
-    if "rank" in group and group["rank"] is not None:
-        _check_int("rank", group["rank"], 1)        # None: a quarter of each matrix's width
-    if "scale" in group:
-        _check_range("scale", group["scale"], 0.0, low_open=True)
-    if "update_proj_gap" in group:
-        _check_int("update_proj_gap", group["update_proj_gap"], 1)
-    if "proj_seed" in group:
-        _check_int("proj_seed", group["proj_seed"], 0)
+    _check_range("eps", group["eps"], 0.0)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    _check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+    _check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
 
 
 def _param_name(group, group_index, i):
@@ -90,13 +81,41 @@ def _params_with_grad(optimizer, group_index, group):
         yield i, name, p, p.grad
 
 
+def _columns(rows):
+    """[(a1, b1, ...), (a2, b2, ...)] -> [a1, a2], [b1, b2], ...: one tuple per tensor, as the
+    optimizers gather them, turned into the lists a foreach update takes."""
+    return [list(column) for column in zip(*rows)]
+
+
 class _SandboxOptimizer(Optimizer):
-    """Optimizer base: validates every param group (also those added later) and runs the
-    closure; each optimizer's `_update` does the step itself."""
+    """Optimizer base: every param group (also one added later) is checked by the subclass's
+    `_check_group`, the closure is run, and each optimizer's `_update` does the step itself."""
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
-        _check_hparams(self.param_groups[-1])
+        self._check_group(self.param_groups[-1])
+
+    def load_state_dict(self, state_dict):
+        """As torch's, and a saved group's hyperparameters are checked as given ones are (a
+        KeyError names one that this version takes and the checkpoint lacks)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            self._check_group(group)
+
+    def _set_per_param(self, key, value_for):
+        """Store [value_for(param, name) for each param] of the newest group under group[key]: a
+        per-parameter setting (Adam-mini's block rule, APOLLO's projected flag) that travels
+        with state_dict(). A ValueError from value_for is re-raised naming the parameter."""
+        gi = len(self.param_groups) - 1
+        group = self.param_groups[gi]
+        values = []
+        for i, p in enumerate(group["params"]):
+            name = _param_name(group, gi, i)
+            try:
+                values.append(value_for(p, name))
+            except ValueError as err:
+                raise ValueError(f"{type(self).__name__}: {name}: {err}") from None
+        group[key] = values
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -120,6 +139,7 @@ def adamw_update(param, grad, m, v, step, *, lr, beta1, beta2, eps, weight_decay
     v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)        # v_t = b2 v + (1 - b2) g^2
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
+    # sqrt(v) / sqrt(bc2) + eps, in torch.optim.AdamW's order of operations: bit-identical to it
     denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)  # sqrt(v_hat) + eps
     param.addcdiv_(m, denom, value=-lr / bias_correction1)     # theta -= lr * m_hat / denom
 
@@ -139,28 +159,33 @@ def adamw_update_foreach(params, grads, ms, vs, steps, *, lr, beta1, beta2, eps,
     torch._foreach_addcdiv_(params, ms, denoms, [-lr / b for b in bias_correction1])
 
 
-class _AdamWTensors:
-    """The tensors of one param group that take an AdamW step, gathered for one (foreach) call;
-    `add` creates a tensor's state on its first step (used by AdamW, and by APOLLO for the
-    tensors it does not project)."""
+def _adamw_row(p, grad, state):
+    """(param, grad, m, v, step) of one tensor's AdamW step, its state created at its first
+    gradient (AdamW's tensors, and APOLLO's tensors that are not projected)."""
+    if not state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p)      # m, first moment
+        state["exp_avg_sq"] = torch.zeros_like(p)   # v, second moment
+    state["step"] += 1
+    return p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"]
 
-    def __init__(self):
-        self.params, self.grads, self.ms, self.vs, self.steps = [], [], [], [], []
 
-    def add(self, p, grad, state):
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p)      # m, first moment
-            state["exp_avg_sq"] = torch.zeros_like(p)   # v, second moment
-        state["step"] += 1
-        self.params.append(p)
-        self.grads.append(grad)
-        self.ms.append(state["exp_avg"])
-        self.vs.append(state["exp_avg_sq"])
-        self.steps.append(state["step"])
+def _adam_hparams(group):
+    beta1, beta2 = group["betas"]
+    return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"])
 
-    def lists(self):
-        return self.params, self.grads, self.ms, self.vs, self.steps
+
+def _update_rows(rows, group, update, update_foreach):
+    """One step for the (param, grad, state...) rows of a param group: with the group's
+    hyperparameters, all at once (update_foreach) if group["foreach"], else row by row."""
+    if not rows:
+        return
+    if group["foreach"]:
+        update_foreach(*_columns(rows), **_adam_hparams(group))
+    else:
+        for row in rows:
+            update(*row, **_adam_hparams(group))
 
 
 class AdamW(_SandboxOptimizer):
@@ -179,9 +204,6 @@ class AdamW(_SandboxOptimizer):
             v_hat    <- v_t / (1 - b2^t)
             theta_t  <- theta - gamma * m_hat / (sqrt(v_hat) + eps)
 
-    Matches torch.optim.AdamW (amsgrad=False). Left out on purpose: amsgrad, maximize,
-    capturable/fused variants, complex parameters.
-
     Args:
         params: parameters, (name, parameter) pairs, or param group dicts.
         lr: learning rate gamma.
@@ -189,6 +211,9 @@ class AdamW(_SandboxOptimizer):
         eps: added to sqrt(v_hat), >= 0.
         weight_decay: lambda, >= 0; applied as theta *= 1 - lr * lambda.
         foreach: use the multi-tensor path (torch._foreach_*) instead of the per-tensor loop.
+
+    Differences from torch.optim.AdamW (which it matches bit for bit otherwise): no amsgrad,
+    maximize, capturable or fused variants, no complex parameters.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
@@ -197,41 +222,32 @@ class AdamW(_SandboxOptimizer):
                         foreach=foreach)
         super().__init__(params, defaults)
 
+    _check_group = staticmethod(_check_adam_hparams)
+
     def _update(self):
         for gi, group in enumerate(self.param_groups):
-            tensors = _AdamWTensors()
-            for _, _, p, grad in _params_with_grad(self, gi, group):
-                tensors.add(p, grad, self.state[p])
-            if not tensors.params:
-                continue
-            beta1, beta2 = group["betas"]
-            hp = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                      weight_decay=group["weight_decay"])
-            if group["foreach"]:
-                adamw_update_foreach(*tensors.lists(), **hp)
-            else:
-                for args in zip(*tensors.lists()):
-                    adamw_update(*args, **hp)
+            rows = [_adamw_row(p, grad, self.state[p])
+                    for _, _, p, grad in _params_with_grad(self, gi, group)]
+            _update_rows(rows, group, adamw_update, adamw_update_foreach)
 
 
 # ---------------------------------------------------------------------------------------------
 # SGD-SaI
 
-SCALE_RULES = ("gsnr", "gsnr_max", "sqrt_numel", "none")
+SAI_RULES = ("gsnr", "gsnr_max", "sqrt_numel", "none")
 
 
 def sai_scale(grad, rule, eps=1e-8):
-    """The learning-rate scale SGD-SaI freezes for one block, as a float32 0-d tensor.
+    """The learning-rate scale s_i SGD-SaI freezes for one block, as a float32 0-d tensor.
 
     "gsnr" and "gsnr_max" return the raw g-SNR ||g||_2 / (std(g) + eps), std unbiased, computed
-    in float32 (the caller divides "gsnr_max" by the maximum over blocks). A degenerate block, one
-    element (std undefined) or a gradient with zero spread (std = 0, e.g. all zeros), has no
-    meaningful g-SNR; the official code divides by eps there and steps ~1e8 times too far, or
-    freezes the block at scale 0. We fall back to sqrt(numel), the value g-SNR approximates for
-    zero-mean gradients, so such a block takes a plain SGD-sized step (scale 1 for a scalar).
+    in float32 (the caller divides "gsnr_max" by the maximum over blocks). Since
+    ||g||^2 = (n - 1) std^2 + n mean^2, g-SNR = sqrt((n - 1) + n mean^2 / std^2) (eps aside): about
+    sqrt(n) unless the block's mean gradient rivals its spread. A block with one element (std
+    undefined) or no spread (std = 0) has no g-SNR; it gets sqrt(numel), the value g-SNR
+    approximates for zero-mean gradients (scale 1 for a scalar).
     """
-    if rule not in SCALE_RULES:
-        raise ValueError(f"scale_rule={rule!r} is not one of {SCALE_RULES}")
+    _check_one_of("sai_rule", rule, SAI_RULES)
     sqrt_numel = torch.tensor(math.sqrt(grad.numel()), dtype=torch.float32, device=grad.device)
     if rule == "none":
         return torch.ones_like(sqrt_numel)
@@ -254,46 +270,29 @@ class SGDSaI(_SandboxOptimizer):
     r"""SGD-SaI: SGD with momentum and learning-rate Scaling at Initialization.
 
     Xu, Xiang, Cai & Wen, "No More Adam: Learning Rate Scaling at Initialization is All You
-    Need", 2024, arXiv 2412.11768 (Algorithm 1; official package sgd-sai 1.0.3).
+    Need", 2024, arXiv 2412.11768. The paper's Algorithm 1 (sai_rule="gsnr_max"):
 
     .. code-block:: text
 
         input: lr (eta), momentum (mu), weight_decay (lambda), eps, blocks i (one per tensor)
         for t = 1, 2, ...:
             g_t <- grad f(theta_{t-1})
-            if block i has its first gradient:                     # t = 1 for most blocks
-                s_i <- ||g_i||_2 / (std(g_i) + eps)                # g-SNR, frozen from now on
+            if t = 1:                                              # frozen from now on
+                gsnr_i <- ||g_i||_2 / (std(g_i) + eps)  for each block i
+                s_i    <- gsnr_i / max_j gsnr_j
             m_t <- g_t                       if t = 1
                    mu m_{t-1} + (1 - mu) g_t otherwise
             theta_t <- theta_{t-1} (1 - eta lambda) - eta s_i m_t  # decoupled weight decay
 
-    No second moment, so the state is m plus one float per block: half of AdamW's.
+    No second moment: the state is m plus one float per block, half of AdamW's. sai_rule picks
+    s_i, the ablation this sandbox exists for (the usable lr differs by orders of magnitude
+    between rules; see the README):
 
-    scale_rule picks s_i, the ablation this sandbox exists for. Each rule puts the usable lr in a
-    different range, so learning rates do not carry over between rules:
-
-    - "gsnr" (default, official 1.0.3): raw g-SNR. For zero-mean gradients ||g|| / std(g) is about
-      sqrt(numel), i.e. ~100-400 for the weight matrices of a small transformer and ~10-20 for
-      its biases and gains; typical lr 1e-3 .. 2e-2.
-    - "gsnr_max" (the paper's Algorithm 1): g-SNR divided by the largest g-SNR over all blocks
-      at the first step, so every scale is <= 1; lr is in plain SGD's range, ~100-400x the "gsnr"
-      lr. The maximum is frozen too (self.state["gsnr_max"]): a block whose first gradient comes
-      later is divided by the same number (its scale may then exceed 1).
-    - "sqrt_numel" (a later official version): s_i = sqrt(numel), the approximation of g-SNR
-      above without looking at the gradient; lr about as for "gsnr".
-    - "none": s_i = 1, plain SGD with (dampened) momentum, the baseline the paper argues against;
-      lr ~100x the "gsnr" lr, and one lr cannot suit blocks of very different sizes.
-
-    Choices where the official code misbehaves (each tested):
-    - s_i is computed in float32 whatever the gradient dtype, and stored as a 0-d float32 CPU
-      tensor, so reading it each step never waits for a GPU.
-    - Degenerate blocks (one element, or zero spread): s_i = sqrt(numel); see `sai_scale`.
-    - A block whose first gradient arrives at step k > 1 gets its scale at step k (the official
-      code raises KeyError).
-    - A NaN or Inf in a gradient at the step its scale is computed raises FloatingPointError
-      naming the parameter, before anything is updated, instead of freezing a NaN scale.
-    Left out on purpose: Nesterov momentum, coupled (L2) weight decay, momentum = 0 without a
-    buffer (the buffer is kept, so memory is the same for every momentum).
+    - "gsnr" (default; the official package sgd-sai 1.0.3): s_i = gsnr_i, not normalised.
+    - "gsnr_max" (Algorithm 1): s_i = gsnr_i / max_j gsnr_j. The maximum is frozen at the first
+      step (self.state["gsnr_max"]); a block whose first gradient comes later is divided by it.
+    - "sqrt_numel" (a later official version): s_i = sqrt(numel), g-SNR's approximation.
+    - "none": s_i = 1, plain SGD with (dampened) momentum.
 
     Args:
         params: parameters, (name, parameter) pairs (names appear in errors), or group dicts.
@@ -301,14 +300,34 @@ class SGDSaI(_SandboxOptimizer):
         momentum: mu in [0, 1).
         weight_decay: lambda, >= 0.
         eps: added to std(g) in the g-SNR, >= 0.
-        scale_rule: one of "gsnr", "gsnr_max", "sqrt_numel", "none".
+        sai_rule: one of SAI_RULES.
+
+    Deliberate differences from the official code (each tested):
+    - s_i is computed in float32 whatever the gradient dtype, and kept as a 0-d float32 CPU
+      tensor, so reading it each step never waits for a GPU.
+    - Degenerate blocks (one element, or zero spread) get s_i = sqrt(numel) (`sai_scale`); the
+      official code divides by eps there (a step ~1e8 too far) or freezes the block at 0.
+    - A block whose first gradient arrives at step k > 1 gets its scale at step k (the official
+      code raises KeyError).
+    - A NaN or Inf in a gradient at the step its scale is computed raises FloatingPointError
+      naming the parameter, before anything is updated, instead of freezing a NaN scale.
+    - Left out: Nesterov momentum, coupled (L2) weight decay; at momentum = 0 the buffer is
+      still kept, so memory is the same for every momentum.
     """
 
     def __init__(self, params, lr=1e-2, momentum=0.9, weight_decay=1e-2, eps=1e-8,
-                 scale_rule="gsnr"):
+                 sai_rule="gsnr"):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps,
-                        scale_rule=scale_rule)
+                        sai_rule=sai_rule)
         super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_group(group):
+        _check_range("lr", group["lr"], 0.0)
+        _check_range("weight_decay", group["weight_decay"], 0.0)
+        _check_range("eps", group["eps"], 0.0)
+        _check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        _check_one_of("sai_rule", group["sai_rule"], SAI_RULES)
 
     def _freeze_new_scales(self):
         """Compute s_i for every block that has its first gradient now; all or nothing."""
@@ -322,8 +341,8 @@ class SGDSaI(_SandboxOptimizer):
                         f"SGD-SaI: the gradient of {name} (shape {tuple(p.shape)}) contains NaN "
                         "or Inf at the step its learning-rate scale is computed; freezing it would "
                         "poison this block for the rest of training. Fix the loss or lower the lr.")
-                new.append((p, group["scale_rule"], sai_scale(grad, group["scale_rule"],
-                                                              group["eps"])))
+                rule = group["sai_rule"]
+                new.append((p, rule, sai_scale(grad, rule, group["eps"])))
         normalised = [s for _, rule, s in new if rule == "gsnr_max"]
         if normalised and "gsnr_max" not in self.state:
             self.state["gsnr_max"] = torch.stack(normalised).max().item()
@@ -447,7 +466,9 @@ def adam_mini_update_foreach(params, grads, ms, vs, steps, layouts, *, lr, beta1
     step_sizes = torch._foreach_sqrt(vs)                           # sqrt(v_hat) + eps, per block
     torch._foreach_div_(step_sizes, [math.sqrt(1 - beta2 ** t) for t in steps])
     torch._foreach_add_(step_sizes, eps)
-    torch._foreach_reciprocal_(step_sizes)                         # lr_b = lr / (1 - b1^t) / that
+    # lr / (1 - b1^t) / that, as reciprocal then multiply: bit-identical to adam_mini_update's
+    # (lr / bc1) / denom, because torch evaluates float / tensor as reciprocal(tensor) * float
+    torch._foreach_reciprocal_(step_sizes)
     torch._foreach_mul_(step_sizes, [lr / (1 - beta1 ** t) for t in steps])
     for param, grad, m, step_size, layout in zip(params, grads, ms, step_sizes, layouts):
         if weight_decay != 0:
@@ -456,13 +477,295 @@ def adam_mini_update_foreach(params, grads, ms, vs, steps, layouts, *, lr, beta1
         _step_blocks(param, m, step_size, layout)
 
 
-def rule_for(rules, p):
-    """The rule of parameter p: its entry in `rules`, else "rows" for 2+ dims, else "full"."""
-    return rules.get(p, "rows" if p.dim() >= 2 else "full")
+class AdamMini(_SandboxOptimizer):
+    r"""Adam-mini: Adam with one second-moment value per block of the Hessian's structure.
+
+    Zhang et al., "Adam-mini: Use Fewer Learning Rates To Gain More", 2024, arXiv 2406.16793
+    (Algorithm 1; official package adam-mini 1.1.1).
+
+    .. code-block:: text
+
+        input: lr (eta), betas (b1, b2), eps, weight_decay (lambda), blocks b of each tensor
+        init:  m_0 <- 0 (per element), v_0 <- 0 (one per block)
+        for t = 1, 2, ...:
+            g_t   <- grad f(theta_{t-1})
+            for each block b:  v_b <- b2 v_b + (1 - b2) mean(g_t[b]^2)
+            theta <- theta_{t-1} - eta lambda theta_{t-1}             # decoupled weight decay
+            m_t   <- b1 m_{t-1} + (1 - b1) g_t
+            theta_t[b] <- theta[b] - eta / (1 - b1^t) * m_t[b] / (sqrt(v_b / (1 - b2^t)) + eps)
+
+    Blocks follow the Hessian's near block-diagonal structure (`block_layout` lists the rules):
+    Q and K one block per head; V, attention output and MLP weights one per output neuron;
+    token embedding and output head one per token; biases one per element; other tensors (norm
+    gains, position embeddings) one per tensor.
+
+    Args:
+        params: parameters, (name, parameter) pairs, or param group dicts.
+        lr, betas, eps, weight_decay: as AdamW.
+        block_rules: {parameter: rule}, e.g. `block_rules(model)`; a parameter not in it gets
+            "rows" with two or more dimensions, else "full". Each parameter's rule is stored in
+            its param group ("block_rules", aligned with "params"): it travels with state_dict().
+        foreach: batch the per-block arithmetic (`adam_mini_update_foreach`) instead of the
+            per-tensor loop (`adam_mini_update`); the two are bit-identical.
+
+    Deliberate differences from the official code:
+    - The partition is given, not guessed from parameter names: `block_rules(model)` derives it
+      from the model's parameter kinds, so nanoGPT's fused `c_attn` gets Q and K per head, where
+      the official name matching gives it one value (its issue #30).
+    - Left out: model sharding, grouped-query attention, the automatic no-decay-by-name (the
+      trainers' param groups put norms and biases at weight_decay 0, as nanoGPT does for AdamW).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 block_rules=None, foreach=True):
+        self._rules_by_param = block_rules or {}
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        foreach=foreach)
+        super().__init__(params, defaults)
+
+    _check_group = staticmethod(_check_adam_hparams)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        self._set_per_param("block_rules", self._rule)
+
+    def _rule(self, p, name):
+        rule = rule_for(self._rules_by_param, p)
+        block_layout(rule, tuple(p.shape))                 # raises if the rule does not fit
+        if not p.is_contiguous():
+            raise ValueError("is not contiguous; Adam-mini updates blocks through views")
+        return rule
+
+    def _update(self):
+        for gi, group in enumerate(self.param_groups):
+            rows = []        # (param, grad, m, v, step, layout) of each param with a grad
+            for i, _, p, grad in _params_with_grad(self, gi, group):
+                layout = block_layout(group["block_rules"][i], tuple(p.shape))
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = p.new_zeros(sum(n for n, _ in layout))  # one per block
+                state["step"] += 1
+                rows.append((p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                             layout))
+            _update_rows(rows, group, adam_mini_update, adam_mini_update_foreach)
 
 
-# What each parameter is. Models say it in a `param_kinds()` method ({parameter: kind}) and carry
-# `n_head`; Adam-mini's blocks, and the diagnostics' grouping, follow from the kind.
+# ---------------------------------------------------------------------------------------------
+# APOLLO and APOLLO-Mini
+
+GRANULARITIES = ("channel", "tensor")
+MAX_NORM_GROWTH = 1.01                                 # gamma of the norm-growth limiter
+
+
+def projection_rank(rank, shape):
+    """r for a matrix of `shape`: `rank` capped at its smaller dimension k, or k // 4 (at least
+    1) when `rank` is None."""
+    k = min(shape)
+    return max(1, k // 4) if rank is None else min(rank, k)
+
+
+def random_projection(rank, dim, seed, regeneration):
+    """P (rank x dim) with entries N(0, 1/rank): the `regeneration`-th projection of the
+    parameter whose seed is `seed`. Drawn on the CPU, so every device gets the same P."""
+    # torch's CPU generator keeps only the low 32 bits of a seed (seeds 1 and 1 + 2**32 draw the
+    # same numbers), so fold the pair into 32 bits. The multiplier, 2**32 / golden ratio, spreads
+    # consecutive parameter seeds apart: 1000 consecutive parameter seeds stay distinct for
+    # their first 1.9 million regenerations.
+    generator = torch.Generator().manual_seed((seed * 0x9E3779B9 + regeneration) % 2 ** 32)
+    return torch.randn(rank, dim, generator=generator) / math.sqrt(rank)
+
+
+def apollo_update(param, grad, proj, m, v, step, update_norm, *, lr, beta1, beta2, eps,
+                  weight_decay, granularity, alpha):
+    """One APOLLO step for one matrix, in place. `step` is t, counted from 1.
+
+    proj is P (r x k) for k the smaller dimension of the matrix: its columns if it has at least
+    as many rows as columns (R = G P^T, one channel per row), else its rows (R = P G, one channel
+    per column). m, v have R's shape. update_norm is the norm of the previous step's update U
+    (a 0-d tensor, 0 before the first step); it is overwritten with this step's.
+    """
+    rows_are_channels = grad.shape[0] >= grad.shape[1]
+    r_grad = grad @ proj.T if rows_are_channels else proj @ grad    # R_t = G_t P^T or P G_t
+    m.lerp_(r_grad, 1 - beta1)                                     # m_t = b1 m + (1 - b1) R_t
+    v.mul_(beta2).addcmul_(r_grad, r_grad, value=1 - beta2)        # v_t = b2 v + (1 - b2) R_t^2
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)    # sqrt(v_hat) + eps
+    r_adam = (m / bias_correction1).div_(denom)                    # R~_t = m_hat / denom
+    if granularity == "channel":                # norms along the projected dimension
+        dim = 1 if rows_are_channels else 0
+        r_adam_norm = torch.linalg.vector_norm(r_adam, dim=dim, keepdim=True)
+        r_norm = torch.linalg.vector_norm(r_grad, dim=dim, keepdim=True)
+        grad_norm_sq = torch.linalg.vector_norm(grad, dim=dim, keepdim=True).square_()
+    else:
+        r_adam_norm = torch.linalg.vector_norm(r_adam)
+        r_norm = torch.linalg.vector_norm(r_grad)
+        grad_norm_sq = torch.linalg.vector_norm(grad).square_()
+    # s = ||R~|| / ||R||; a channel whose projected gradient is exactly 0 gets s = 0
+    s = torch.where(r_norm > 0, r_adam_norm / r_norm, 0.0)
+    coeff = s * math.sqrt(alpha)                                   # U = sqrt(alpha) G_t diag(s)
+    norm = (coeff.square() * grad_norm_sq).sum().sqrt()            # ||U||, without forming U
+    limiter = torch.where(update_norm > 0,                         # growth over gamma, >= 1
+                          (norm / (MAX_NORM_GROWTH * update_norm)).clamp_(min=1.0), 1.0)
+    coeff = coeff / limiter                                        # U <- U / limiter
+    update_norm.copy_(norm / limiter)                              # ||U_t||, for step t + 1
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)                          # theta <- theta - lr*wd*theta
+    param.addcmul_(grad, coeff, value=-lr)                         # theta_t <- theta - lr U
+
+
+class Apollo(_SandboxOptimizer):
+    r"""APOLLO: AdamW's moments kept in a random low-rank space, used only to scale the gradient.
+
+    Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance", MLSys 2025, arXiv 2412.05270
+    (Algorithm 1; official package apollo-torch 1.0.3, file apollo_torch/apollo.py).
+
+    .. code-block:: text
+
+        input: lr (eta), betas (b1, b2), eps, weight_decay (lambda), rank r, alpha,
+               update_proj_gap (T); a matrix W with gradient G, projected along its
+               smaller dimension k (the other one, N, holds the channels)
+        init:  m_0 <- 0, v_0 <- 0 (both r x N), ||U_0|| <- none
+        for t = 1, 2, ...:
+            if (t - 1) mod T = 0:                       # also at t = 1
+                P <- N(0, 1/r)^{r x k}, from the seed (parameter seed, (t - 1) // T)
+            R_t     <- P G_t                            # G_t P^T when k is the columns
+            m_t     <- b1 m_{t-1} + (1 - b1) R_t
+            v_t     <- b2 v_{t-1} + (1 - b2) R_t^2
+            R~_t    <- (m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps)
+            s       <- ||R~_t[:, j]|| / ||R_t[:, j]|| for each channel j     # APOLLO
+                       ||R~_t|| / ||R_t||                                    # APOLLO-Mini
+            U_t     <- sqrt(alpha) G_t diag(s)
+            if ||U_t|| > 1.01 ||U_{t-1}||:  U_t <- U_t * 1.01 ||U_{t-1}|| / ||U_t||
+            theta   <- theta_{t-1} - eta lambda theta_{t-1}                 # decoupled decay
+            theta_t <- theta - eta U_t
+
+    A channel is a row or column along the dimension that is not projected (N): the moments
+    estimate, per channel, how much AdamW would shrink or stretch the gradient, and the full-rank
+    gradient is scaled by that amount. Every other tensor (embeddings, head, norms, biases) gets
+    plain AdamW (`adamw_update_foreach`), as the official code does outside its APOLLO group.
+    P is redrawn every T steps from a seed and never stored; it is cached outside `self.state`
+    (r x k floats per matrix, rebuilt lazily, e.g. after load_state_dict).
+
+    Args:
+        params: parameters, (name, parameter) pairs, or param group dicts.
+        lr, betas, eps, weight_decay: as AdamW (also for the tensors that are not projected).
+        granularity: "channel" (APOLLO: s per channel) or "tensor" (APOLLO-Mini: one s).
+        rank: r, an int >= 1, capped at each matrix's smaller dimension; None: a quarter of it.
+        alpha: > 0, the paper's scaling factor; the update is multiplied by sqrt(alpha).
+        update_proj_gap: T >= 1, steps between regenerations of P.
+        proj_seed: int >= 0; the seed of a parameter is proj_seed + its index over all groups.
+        projected: the parameters to project (each must be 2-D); None: every 2-D parameter.
+            Each parameter's flag is stored in its param group ("projected", aligned with
+            "params"): it travels with state_dict().
+
+    Deliberate differences from the official code (the README explains each):
+    - The seed of each regeneration is derived from the parameter's seed and (t - 1) // T
+      (the official code chains seeds), so any step's P follows from the state.
+    - m and v are bias-corrected before forming R~ (the paper's AdamW on R); the official code
+      corrects the final step after the limiter, which changes what the limiter sees early on.
+    - The limiter compares ||U|| before the learning rate (an lr warmup is not undone by it); a
+      previous norm of 0 disables it for the next step (the official code divides by
+      ||U_{t-1}|| + 1e-8). A channel whose projected gradient is exactly 0 gets s = 0 (the
+      official code divides by ||R|| + 1e-8).
+    - Weight decay is applied to theta_{t-1}, as in Algorithm 1; eps defaults to 1e-8 (1e-6).
+    - Moments are kept at a regeneration of P, as the official code does.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 granularity="channel", rank=None, alpha=1.0, update_proj_gap=200, proj_seed=0,
+                 projected=None):
+        self._projected = None if projected is None else set(projected)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        granularity=granularity, rank=rank, alpha=alpha,
+                        update_proj_gap=update_proj_gap, proj_seed=proj_seed)
+        super().__init__(params, defaults)
+        self._projections = {}      # param -> ((seed, regeneration, rank), P); not state
+
+    @staticmethod
+    def _check_group(group):
+        _check_adam_hparams(group)
+        _check_one_of("granularity", group["granularity"], GRANULARITIES)
+        if group["rank"] is not None:
+            _check_int("rank", group["rank"], 1)        # None: a quarter of each matrix's width
+        _check_range("alpha", group["alpha"], 0.0, low_open=True)
+        _check_int("update_proj_gap", group["update_proj_gap"], 1)
+        _check_int("proj_seed", group["proj_seed"], 0)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        self._set_per_param("projected", self._is_projected)
+
+    def _is_projected(self, p, name):
+        projected = p.dim() == 2 if self._projected is None else p in self._projected
+        if projected and p.dim() != 2:
+            raise ValueError(f"has shape {tuple(p.shape)}, but APOLLO projects matrices only; "
+                             "leave it out of `projected`")
+        return projected
+
+    def projection(self, p, group):
+        """P for parameter p of param group `group` at p's current step (a cache hit unless the
+        seed, the regeneration index or the rank changed)."""
+        state = self.state[p]
+        key = (state["seed"], (state["step"] - 1) // group["update_proj_gap"],
+               projection_rank(group["rank"], p.shape))
+        cached = self._projections.get(p)
+        if cached is None or cached[0] != key:
+            seed, regeneration, rank = key
+            proj = random_projection(rank, min(p.shape), seed, regeneration)
+            cached = self._projections[p] = (key, proj.to(p.device, p.dtype))
+        return cached[1]
+
+    def _update(self):
+        first_index = 0             # index of the group's first param over all groups (seeds)
+        for gi, group in enumerate(self.param_groups):
+            hp = _adam_hparams(group)
+            adamw_rows = []          # embeddings, head, norms, biases
+            for i, _, p, grad in _params_with_grad(self, gi, group):
+                state = self.state[p]
+                if not group["projected"][i]:
+                    adamw_rows.append(_adamw_row(p, grad, state))
+                    continue
+                if not state:
+                    rank = projection_rank(group["rank"], p.shape)
+                    shape = (p.shape[0], rank) if p.shape[0] >= p.shape[1] else (rank, p.shape[1])
+                    state["step"] = 0
+                    state["seed"] = group["proj_seed"] + first_index + i
+                    state["exp_avg"] = p.new_zeros(shape)       # m, first moment of R
+                    state["exp_avg_sq"] = p.new_zeros(shape)    # v, second moment of R
+                    state["update_norm"] = p.new_zeros(())      # ||U_{t-1}||, for the limiter
+                state["step"] += 1
+                apollo_update(p, grad, self.projection(p, group), state["exp_avg"],
+                              state["exp_avg_sq"], state["step"], state["update_norm"], **hp,
+                              granularity=group["granularity"], alpha=group["alpha"])
+            if adamw_rows:
+                adamw_update_foreach(*_columns(adamw_rows), **hp)
+            first_index += len(group["params"])
+
+
+def apollo(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, rank=None,
+           alpha=1.0, update_proj_gap=200, proj_seed=0, projected=None):
+    """APOLLO: channel-wise scaling, alpha 1, rank None (a quarter of each matrix's smaller
+    dimension, where the paper's LLaMA runs use 256 on widths 512-2048). See `Apollo`."""
+    return Apollo(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                  granularity="channel", rank=rank, alpha=alpha, update_proj_gap=update_proj_gap,
+                  proj_seed=proj_seed, projected=projected)
+
+
+def apollo_mini(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, rank=1,
+                alpha=128.0, update_proj_gap=200, proj_seed=0, projected=None):
+    """APOLLO-Mini: tensor-wise scaling, rank 1, alpha 128 (the paper's). See `Apollo`."""
+    return Apollo(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                  granularity="tensor", rank=rank, alpha=alpha, update_proj_gap=update_proj_gap,
+                  proj_seed=proj_seed, projected=projected)
+
+
+# ---------------------------------------------------------------------------------------------
+# What each parameter is: Adam-mini's partition and APOLLO's projected matrices
+
+# Models say it in a `param_kinds()` method ({parameter: kind}) and carry `n_head`.
 KIND_RULES = {
     "embedding": "rows",        # token embedding (and a head tied to it): one block per token
     "head": "rows",             # output layer: one block per output (token or class)
@@ -472,6 +775,7 @@ KIND_RULES = {
     "position": "tensor", "norm": "tensor", "other": "tensor",      # one block per tensor
     "bias": "full",             # one per element: plain Adam, as official 1.1.1
 }
+PROJECTED_KINDS = ("qkv", "qk", "v", "proj", "mlp")    # APOLLO: the attention and MLP matrices
 
 
 def guess_param_kinds(model):
@@ -504,6 +808,11 @@ def param_kinds(model):
     return kinds
 
 
+def rule_for(rules, p):
+    """The rule of parameter p: its entry in `rules`, else "rows" for 2+ dims, else "full"."""
+    return rules.get(p, "rows" if p.dim() >= 2 else "full")
+
+
 def block_rules(model):
     """Adam-mini's partition of `model`: {parameter: rule} from each parameter's kind."""
     rules = {}
@@ -532,329 +841,6 @@ def partition_table(model, rules):
     return "\n".join(lines)
 
 
-class AdamMini(_SandboxOptimizer):
-    r"""Adam-mini: Adam with one second-moment value per block of the Hessian's structure.
-
-    Zhang et al., "Adam-mini: Use Fewer Learning Rates To Gain More", 2024, arXiv 2406.16793
-    (Algorithm 1; official package adam-mini 1.1.1).
-
-    .. code-block:: text
-
-        input: lr (eta), betas (b1, b2), eps, weight_decay (lambda), blocks b of each tensor
-        init:  m_0 <- 0 (per element), v_0 <- 0 (one per block)
-        for t = 1, 2, ...:
-            g_t   <- grad f(theta_{t-1})
-            for each block b:  v_b <- b2 v_b + (1 - b2) mean(g_t[b]^2)
-            theta <- theta_{t-1} - eta lambda theta_{t-1}             # decoupled weight decay
-            m_t   <- b1 m_{t-1} + (1 - b1) g_t
-            theta_t[b] <- theta[b] - eta / (1 - b1^t) * m_t[b] / (sqrt(v_b / (1 - b2^t)) + eps)
-
-    Blocks follow the Hessian's near block-diagonal structure (`block_layout` lists the rules):
-    Q and K one block per head; V, attention output and MLP weights one per output neuron;
-    token embedding and output head one per token; biases one per element (full Adam, as the
-    official code); other tensors (norm gains, position embeddings) one per tensor.
-
-    The partition is given, not guessed from parameter names: `block_rules` maps parameters to
-    rules (`block_rules(model)` derives them from the model's `param_kinds()`), so a fused QKV is
-    split correctly, where the official name matching falls back to one value per tensor for
-    nanoGPT's `c_attn` (its issue #30). Parameters not in the map get "rows" if they have two
-    or more dimensions and "full" otherwise. Left out on purpose: model sharding, grouped-query
-    attention, the official code's automatic no-decay-by-name (the trainers' param groups put
-    norms and biases at weight_decay 0, as nanoGPT does for AdamW).
-
-    Args:
-        params: parameters, (name, parameter) pairs, or param group dicts.
-        lr, betas, eps, weight_decay: as AdamW.
-        block_rules: {parameter: rule}; the rule of each parameter is stored in its param group
-            ("block_rules", aligned with "params") and so travels with state_dict().
-        foreach: batch the per-block arithmetic with torch._foreach_* ops
-            (`adam_mini_update_foreach`) instead of the per-tensor loop (`adam_mini_update`).
-    """
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 block_rules=None, foreach=True):
-        self._rules_by_param = block_rules or {}
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        foreach=foreach)
-        super().__init__(params, defaults)
-
-    def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        gi = len(self.param_groups) - 1
-        rules = []
-        for i, p in enumerate(group["params"]):
-            rule = rule_for(self._rules_by_param, p)
-            try:
-                block_layout(rule, tuple(p.shape))
-            except ValueError as err:
-                raise ValueError(f"Adam-mini: {_param_name(group, gi, i)}: {err}") from None
-            if not p.is_contiguous():
-                raise ValueError("Adam-mini updates blocks through views: parameters must be "
-                                 f"contiguous, {_param_name(group, gi, i)} is not")
-            rules.append(rule)
-        group["block_rules"] = rules
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:      # checkpoints written before the foreach option
-            group.setdefault("foreach", True)
-
-    def _update(self):
-        for gi, group in enumerate(self.param_groups):
-            tensors = []        # (param, grad, m, v, step, layout) of each param with a grad
-            for i, _, p, grad in _params_with_grad(self, gi, group):
-                layout = block_layout(group["block_rules"][i], tuple(p.shape))
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = p.new_zeros(sum(n for n, _ in layout))  # one per block
-                state["step"] += 1
-                tensors.append((p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                                layout))
-            if not tensors:
-                continue
-            beta1, beta2 = group["betas"]
-            hp = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                      weight_decay=group["weight_decay"])
-            if group["foreach"]:
-                adam_mini_update_foreach(*(list(column) for column in zip(*tensors)), **hp)
-            else:
-                for args in tensors:
-                    adam_mini_update(*args, **hp)
-
-
-# ---------------------------------------------------------------------------------------------
-# APOLLO and APOLLO-Mini
-
-SCALE_TYPES = ("channel", "tensor")
-PROJECTED_KINDS = ("qkv", "qk", "v", "proj", "mlp")    # the attention and MLP matrices
-MAX_NORM_GROWTH = 1.01                                 # gamma of the norm-growth limiter
-
-
-def projection_rank(rank, shape):
-    """r for a matrix of `shape`: `rank` capped at its smaller dimension k, or k // 4 (at least
-    1) when `rank` is None."""
-    k = min(shape)
-    return max(1, k // 4) if rank is None else min(rank, k)
-
-
-def random_projection(rank, dim, seed, regeneration):
-    """P (rank x dim) with entries N(0, 1/rank): the `regeneration`-th projection of the
-    parameter whose seed is `seed`. Drawn on the CPU, so every device gets the same P."""
-    # torch's CPU generator keeps only the low 32 bits of a seed (seeds 1 and 1 + 2**32 draw the
-    # same numbers), so fold the pair into 32 bits. The multiplier, 2**32 / golden ratio, spreads
-    # consecutive parameter seeds apart: 1000 consecutive parameter seeds stay distinct for
-    # their first 1.9 million regenerations.
-    generator = torch.Generator().manual_seed((seed * 0x9E3779B9 + regeneration) % 2 ** 32)
-    return torch.randn(rank, dim, generator=generator) / math.sqrt(rank)
-
-
-def apollo_update(param, grad, proj, m, v, step, update_norm, *, lr, beta1, beta2, eps,
-                  weight_decay, scale_type, scale):
-    """One APOLLO step for one matrix, in place. `step` is t, counted from 1.
-
-    proj is P (r x k) for k the smaller dimension of the matrix: its columns if it has at least
-    as many rows as columns (R = G P^T, one channel per row), else its rows (R = P G, one channel
-    per column). m, v have R's shape. update_norm is the norm of the previous step's update U
-    (a 0-d tensor, 0 before the first step); it is overwritten with this step's.
-    """
-    rows_are_channels = grad.shape[0] >= grad.shape[1]
-    r_grad = grad @ proj.T if rows_are_channels else proj @ grad    # R_t = G_t P^T or P G_t
-    m.lerp_(r_grad, 1 - beta1)                                     # m_t = b1 m + (1 - b1) R_t
-    v.mul_(beta2).addcmul_(r_grad, r_grad, value=1 - beta2)        # v_t = b2 v + (1 - b2) R_t^2
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2 = 1 - beta2 ** step
-    denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)    # sqrt(v_hat) + eps
-    r_adam = (m / bias_correction1).div_(denom)                    # R~_t = m_hat / denom
-    if scale_type == "channel":                 # norms along the projected dimension
-        dim = 1 if rows_are_channels else 0
-        r_adam_norm = torch.linalg.vector_norm(r_adam, dim=dim, keepdim=True)
-        r_norm = torch.linalg.vector_norm(r_grad, dim=dim, keepdim=True)
-        grad_norm_sq = torch.linalg.vector_norm(grad, dim=dim, keepdim=True).square_()
-    else:
-        r_adam_norm = torch.linalg.vector_norm(r_adam)
-        r_norm = torch.linalg.vector_norm(r_grad)
-        grad_norm_sq = torch.linalg.vector_norm(grad).square_()
-    # s = ||R~|| / ||R||; a channel whose projected gradient is exactly 0 gets s = 0 (the
-    # official code divides by ||R|| + 1e-8 and would scale a nonzero G_j there by ~1e8)
-    s = torch.where(r_norm > 0, r_adam_norm / r_norm, 0.0)
-    coeff = s * math.sqrt(scale)                                   # U = sqrt(scale) G_t diag(s)
-    norm = (coeff.square() * grad_norm_sq).sum().sqrt()            # ||U||, without forming U
-    limiter = torch.where(update_norm > 0,                         # growth over gamma, >= 1
-                          (norm / (MAX_NORM_GROWTH * update_norm)).clamp_(min=1.0), 1.0)
-    coeff = coeff / limiter                                        # U <- U / limiter
-    update_norm.copy_(norm / limiter)                              # ||U_t||, for step t + 1
-    if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)                          # theta <- theta - lr*wd*theta
-    param.addcmul_(grad, coeff, value=-lr)                         # theta_t <- theta - lr U
-
-
-class Apollo(_SandboxOptimizer):
-    r"""APOLLO: AdamW's moments kept in a random low-rank space, used only to scale the gradient.
-
-    Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance", MLSys 2025, arXiv 2412.05270
-    (Algorithm 1; official package apollo-torch, file apollo_torch/apollo.py).
-
-    .. code-block:: text
-
-        input: lr (eta), betas (b1, b2), eps, weight_decay (lambda), rank r, scale (alpha),
-               update_proj_gap (T); a matrix W with gradient G, projected along its
-               smaller dimension k (the other one, N, holds the channels)
-        init:  m_0 <- 0, v_0 <- 0 (both r x N), ||U_0|| <- none
-        for t = 1, 2, ...:
-            if (t - 1) mod T = 0:                       # also at t = 1
-                P <- N(0, 1/r)^{r x k}, from the seed (parameter seed, (t - 1) // T)
-            R_t     <- P G_t                            # G_t P^T when k is the columns
-            m_t     <- b1 m_{t-1} + (1 - b1) R_t
-            v_t     <- b2 v_{t-1} + (1 - b2) R_t^2
-            R~_t    <- (m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps)
-            s       <- ||R~_t[:, j]|| / ||R_t[:, j]|| for each channel j     # APOLLO
-                       ||R~_t|| / ||R_t||                                    # APOLLO-Mini
-            U_t     <- sqrt(alpha) G_t diag(s)
-            if ||U_t|| > 1.01 ||U_{t-1}||:  U_t <- U_t * 1.01 ||U_{t-1}|| / ||U_t||
-            theta   <- theta_{t-1} - eta lambda theta_{t-1}                 # decoupled decay
-            theta_t <- theta - eta U_t
-
-    A channel is a row or column along the dimension that is not projected (N): the moments
-    estimate, per channel, how much AdamW would shrink or stretch the gradient, and the full-rank
-    gradient is scaled by that amount. Every other tensor (embeddings, head, norms, biases) is
-    updated with plain AdamW (`adamw_update_foreach`), as the official code does for parameters
-    outside its APOLLO group. `build_optimizer` projects the 2-D weights whose kind is one of
-    PROJECTED_KINDS (attention and MLP matrices); `Apollo(params)` without `projected` projects
-    every 2-D parameter.
-
-    Facts from the paper and the official code, and where we differ:
-    - P is redrawn every T steps from a seed, never stored (paper, Algorithm 1).
-      The official code chains seeds (each regeneration draws the next); we derive the seed of
-      each regeneration from the parameter's seed and (t - 1) // T, so any step's P follows from
-      the state ("seed" and "step", Python ints). P is drawn on the CPU (the same P on every
-      device) and cached outside `self.state` (`projection`): drawing all of them at every step
-      added ~4 ms to APOLLO's ~60 ms step on bench.py's 10.7M GPT (CPU, one thread), and on a
-      GPU would be ~4 ms of CPU work and a copy per matrix against a step of about a
-      millisecond. The cache holds r x k floats per matrix, fewer than the moments, and is
-      rebuilt lazily (e.g. after load_state_dict).
-    - At a regeneration the moments are kept, not reset: the official code creates exp_avg and
-      exp_avg_sq once and never clears them (as GaLore does). The limiter bounds any jump this
-      causes.
-    - Bias correction: m and v are bias-corrected before forming R~ (the paper's AdamW on R).
-      The official code instead multiplies the final step by sqrt(1 - b2^t) / (1 - b1^t), after
-      the limiter, so its limiter sees ||U|| times (1 - b1^t) / sqrt(1 - b2^t), which for
-      b2 = 0.999 doubles over the first ten steps and then falls back over thousands; its eps
-      is in effect eps * sqrt(1 - b2^t). Ours gives, with r = k and P a signed permutation,
-      exactly AdamW's update norm per channel (channel-wise) or per tensor (tensor-wise).
-    - Norm-growth limiter (from Fira, arXiv 2410.01623; gamma = 1.01 as the official code): it
-      compares ||U|| before the learning rate, so an lr warmup is not undone by it. A previous
-      norm of 0 (an all-zero gradient) disables it for the next step; the official code divides
-      by ||U_{t-1}|| + 1e-8 and would shrink that step to ~1e-8.
-    - Weight decay is applied to theta_{t-1} as in Algorithm 1 and our AdamW; the official code
-      decays after the update (a difference of order lr^2 lambda).
-    - eps defaults to 1e-8 as our AdamW (official 1e-6).
-
-    Defaults (see `apollo` and `apollo_mini`): the paper's LLaMA runs (widths 512 to 2048) use
-    rank 256 for APOLLO and rank 1 with scale 128 for APOLLO-Mini, T = 200. Our models are 32 to
-    384 wide, where rank 256 would be (nearly) full rank and save little, so APOLLO's rank is a
-    quarter of each matrix's smaller dimension. The scale makes up for the rank: at t = 1 R~ is
-    sign(R), so ||U|| / ||AdamW's update|| = sqrt(scale * r / k). APOLLO at r = k / 4, scale 1
-    takes half AdamW's step; APOLLO-Mini at scale 128 takes sqrt(128 / k) of it (0.58x on the
-    384-wide GPT, 2x on the 32-wide test model). Tune lr for each name, as for the others.
-
-    Args:
-        params: parameters, (name, parameter) pairs, or param group dicts.
-        lr, betas, eps, weight_decay: as AdamW (also for the tensors that are not projected).
-        scale_type: "channel" (APOLLO) or "tensor" (APOLLO-Mini).
-        rank: r, an int >= 1, capped at each matrix's smaller dimension; None: a quarter of it.
-        scale: alpha > 0; the update is multiplied by sqrt(alpha), as the official code.
-        update_proj_gap: T >= 1, steps between regenerations of P.
-        proj_seed: int >= 0; the seed of a parameter is proj_seed + its index over all groups.
-        projected: the parameters to project (each must be 2-D); None: every 2-D parameter.
-            Whether each parameter is projected is stored in its param group ("projected",
-            aligned with "params") and so travels with state_dict().
-    """
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 scale_type="channel", rank=None, scale=1.0, update_proj_gap=200, proj_seed=0,
-                 projected=None):
-        self._projected = None if projected is None else set(projected)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        scale_type=scale_type, rank=rank, scale=scale,
-                        update_proj_gap=update_proj_gap, proj_seed=proj_seed)
-        super().__init__(params, defaults)
-        self._projections = {}      # param -> ((seed, regeneration, rank), P); not state
-
-    def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        gi = len(self.param_groups) - 1
-        flags = []
-        for i, p in enumerate(group["params"]):
-            projected = p.dim() == 2 if self._projected is None else p in self._projected
-            if projected and p.dim() != 2:
-                raise ValueError(f"APOLLO projects matrices: {_param_name(group, gi, i)} has "
-                                 f"shape {tuple(p.shape)}; leave it out of `projected`")
-            flags.append(projected)
-        group["projected"] = flags
-
-    def projection(self, p, group):
-        """P for parameter p of param group `group` at p's current step (a cache hit unless the
-        seed, the regeneration index or the rank changed)."""
-        state = self.state[p]
-        key = (state["seed"], (state["step"] - 1) // group["update_proj_gap"],
-               projection_rank(group["rank"], p.shape))
-        cached = self._projections.get(p)
-        if cached is None or cached[0] != key:
-            seed, regeneration, rank = key
-            proj = random_projection(rank, min(p.shape), seed, regeneration)
-            cached = self._projections[p] = (key, proj.to(p.device, p.dtype))
-        return cached[1]
-
-    def _update(self):
-        first_index = 0             # index of the group's first param over all groups (seeds)
-        for gi, group in enumerate(self.param_groups):
-            beta1, beta2 = group["betas"]
-            hp = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                      weight_decay=group["weight_decay"])
-            adamw_tensors = _AdamWTensors()          # embeddings, head, norms, biases
-            for i, _, p, grad in _params_with_grad(self, gi, group):
-                state = self.state[p]
-                if not group["projected"][i]:
-                    adamw_tensors.add(p, grad, state)
-                    continue
-                if not state:
-                    rank = projection_rank(group["rank"], p.shape)
-                    shape = (p.shape[0], rank) if p.shape[0] >= p.shape[1] else (rank, p.shape[1])
-                    state["step"] = 0
-                    state["seed"] = group["proj_seed"] + first_index + i
-                    state["exp_avg"] = p.new_zeros(shape)       # m, first moment of R
-                    state["exp_avg_sq"] = p.new_zeros(shape)    # v, second moment of R
-                    state["update_norm"] = p.new_zeros(())      # ||U_{t-1}||, for the limiter
-                state["step"] += 1
-                apollo_update(p, grad, self.projection(p, group), state["exp_avg"],
-                              state["exp_avg_sq"], state["step"], state["update_norm"], **hp,
-                              scale_type=group["scale_type"], scale=group["scale"])
-            if adamw_tensors.params:
-                adamw_update_foreach(*adamw_tensors.lists(), **hp)
-            first_index += len(group["params"])
-
-
-def apollo(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, rank=None,
-           scale=1.0, update_proj_gap=200, proj_seed=0, projected=None):
-    """APOLLO: channel-wise scaling, scale 1, rank None (a quarter of each matrix's smaller
-    dimension). See `Apollo`."""
-    return Apollo(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                  scale_type="channel", rank=rank, scale=scale, update_proj_gap=update_proj_gap,
-                  proj_seed=proj_seed, projected=projected)
-
-
-def apollo_mini(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, rank=1,
-                scale=128.0, update_proj_gap=200, proj_seed=0, projected=None):
-    """APOLLO-Mini: tensor-wise scaling, rank 1, scale 128 (the paper's). See `Apollo`."""
-    return Apollo(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                  scale_type="tensor", rank=rank, scale=scale, update_proj_gap=update_proj_gap,
-                  proj_seed=proj_seed, projected=projected)
-
-
 def projected_params(model):
     """The parameters APOLLO projects: 2-D weights whose kind is in PROJECTED_KINDS."""
     return [p for p, kind in param_kinds(model).items()
@@ -862,30 +848,50 @@ def projected_params(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# Factory and accounting
+# Factory and accounting: the one place that dispatches on optimizer names
 
 OPTIMIZERS = {"adamw": AdamW, "sgd_sai": SGDSaI, "adam_mini": AdamMini, "apollo": apollo,
               "apollo_mini": apollo_mini}
 
 
-def build_optimizer(name, model, **hparams):
-    """Build optimizer `name` for `model`, as both trainers do.
+def decay_groups(params, weight_decay):
+    """nanoGPT's two param groups: tensors with 2+ dims (matmul weights, embeddings) get
+    `weight_decay`, the others (biases, norm gains) none. `params`: parameters or (name,
+    parameter) pairs; an empty group is left out."""
+    params = list(params)
+    dims = [(p[1] if isinstance(p, tuple) else p).dim() for p in params]
+    groups = [{"params": [p for p, d in zip(params, dims) if d >= 2],
+               "weight_decay": weight_decay},
+              {"params": [p for p, d in zip(params, dims) if d < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
-    Two param groups as in nanoGPT: tensors with 2+ dims (matmul weights, embeddings) get
-    `weight_decay`, the others (biases, norm gains) none. Parameters are passed with their names,
-    so errors name them. Adam-mini gets its partition from `block_rules(model)`, APOLLO and
-    APOLLO-Mini the matrices to project from `projected_params(model)`.
+
+def trainer_hparams(name, options):
+    """The trainers' optimizer options (`options` has lr, weight_decay, beta1, beta2 and
+    sai_rule, as their Config) as the keyword arguments optimizer `name` takes: beta1 is
+    SGD-SaI's momentum and b1 of the others; sai_rule is SGD-SaI's only, beta2 the others'."""
+    hparams = dict(lr=options.lr, weight_decay=options.weight_decay)
+    if name == "sgd_sai":
+        return hparams | dict(momentum=options.beta1, sai_rule=options.sai_rule)
+    return hparams | dict(betas=(options.beta1, options.beta2))
+
+
+def build_optimizer(name, model, log=None, **hparams):
+    """Optimizer `name` for `model`, as both trainers build it.
+
+    The params go in `decay_groups` with their names, so errors name them. Adam-mini gets its
+    partition from `block_rules(model)` (and `log`, e.g. print, is given its table), APOLLO and
+    APOLLO-Mini the matrices to project from `projected_params(model)`. `hparams` are the
+    optimizer's own keyword arguments; one it does not take is a TypeError listing those it does.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    weight_decay = hparams.pop("weight_decay", 0.0)
-    groups = [{"params": [(n, p) for n, p in named if p.dim() >= 2],
-               "weight_decay": weight_decay},
-              {"params": [(n, p) for n, p in named if p.dim() < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+    groups = decay_groups(named, hparams.pop("weight_decay", 0.0))
     if name == "adam_mini":
         hparams["block_rules"] = block_rules(model)
+        if log:
+            log(partition_table(model, hparams["block_rules"]))
     if name in ("apollo", "apollo_mini"):
         hparams["projected"] = projected_params(model)
     cls = OPTIMIZERS[name]

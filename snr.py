@@ -31,17 +31,19 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 import optim
-import train_common as tc
+from cli import ConfigError, check_positive, option, parse_args
+from data.files import CACHE_DIR
 from plots.studies import snr_figure
 
 
 @dataclass
 class SNRConfig:
-    trainer: str = tc.option("nanogpt", "nanogpt (baby GPT, tiny shakespeare) or vit")
-    batch_size: int = tc.option(32, "examples whose gradients are compared")
-    seed: int = tc.option(1337, "seed of the weights and the batch")
-    data_path: str = tc.option("", "as the trainer's --data_path")
-    out_dir: str = tc.option("out/snr", "where the table and figure go")
+    trainer: str = option("nanogpt", "nanogpt (baby GPT, tiny shakespeare) or vit")
+    batch_size: int = option(32, "examples whose gradients are compared")
+    seed: int = option(1337, "seed of the weights and the batch")
+    data_path: str = option("", "as the trainer's --data_path")
+    data_dir: str = option(CACHE_DIR, "as the trainer's --data_dir")
+    out_dir: str = option("out/snr", "where the table and figure go")
 
 
 def per_example_grads(model, loss_fn, inputs, targets):
@@ -73,7 +75,7 @@ def gradient_snr(grads):
 def sai_scales(batch_grads, eps=1e-8):
     """{rule: {name: scale}}: what SGDSaI freezes at its first step, for every scale rule."""
     scales = {}
-    for rule in optim.SCALE_RULES:
+    for rule in optim.SAI_RULES:
         raw = {name: optim.sai_scale(g, rule, eps).item() for name, g in batch_grads.items()}
         if rule == "gsnr_max":
             top = max(raw.values())
@@ -88,21 +90,19 @@ def model_and_batch(cfg):
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.trainer == "nanogpt":
         import nanogpt_sai
-        from data.text import load_text
-        data = load_text("shakespeare_char", data_dir=tc.DATA_CACHE, text_path=cfg.data_path)
+        from data.text import load_text, sample_batch
+        data = load_text("shakespeare_char", data_dir=cfg.data_dir, text_path=cfg.data_path)
         mcfg = nanogpt_sai.Config()
         model = nanogpt_sai.GPT(mcfg, data.vocab_size)
         tokens = torch.from_numpy(data.train.astype("int64"))
-        ix = torch.randint(len(tokens) - mcfg.block_size, (cfg.batch_size,), generator=gen)
-        xy = tokens[ix[:, None] + torch.arange(mcfg.block_size + 1)]
-        x, y = xy[:, :-1], xy[:, 1:]
+        x, y = sample_batch(tokens, mcfg.block_size, cfg.batch_size, gen)
 
         def loss_fn(out, y):
             return F.cross_entropy(out[0].flatten(0, 1), y.flatten())
     elif cfg.trainer == "vit":
         import vit_sai
         from data.images import load_images
-        data = load_images("fashion_mnist", data_dir=tc.DATA_CACHE, data_path=cfg.data_path)
+        data = load_images("fashion_mnist", data_dir=cfg.data_dir, data_path=cfg.data_path)
         model = vit_sai.ViT(vit_sai.Config(), data.train_x.shape[-1], data.train_x.shape[1],
                             len(data.classes))
         ix = torch.randperm(len(data.train_y), generator=gen)[:cfg.batch_size]
@@ -111,7 +111,7 @@ def model_and_batch(cfg):
         y = data.train_y[ix]
         loss_fn = F.cross_entropy
     else:
-        raise tc.ConfigError(f"--trainer must be nanogpt or vit, got {cfg.trainer!r}")
+        raise ConfigError(f"--trainer must be nanogpt or vit, got {cfg.trainer!r}")
     return model.eval(), x, y, loss_fn
 
 
@@ -127,16 +127,16 @@ def block_table(model, x, y, loss_fn):
         signal, noise, ratio = snr[name]
         rows.append(dict(name=name, kind=kinds.get(p, "other"), numel=p.numel(),
                          signal=signal, noise=noise, example_snr=ratio,
-                         **{f"sai_{rule}": scales[rule][name] for rule in optim.SCALE_RULES}))
+                         **{f"sai_{rule}": scales[rule][name] for rule in optim.SAI_RULES}))
     return rows
 
 
 def main(argv):
     try:
-        cfg, _ = tc.parse_args(SNRConfig(), argv, __doc__.strip().splitlines()[0])
-        tc.check_positive(cfg, "batch_size")
+        cfg, _ = parse_args(SNRConfig(), argv, __doc__.strip().splitlines()[0])
+        check_positive(cfg, "batch_size")
         model, x, y, loss_fn = model_and_batch(cfg)
-    except tc.ConfigError as err:
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rows = block_table(model, x, y, loss_fn)

@@ -23,13 +23,12 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import train_common as tc
+from cli import ConfigError, check_positive, option, parse_args, run_in_process
 from nanogpt_sai import DEFAULT_LR
 from plots import studies
 
@@ -39,17 +38,17 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass
 class SweepConfig:
-    study: str = tc.option("", "a preset study: lr, sai_rule or batch (sets trainer, grid, "
-                               "seeds, set)")
-    trainer: str = tc.option("nanogpt", "nanogpt or vit")
-    grid: str = tc.option("", "settings to sweep, e.g. 'optimizer=adamw lr=1e-3,3e-3 | "
-                              "optimizer=sgd_sai lr=1e-2'")
-    seeds: str = tc.option("1,2,3", "comma-separated seeds; every setting runs with each")
-    set: str = tc.option("", "fixed trainer options for every run, e.g. 'max_iters=300' (with "
-                             "--study: added to the study's)")
-    sweep_dir: str = tc.option("", "where runs and the summary go; default out/sweep-<study>")
-    jobs: int = tc.option(1, "runs at a time; above 1 each gets cores/jobs threads, and the "
-                             "wall-clock figures are then those of a shared machine")
+    study: str = option("", "a preset study: lr, sai_rule or batch (sets trainer, grid, "
+                            "seeds, set)")
+    trainer: str = option("nanogpt", "nanogpt or vit")
+    grid: str = option("", "settings to sweep, e.g. 'optimizer=adamw lr=1e-3,3e-3 | "
+                           "optimizer=sgd_sai lr=1e-2'")
+    seeds: str = option("1,2,3", "comma-separated seeds; every setting runs with each")
+    set: str = option("", "fixed trainer options for every run, e.g. 'max_iters=300' (with "
+                          "--study: added to the study's)")
+    sweep_dir: str = option("", "where runs and the summary go; default out/sweep-<study>")
+    jobs: int = option(1, "runs at a time; above 1 each gets cores/jobs threads, and the "
+                          "wall-clock figures are then those of a shared machine")
 
 
 # The studies, at nanoGPT's CPU baby size (4 layers, 128 wide, block 64, batch 12), 400 steps:
@@ -91,12 +90,12 @@ def parse_grid(text):
         for item in part.split():
             key, sep, values = item.partition("=")
             if not sep or not values:
-                raise tc.ConfigError(f"--grid: {item!r} is not key=value[,value...]")
+                raise ConfigError(f"--grid: {item!r} is not key=value[,value...]")
             fields[key] = values.split(",")
         if fields:
             settings += [dict(zip(fields, combo)) for combo in itertools.product(*fields.values())]
     if not settings:
-        raise tc.ConfigError("--grid is empty: give --study or --grid='key=v1,v2 ...'")
+        raise ConfigError("--grid is empty: give --study or --grid='key=v1,v2 ...'")
     return settings
 
 
@@ -127,10 +126,8 @@ def run_one(trainer, run_dir, argv, threads):
         shutil.rmtree(run_dir, ignore_errors=True)       # died before its first checkpoint
         os.makedirs(run_dir)
         cmd = argv + [f"--out_dir={run_dir}"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
-    with open(os.path.join(run_dir, "log.txt"), "a") as log:
-        code = subprocess.run([sys.executable, os.path.join(ROOT, trainer), *cmd],
-                              stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    code = run_in_process(os.path.join(ROOT, trainer), cmd, os.path.join(run_dir, "log.txt"),
+                          threads)
     status = last_status(run_dir) or "crashed"
     if code not in (0, 3):
         status = "crashed" if status != "stopped" else status
@@ -207,26 +204,26 @@ def run_result(run_dir, setting, seed, status):
 
 def main(argv):
     try:
-        cfg, given = tc.parse_args(SweepConfig(), argv, __doc__.strip().splitlines()[0])
+        cfg, given = parse_args(SweepConfig(), argv, __doc__.strip().splitlines()[0])
         if cfg.study:
             if cfg.study not in STUDIES:
-                raise tc.ConfigError(f"--study must be one of {', '.join(STUDIES)}, got "
+                raise ConfigError(f"--study must be one of {', '.join(STUDIES)}, got "
                                      f"{cfg.study!r}")
             preset = {k: v for k, v in STUDIES[cfg.study].items() if k not in given}
             if "set" in given:       # added to the study's fixed options, overriding the same keys
                 preset["set"] = f"{STUDIES[cfg.study]['set']} {cfg.set}"
             cfg = dataclasses.replace(cfg, **preset)
         if cfg.trainer not in TRAINERS:
-            raise tc.ConfigError(f"--trainer must be one of {', '.join(TRAINERS)}, got "
+            raise ConfigError(f"--trainer must be one of {', '.join(TRAINERS)}, got "
                                  f"{cfg.trainer!r}")
         settings = parse_grid(cfg.grid)
         try:
             seeds = [int(s) for s in cfg.seeds.split(",")]
         except ValueError:
-            raise tc.ConfigError(f"--seeds must be comma-separated ints, got {cfg.seeds!r}")
+            raise ConfigError(f"--seeds must be comma-separated ints, got {cfg.seeds!r}")
         fixed = [f"--{item}" for item in cfg.set.split()]
-        tc.check_positive(cfg, "jobs")
-    except tc.ConfigError as err:
+        check_positive(cfg, "jobs")
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     sweep_dir = cfg.sweep_dir or os.path.join("out", f"sweep-{cfg.study or 'custom'}")

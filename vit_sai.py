@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -25,50 +26,42 @@ from einops.layers.torch import Rearrange
 from torch import nn
 from tqdm import tqdm
 
-import train_common as tc
-from data.images import load_images, random_crop_flip
+import optim
+from cli import (ConfigError, RunOptions, check_positive, compare, option, optimizer_names,
+                 pick_device, pick_dtype, read_config)
+from data.images import DATASETS, load_images, random_crop_flip
+from train_helpers import (MetricsLog, StopOnCtrlC, load_checkpoint, lr_at, maybe_compile,
+                           memory_fields, open_run_dir, report_end, save_checkpoint,
+                           seconds_since, write_run_info)
 
 
 @dataclass
-class Config:
+class Config(RunOptions):
+    """The options both trainers share (--optimizer, --lr, --beta1, ..., --device, --dtype,
+    --resume) are cli.RunOptions; three of their defaults are the ViT's own."""
     # data
-    dataset: str = tc.option("fashion_mnist", "fashion_mnist, cifar10 or digits (rendered)")
-    data_path: str = tc.option("", "folder with the data set's files (default: cache, "
-                                   "/usr/share/datasets, download, then rendered digits)")
-    data_dir: str = tc.option(tc.DATA_CACHE, "where downloads and caches go")
+    dataset: str = option("fashion_mnist", "fashion_mnist, cifar10 or digits (rendered)")
+    data_path: str = option("", "folder with the data set's files (default: cache, "
+                                "/usr/share/datasets, download, then rendered digits)")
     # model
-    patch_size: int = tc.option(4, "patch side in pixels (must divide the image side)")
-    dim: int = tc.option(64, "width")
-    depth: int = tc.option(4, "transformer blocks")
-    heads: int = tc.option(4, "attention heads (must divide dim)")
-    mlp_ratio: int = tc.option(2, "MLP hidden width = mlp_ratio * dim")
-    pool: str = tc.option("cls", "cls (class token) or mean (average of patch tokens)")
-    dropout: float = tc.option(0.0, "dropout probability")
-    # optimizer
-    optimizer: str = tc.option("sgd_sai", "sgd_sai, adamw, adam_mini, apollo, apollo_mini, a "
-                                          "comma-separated list of them, or all (compare)")
-    lr: float = tc.option(0.0, "peak learning rate; 0 = the optimizer's default")
-    min_lr_ratio: float = tc.option(0.01, "cosine decays the lr to lr * min_lr_ratio")
-    weight_decay: float = tc.option(0.05, "decoupled weight decay of matrices and embeddings")
-    beta1: float = tc.option(0.9, "AdamW/Adam-mini beta1; SGD-SaI momentum")
-    beta2: float = tc.option(0.99, "AdamW/Adam-mini beta2")
-    sai_rule: str = tc.option("gsnr", "SGD-SaI scale rule: gsnr, gsnr_max, sqrt_numel, none")
-    grad_clip: float = tc.option(1.0, "clip the global gradient norm to this; 0 = off")
-    warmup_iters: int = tc.option(200, "linear warmup steps")
-    label_smoothing: float = tc.option(0.1, "cross-entropy label smoothing")
+    patch_size: int = option(4, "patch side in pixels (must divide the image side)")
+    dim: int = option(64, "width")
+    depth: int = option(4, "transformer blocks")
+    heads: int = option(4, "attention heads (must divide dim)")
+    mlp_ratio: int = option(2, "MLP hidden width = mlp_ratio * dim")
+    pool: str = option("cls", "cls (class token) or mean (average of patch tokens)")
+    dropout: float = option(0.0, "dropout probability")
+    # optimizer: the ViT's defaults of shared options
+    min_lr_ratio: float = option(0.01, "cosine decays the lr to lr * min_lr_ratio")
+    weight_decay: float = option(0.05, "decoupled weight decay of matrices and embeddings")
+    warmup_iters: int = option(200, "linear warmup steps")
     # training
-    batch_size: int = tc.option(128, "images per step")
-    epochs: int = tc.option(8, "passes over the training set")
-    max_iters: int = tc.option(0, "stop after this many steps; 0 = all epochs")
-    log_interval: int = tc.option(50, "console and metrics line every this many steps")
-    seed: int = tc.option(1337, "seed of weights, shuffling, augmentation and dropout")
-    # system
-    device: str = tc.option("auto", "auto, cpu, cuda, cuda:N or mps")
-    dtype: str = tc.option("auto", "autocast dtype: auto (bf16, else fp16 on CUDA; fp32 "
-                                   "elsewhere), float32, bfloat16, float16")
-    compile: bool = tc.option(False, "torch.compile the model (falls back if it fails)")
-    out_dir: str = tc.option("", "run directory; default out/<time>-<dataset>-<optimizer>")
-    resume: str = tc.option("", "run directory to resume from its checkpoint")
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing")
+    batch_size: int = option(128, "images per step")
+    epochs: int = option(8, "passes over the training set")
+    max_iters: int = option(0, "stop after this many steps; 0 = all epochs")
+    log_interval: int = option(50, "console and metrics line every this many steps")
+    seed: int = option(1337, "seed of weights, shuffling, augmentation and dropout")
 
 
 # Peak learning rates: the best of the README's Fashion-MNIST sweep (3-epoch runs, 4-5 values).
@@ -78,27 +71,25 @@ USAGE = __doc__.strip().splitlines()[0] + "\n\n" + "\n".join(__doc__.strip().spl
 
 
 def resolve_config(argv):
-    """Command line -> checked Config (default lr applied) and the device."""
-    cfg, given = tc.parse_args(Config(), argv, USAGE)
-    if cfg.resume:
-        return tc.resumed_config(Config, cfg, given)
-    tc.check_common(cfg)
-    if len(tc.optimizer_names(cfg.optimizer)) > 1:
+    """Command line -> checked Config with the device, dtype and default lr filled in. A resumed
+    run's saved config is final; in compare mode each run resolves its own."""
+    cfg, _ = read_config(Config, argv, USAGE)
+    if cfg.resume or len(optimizer_names(cfg.optimizer)) > 1:
         return cfg
-    if cfg.dataset not in ("fashion_mnist", "cifar10", "digits"):
-        raise tc.ConfigError(f"--dataset must be fashion_mnist, cifar10 or digits, got "
-                             f"{cfg.dataset!r}")
-    tc.check_positive(cfg, "patch_size", "dim", "depth", "heads", "mlp_ratio", "epochs")
+    if cfg.dataset not in DATASETS:
+        raise ConfigError(f"--dataset must be {', '.join(DATASETS[:-1])} or {DATASETS[-1]}, "
+                          f"got {cfg.dataset!r}")
+    check_positive(cfg, "patch_size", "dim", "depth", "heads", "mlp_ratio", "epochs")
     if cfg.max_iters < 0:
-        raise tc.ConfigError(f"--max_iters must be >= 0, got {cfg.max_iters}")
+        raise ConfigError(f"--max_iters must be >= 0, got {cfg.max_iters}")
     if cfg.dim % cfg.heads:
-        raise tc.ConfigError(f"--dim={cfg.dim} must be divisible by --heads={cfg.heads}")
+        raise ConfigError(f"--dim={cfg.dim} must be divisible by --heads={cfg.heads}")
     if cfg.pool not in ("cls", "mean"):
-        raise tc.ConfigError(f"--pool must be cls or mean, got {cfg.pool!r}")
+        raise ConfigError(f"--pool must be cls or mean, got {cfg.pool!r}")
     if not 0 <= cfg.dropout < 1 or not 0 <= cfg.label_smoothing < 1:
-        raise tc.ConfigError("--dropout and --label_smoothing must be in [0, 1)")
-    device = tc.pick_device(cfg.device)
-    return dataclasses.replace(cfg, device=device, dtype=tc.pick_dtype(cfg.dtype, device),
+        raise ConfigError("--dropout and --label_smoothing must be in [0, 1)")
+    device = pick_device(cfg.device)
+    return dataclasses.replace(cfg, device=device, dtype=pick_dtype(cfg.dtype, device),
                                lr=cfg.lr or DEFAULT_LR[cfg.optimizer])
 
 
@@ -183,17 +174,17 @@ class ViT(nn.Module):
 # training
 
 def train(cfg):
-    """One run; returns "finished", "stopped" (Ctrl-C) or "diverged"."""
+    """One run; returns its exit status (0 finished, 130 stopped by Ctrl-C, 3 diverged)."""
     device = cfg.device
     try:
         # seed 0, not cfg.seed: the rendered digits' test fonts stay the same across seeds
         data = load_images(cfg.dataset, data_dir=cfg.data_dir, data_path=cfg.data_path, seed=0)
     except (OSError, ValueError) as err:   # a --data_path that is missing or malformed
-        raise tc.ConfigError(f"--data_path: {err}") from None
+        raise ConfigError(f"--data_path: {err}") from None
     channels, image_size = data.train_x.shape[1], data.train_x.shape[-1]
     if image_size % cfg.patch_size:
-        raise tc.ConfigError(f"--patch_size={cfg.patch_size} must divide the image side "
-                             f"{image_size} of {data.source}")
+        raise ConfigError(f"--patch_size={cfg.patch_size} must divide the image side "
+                          f"{image_size} of {data.source}")
     # per-channel mean and std of the training pixels, to normalise inputs
     pixels = data.train_x.float().div_(255).transpose(0, 1).flatten(1)
     mean, std = (s.view(1, -1, 1, 1).to(device) for s in (pixels.mean(1), pixels.std(1)))
@@ -202,9 +193,14 @@ def train(cfg):
     def to_input(x_uint8):
         return (x_uint8.to(device).float() / 255 - mean) / std
 
+    # model, optimizer, and mixed precision as in nanogpt_sai.py
     torch.manual_seed(cfg.seed)  # same initial weights for every optimizer
     model = ViT(cfg, image_size, channels, len(data.classes)).to(device)
-    opt, scaler = tc.make_optimizer(cfg, model)
+    opt = optim.build_optimizer(cfg.optimizer, model, log=print,   # log: Adam-mini's partition
+                                **optim.trainer_hparams(cfg.optimizer, cfg))
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.dtype == "float16")
+    ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(
+        device_type="cuda", dtype=getattr(torch, cfg.dtype))
     n_train = len(data.train_y)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
@@ -212,20 +208,18 @@ def train(cfg):
     order = torch.randperm(n_train, generator=shuffle_gen)
 
     # run directory: a fresh one, or the one we resume (its checkpoint restores everything)
-    run_dir = tc.open_run_dir(cfg, f"{cfg.dataset}-{cfg.optimizer}")
+    run_dir = open_run_dir(cfg, f"{cfg.dataset}-{cfg.optimizer}")
     it, train_s, best_acc = 0, 0.0, 0.0
     if cfg.resume:
-        ckpt = tc.load_run(run_dir, model, opt, scaler)
+        ckpt = load_checkpoint(run_dir, model, opt, scaler)
         shuffle_gen.set_state(ckpt["shuffle_gen"])
         order = ckpt["order"]
         it, train_s, best_acc = ckpt["step"], ckpt["train_s"], ckpt["best_acc"]
-    n_params = tc.write_run_info(run_dir, cfg, model, data_source=data.source, n_train=n_train,
-                                 n_test=len(data.test_y))
+    n_params = write_run_info(run_dir, cfg, model, data_source=data.source, n_train=n_train,
+                              n_test=len(data.test_y))
     print(f"{n_params / 1e6:.2f}M parameters | {data.source} {n_train} train images | "
           f"{cfg.optimizer} lr {cfg.lr:g} | {device} {cfg.dtype} | run dir {run_dir}")
-    log = tc.MetricsLog(os.path.join(run_dir, "metrics.jsonl"),
-                        resume_step=it if cfg.resume else None)
-    ctx = tc.autocast(device, cfg.dtype)
+    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), resume_step=it if cfg.resume else None)
 
     def get_batch(step):
         """Batch `step` of the current epoch's order; cifar10 gets crop + flip."""
@@ -240,7 +234,7 @@ def train(cfg):
             F.cross_entropy(m(to_input(data.train_x[:cfg.batch_size])),
                             data.train_y[:cfg.batch_size].to(device)).backward()
 
-    fast_model = tc.maybe_compile(model, cfg.compile, trial)
+    fast_model = maybe_compile(model, cfg.compile, trial)
 
     @torch.no_grad()
     def evaluate():
@@ -257,22 +251,21 @@ def train(cfg):
         return loss_sum / len(data.test_y), correct / len(data.test_y)
 
     def save():
-        tc.save_run(run_dir, model, opt, scaler, cfg, shuffle_gen=shuffle_gen.get_state(),
-                    order=order, step=it, train_s=train_s, best_acc=best_acc)
+        save_checkpoint(run_dir, model, opt, scaler, cfg, shuffle_gen=shuffle_gen.get_state(),
+                        order=order, step=it, train_s=train_s, best_acc=best_acc)
 
-    timer, status, resumed_at = tc.Timer(device, train_s), "finished", it
+    status, resumed_at = "finished", it if cfg.resume else None
     bar = tqdm(total=total_steps, initial=it, disable=None, dynamic_ncols=True, leave=False)
     interval_s, interval_steps, epoch_loss, epoch_steps = 0.0, 0, 0.0, 0
     t_start = time.time()
-    with tc.StopOnCtrlC() as stop:
+    with StopOnCtrlC() as stop:
         while True:
-            lr = tc.lr_at(it, cfg.lr, cfg.warmup_iters, total_steps, cfg.min_lr_ratio)
+            lr = lr_at(it, cfg.lr, cfg.warmup_iters, total_steps, cfg.min_lr_ratio)
             for group in opt.param_groups:
                 group["lr"] = lr
 
             # evaluate and checkpoint at each epoch's end (the resumed step was evaluated)
-            if (it % steps_per_epoch == 0 or it == total_steps) and not (
-                    cfg.resume and it == resumed_at):
+            if (it % steps_per_epoch == 0 or it == total_steps) and it != resumed_at:
                 test_loss, test_acc = evaluate()
                 if not math.isfinite(test_loss):
                     status = "diverged"
@@ -280,10 +273,9 @@ def train(cfg):
                 best_acc = max(best_acc, test_acc)
                 log.write(event="eval", step=it, epoch=it / steps_per_epoch,
                           train_loss=epoch_loss / epoch_steps if epoch_steps else None,
-                          test_loss=test_loss,
-                          test_acc=test_acc, best_test_acc=best_acc, lr=lr,
-                          samples=it * cfg.batch_size, train_s=timer.seconds,
-                          wall_s=time.time() - t_start, **tc.memory_fields(model, opt, device))
+                          test_loss=test_loss, test_acc=test_acc, best_test_acc=best_acc, lr=lr,
+                          samples=it * cfg.batch_size, train_s=train_s,
+                          wall_s=time.time() - t_start, **memory_fields(model, opt, device))
                 bar.write(f"epoch {it / steps_per_epoch:.2f}: test loss {test_loss:.4f}, "
                           f"test accuracy {100 * test_acc:.2f}%")
                 epoch_loss, epoch_steps = 0.0, 0
@@ -291,31 +283,42 @@ def train(cfg):
             if it == total_steps:
                 break
 
-            # forward/backward, clip, step
-            with timer:
-                x, y = get_batch(it)
-                with ctx:
-                    loss = F.cross_entropy(fast_model(x), y, label_smoothing=cfg.label_smoothing)
-                scaler.scale(loss).backward()
-                loss = loss.item()
-                if not math.isfinite(loss):
-                    status = "diverged"
-                    break
-                tc.clip_and_step(model, opt, scaler, cfg.grad_clip)
+            # clear the gradients, forward, stop on a non-finite loss, backward (scaled under
+            # fp16), then the optimizer step: unscale (fp16 only), clip the global norm, step
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            x, y = get_batch(it)
+            with ctx:
+                loss = F.cross_entropy(fast_model(x), y, label_smoothing=cfg.label_smoothing)
+            step_loss = loss.item()
+            if not math.isfinite(step_loss):
+                status = "diverged"
+                break
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            step_s = seconds_since(t0, device)
             it += 1
             if it % steps_per_epoch == 0:  # drawn before the epoch-end checkpoint, saved with it
                 order = torch.randperm(n_train, generator=shuffle_gen)
-            train_s = timer.seconds
+            train_s += step_s
             bar.update(1)
-            interval_s, interval_steps = interval_s + timer.last, interval_steps + 1
-            epoch_loss, epoch_steps = epoch_loss + loss, epoch_steps + 1
+            interval_s, interval_steps = interval_s + step_s, interval_steps + 1
+            epoch_loss, epoch_steps = epoch_loss + step_loss, epoch_steps + 1
 
-            # log
+            # log: the metrics line and the console line (memory is probed here only)
             if it % cfg.log_interval == 0 or it == total_steps:
-                tc.log_train(log, bar, model, opt, device, step=it, loss=loss, lr=lr,
-                             ms=1000 * interval_s / interval_steps, items_per_step=cfg.batch_size,
-                             unit="img", epoch=it / steps_per_epoch, samples=it * cfg.batch_size,
-                             train_s=train_s, wall_s=time.time() - t_start)
+                ms = 1000 * interval_s / interval_steps
+                mem = memory_fields(model, opt, device)
+                log.write(event="train", step=it, loss=step_loss, lr=lr, ms=ms,
+                          epoch=it / steps_per_epoch, samples=it * cfg.batch_size,
+                          train_s=train_s, wall_s=time.time() - t_start, **mem)
+                bar.write(f"iter {it} | loss {step_loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
+                          f"{cfg.batch_size * 1000 / ms:,.0f} img/s | state "
+                          f"{mem['state_bytes'] / (2 * mem['param_bytes']):.2f}x AdamW")
                 interval_s, interval_steps = 0.0, 0
             if stop.requested:
                 save()
@@ -324,11 +327,20 @@ def train(cfg):
     bar.close()
     log.write(event="end", step=it, status=status, train_s=train_s)
     log.close()
-    return tc.finish_run(status, it, run_dir, "vit_sai.py")
+    return report_end(status, it, run_dir, "vit_sai.py")
 
 
 def main(argv):
-    return tc.main(argv, resolve_config, train, __file__)
+    """Exit statuses as nanogpt_sai.py's (0 finished, 130 stopped, 3 diverged, 2 bad command
+    line, 1 a compared run that did not finish)."""
+    try:
+        cfg = resolve_config(argv)
+        names = optimizer_names(cfg.optimizer)   # several: compare, each in its own process
+        return train(cfg) if len(names) == 1 else compare(__file__, names, argv, cfg.out_dir,
+                                                          f"compare-{cfg.dataset}")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

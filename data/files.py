@@ -6,6 +6,8 @@ import shutil
 import urllib.request
 from contextlib import contextmanager
 
+# Downloads and prepared data live beside the code (data/cache/), wherever a script is started.
+CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache")
 DOWNLOAD_TIMEOUT_S = 15  # per socket operation: offline fails fast, a slow mirror still finishes
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.ft2font import FT2Font
 
-from data.files import DownloadError, download
+from data.files import CACHE_DIR, DownloadError, download
 
 DATASETS = ("fashion_mnist", "cifar10", "digits")
 CACHE_FOLDERS = {"fashion_mnist": "fashion-mnist", "cifar10": "cifar10"}  # under data_dir
@@ -63,7 +63,7 @@ class ImageData:
     augment: bool  # True for cifar10: the trainer applies random_crop_flip to train batches
 
 
-def load_images(dataset, data_dir="data/cache", data_path="", log=print, seed=0):
+def load_images(dataset, data_dir=CACHE_DIR, data_path="", log=print, seed=0):
     """`dataset` from data_path, the cache or a download; rendered digits if all of them fail."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown image dataset {dataset!r}: expected one of {DATASETS}")

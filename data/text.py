@@ -18,9 +18,10 @@ from typing import Callable
 import numpy as np
 import tiktoken
 import tiktoken.load
+import torch
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from data.files import DOWNLOAD_TIMEOUT_S, DownloadError, atomic_path, download
+from data.files import CACHE_DIR, DOWNLOAD_TIMEOUT_S, DownloadError, atomic_path, download
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -43,7 +44,7 @@ class TextData:
     source: str  # 'tinyshakespeare', 'pydoc_topics' (the offline fallback) or the given path
 
 
-def load_text(dataset, data_dir="data/cache", text_path="", log=print):
+def load_text(dataset, data_dir=CACHE_DIR, text_path="", log=print):
     """Token ids for `dataset`, prepared into <data_dir>/<dataset>/ once and reused after."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown text dataset {dataset!r}: expected one of {DATASETS}")
@@ -77,6 +78,14 @@ def load_text(dataset, data_dir="data/cache", text_path="", log=print):
         return np.memmap(os.path.join(out_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
 
     return TextData(tokens("train"), tokens("val"), vocab_size, encode, decode, source)
+
+
+def sample_batch(tokens, block_size, batch_size, generator):
+    """(x, y), each (batch_size, block_size): windows of `tokens` (an int64 tensor) at random
+    offsets drawn from `generator`, y shifted one token ahead of x (nanoGPT's get_batch)."""
+    ix = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator)
+    xy = tokens[ix[:, None] + torch.arange(block_size + 1)]     # (B, T + 1)
+    return xy[:, :-1], xy[:, 1:]
 
 
 def read_corpus(data_dir, text_path, log):

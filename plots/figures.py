@@ -1,4 +1,5 @@
 """Loss, accuracy and memory figures from the JSONL metrics the trainers write."""
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -7,6 +8,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; works without a display
 import matplotlib.pyplot as plt  # noqa: E402
+
+import optim  # noqa: E402
 
 MIB = 2 ** 20
 
@@ -20,8 +23,9 @@ class Run:
     @property
     def label(self):
         c = self.config
-        sai_rule = c["optimizer"] == "sgd_sai" and c.get("sai_rule", "gsnr") != "gsnr"
-        rule = f" ({c['sai_rule']})" if sai_rule else ""
+        # SGD-SaI's rule, when not the default: the one ablation a figure must tell apart
+        takes_rule = "sai_rule" in inspect.signature(optim.OPTIMIZERS[c["optimizer"]]).parameters
+        rule = f" ({c['sai_rule']})" if takes_rule and c.get("sai_rule", "gsnr") != "gsnr" else ""
         return f"{c['optimizer']}{rule} lr={c['lr']:g}"
 
     def events(self, kind):
@@ -36,7 +40,8 @@ def read_run(path):
     return Run(path, config, records)
 
 
-def _save(fig, path):
+def save_figure(fig, path):
+    """Lay out, write a PNG at the resolution every figure here uses, close; returns path."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -60,7 +65,7 @@ def loss_curves(runs, path, val_key="val_loss", title=""):
     axes[0].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def accuracy_curves(runs, path):
@@ -77,7 +82,7 @@ def accuracy_curves(runs, path):
     axes[0].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def memory_bars(runs, path):
@@ -102,7 +107,7 @@ def memory_bars(runs, path):
     right.bar_label(bars, fmt="%.0f", fontsize=7)
     right.set_xticks(range(len(runs)), labels, rotation=15, fontsize=8)
     right.set(ylabel="MiB", title=f"peak ({kind})")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def draw_all(run_dirs, out_dir):

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from plots.figures import save_figure  # noqa: E402
+
 
 def _label(setting, skip=("lr",)):
     """'adamw batch_size=48': the optimizer by name, other settings as key=value."""
@@ -58,10 +60,7 @@ def lr_sensitivity(rows, path):
            title="LR sensitivity (mean ± sd over seeds; x = a seed diverged)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def best_lr_curves(rows, path, x="step"):
@@ -82,10 +81,7 @@ def best_lr_curves(rows, path, x="step"):
            title="each at its best learning rate")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def batch_rule_curves(rows, path):
@@ -118,10 +114,7 @@ def batch_rule_curves(rows, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("validation loss (mean of seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def draw(study, rows, out_dir):
@@ -175,7 +168,4 @@ def snr_figure(rows, path, batch_size):
     c.legend(fontsize=7, ncol=2)
     for ax in (a, b, c):
         ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -6,7 +6,7 @@ import struct
 
 import matplotlib.pyplot as plt
 
-import train_common
+import train_helpers
 
 
 def records(run_dir):
@@ -26,11 +26,11 @@ def is_png(path):
 def ctrl_c_after_step(monkeypatch, step):
     """Send SIGINT right after the trainer logs training step `step` (as a user's Ctrl-C); the
     trainer stops after that iteration and checkpoints. Undo with monkeypatch.undo()."""
-    write = train_common.MetricsLog.write
+    write = train_helpers.MetricsLog.write
 
     def write_then_interrupt(self, **record):
         write(self, **record)
         if record["event"] == "train" and record["step"] == step:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(train_common.MetricsLog, "write", write_then_interrupt)
+    monkeypatch.setattr(train_helpers.MetricsLog, "write", write_then_interrupt)

@@ -27,7 +27,7 @@ def all_params(opt):
     return [p for group in opt.param_groups for p in group["params"]]
 
 
-def one_step_update(shape, scale_type, last_norm, scale=4.0):
+def one_step_update(shape, granularity, last_norm, alpha=4.0):
     """(theta_0 - theta_1, the stored update norm) for one apollo_update from a fixed state."""
     g = torch.Generator().manual_seed(0)
     theta = torch.randn(shape, generator=g, dtype=torch.float64)
@@ -38,13 +38,13 @@ def one_step_update(shape, scale_type, last_norm, scale=4.0):
     norm = torch.tensor(last_norm, dtype=torch.float64)
     p = theta.clone()
     optim.apollo_update(p, grad, proj, m, v, 1, norm, lr=1.0, beta1=0.9, beta2=0.999, eps=1e-8,
-                        weight_decay=0.0, scale_type=scale_type, scale=scale)
+                        weight_decay=0.0, granularity=granularity, alpha=alpha)
     return theta - p, norm
 
 
 @pytest.mark.parametrize("shape", [(12, 5), (5, 12), (6, 6)])
-@pytest.mark.parametrize("scale_type", optim.SCALE_TYPES)
-def test_full_rank_orthogonal_projection_reproduces_adamw_update_norms(scale_type, shape):
+@pytest.mark.parametrize("granularity", optim.GRANULARITIES)
+def test_full_rank_orthogonal_projection_reproduces_adamw_update_norms(granularity, shape):
     """With r = k and P orthogonal (a signed permutation), s_j = ||R~_j|| / ||R_j|| equals
     AdamW's ||update_j|| / ||G_j||: APOLLO moves each channel (APOLLO-Mini the whole tensor) by
     exactly AdamW's update norm, along the gradient. The limiter is off (no previous norm)."""
@@ -60,10 +60,10 @@ def test_full_rank_orthogonal_projection_reproduces_adamw_update_norms(scale_typ
         grad = torch.randn(shape, generator=g, dtype=torch.float64) * row_scales
         before, before_ref = apollo_p.clone(), adamw_p.clone()
         optim.apollo_update(apollo_p, grad, proj, m, v, step, torch.zeros((), dtype=torch.float64),
-                            **hp, scale_type=scale_type, scale=1.0)
+                            **hp, granularity=granularity, alpha=1.0)
         optim.adamw_update(adamw_p, grad, m_ref, v_ref, step, **hp)
         update, update_ref = before - apollo_p, before_ref - adamw_p
-        if scale_type == "channel":
+        if granularity == "channel":
             torch.testing.assert_close(update.norm(dim=dim), update_ref.norm(dim=dim),
                                        rtol=1e-12, atol=0)
             along_grad = grad * (update.norm(dim=dim, keepdim=True) /
@@ -74,17 +74,17 @@ def test_full_rank_orthogonal_projection_reproduces_adamw_update_norms(scale_typ
         torch.testing.assert_close(update, along_grad, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("scale_type", optim.SCALE_TYPES)
-def test_limiter_caps_update_norm_growth_at_1_01(scale_type):
-    free, free_norm = one_step_update((16, 8), scale_type, last_norm=0.0)   # no previous norm
+@pytest.mark.parametrize("granularity", optim.GRANULARITIES)
+def test_limiter_caps_update_norm_growth_at_1_01(granularity):
+    free, free_norm = one_step_update((16, 8), granularity, last_norm=0.0)   # no previous norm
     assert free_norm.item() == pytest.approx(free.norm().item(), rel=1e-12)
 
-    capped, capped_norm = one_step_update((16, 8), scale_type, last_norm=0.5 * free_norm.item())
+    capped, capped_norm = one_step_update((16, 8), granularity, last_norm=0.5 * free_norm.item())
     assert capped.norm().item() == pytest.approx(1.01 * 0.5 * free_norm.item(), rel=1e-12)
     assert capped_norm.item() == pytest.approx(capped.norm().item(), rel=1e-12)
     torch.testing.assert_close(capped, free * (capped.norm() / free.norm()))  # only shorter
 
-    slower, _ = one_step_update((16, 8), scale_type, last_norm=free_norm.item() / 1.005)
+    slower, _ = one_step_update((16, 8), granularity, last_norm=free_norm.item() / 1.005)
     torch.testing.assert_close(slower, free, rtol=0, atol=0)     # growth 1.005: untouched
 
 
@@ -221,9 +221,9 @@ def test_other_tensors_get_exactly_adamws_update(name):
         assert torch.equal(p, q) != (p in projected), name_
 
 
-@pytest.mark.parametrize("name,rank,scale_type,scale", [("apollo", 8, "channel", 1.0),
+@pytest.mark.parametrize("name,rank,granularity,alpha", [("apollo", 8, "channel", 1.0),
                                                         ("apollo_mini", 1, "tensor", 128.0)])
-def test_build_optimizer_projects_the_attention_and_mlp_matrices(name, rank, scale_type, scale):
+def test_build_optimizer_projects_the_attention_and_mlp_matrices(name, rank, granularity, alpha):
     model = make_model()
     opt = optim.build_optimizer(name, model, lr=1e-3)
     train(model, opt, batches(1))
@@ -232,7 +232,7 @@ def test_build_optimizer_projects_the_attention_and_mlp_matrices(name, rank, sca
         for p, projected in zip(group["params"], group["projected"]):
             assert projected == (kinds[p] in ("qk", "v", "proj", "mlp") and p.dim() == 2)
             if projected:
-                assert (group["scale_type"], group["scale"]) == (scale_type, scale)
+                assert (group["granularity"], group["alpha"]) == (granularity, alpha)
                 assert set(opt.state[p]) == STATE_KEYS
     block = model.blocks[0]
     assert opt.state[block.q_proj.weight]["exp_avg"].shape == (32, rank)      # 32 x 32
@@ -249,11 +249,11 @@ def test_plain_apollo_projects_every_matrix():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_build_optimizer_rejects_unknown_hyperparameters(name):
-    allowed = r"\['lr', 'betas', 'eps', 'weight_decay', 'rank', 'scale', 'update_proj_gap', "
+    allowed = r"\['lr', 'betas', 'eps', 'weight_decay', 'rank', 'alpha', 'update_proj_gap', "
     with pytest.raises(TypeError, match=r"does not take \['momentum'\]; it takes " + allowed):
         optim.build_optimizer(name, make_model(), lr=1e-3, momentum=0.9)
-    with pytest.raises(TypeError, match=r"does not take \['scale_type'\]"):   # the name says it
-        optim.build_optimizer(name, make_model(), lr=1e-3, scale_type="channel")
+    with pytest.raises(TypeError, match=r"does not take \['granularity'\]"):   # the name says it
+        optim.build_optimizer(name, make_model(), lr=1e-3, granularity="channel")
 
 
 BAD_HPARAMS = [
@@ -261,8 +261,8 @@ BAD_HPARAMS = [
     ("apollo_mini", {"rank": -1}, r"rank=-1 .*int >= 1"),
     ("apollo", {"rank": 2.5}, r"rank=2\.5 .*int >= 1"),
     ("apollo", {"rank": True}, r"rank=True .*int >= 1"),
-    ("apollo", {"scale": 0.0}, r"scale=0\.0 is outside the allowed range \(0\.0, inf\]"),
-    ("apollo_mini", {"scale": -128.0}, r"scale=-128\.0 .*\(0\.0, inf\]"),
+    ("apollo", {"alpha": 0.0}, r"alpha=0\.0 is outside the allowed range \(0\.0, inf\]"),
+    ("apollo_mini", {"alpha": -128.0}, r"alpha=-128\.0 .*\(0\.0, inf\]"),
     ("apollo", {"update_proj_gap": 0}, r"update_proj_gap=0 .*int >= 1"),
     ("apollo_mini", {"update_proj_gap": 1.5}, r"update_proj_gap=1\.5 .*int >= 1"),
     ("apollo", {"proj_seed": -1}, r"proj_seed=-1 .*int >= 0"),
@@ -277,11 +277,11 @@ def test_bad_hyperparameters_raise_specific_errors(name, hparams, message):
         optim.build_optimizer(name, make_model(), **{"lr": 1e-3, **hparams})
 
 
-def test_bad_scale_type_and_projected_vector_raise_specific_errors():
+def test_bad_granularity_and_projected_vector_raise_specific_errors():
     model = make_model()
-    with pytest.raises(ValueError, match=r"scale_type='row' is not one of \('channel', 'tensor"):
-        optim.Apollo(model.parameters(), scale_type="row")
-    with pytest.raises(ValueError, match=r"norm_f\.weight has shape \(32,\)"):
+    with pytest.raises(ValueError, match=r"granularity='row' is not one of \('channel', 'tensor"):
+        optim.Apollo(model.parameters(), granularity="row")
+    with pytest.raises(ValueError, match=r"norm_f\.weight: has shape \(32,\)"):
         optim.Apollo(model.named_parameters(), projected=[model.norm_f.weight])
 
 

@@ -1,5 +1,6 @@
 """nanogpt_sai.py through its command line: runs, logs, plots, exact resume, divergence, errors."""
 import json
+import math
 import os
 import urllib.error
 import urllib.request
@@ -27,6 +28,32 @@ def run(args):
     return nanogpt_sai.main(args)
 
 
+def expected_state_floats(optimizer, shapes):
+    """The optimizer state of TINY's GPT (2 heads, 16 wide, no biases), counted from the
+    parameter shapes and the papers' rules, not from optim.py."""
+    numel = {name: math.prod(s) for name, s in shapes.items()}
+    if optimizer == "adamw":                                  # m and v
+        return 2 * sum(numel.values())
+    if optimizer == "sgd_sai":                                # m and one scale per tensor
+        return sum(numel.values()) + len(shapes)
+    if optimizer == "adam_mini":                              # m and one v per block
+        def blocks(name, shape):
+            if name.endswith("attn.c_attn.weight"):           # Q, K per head (2 each), V per row
+                return 2 + 2 + shape[0] // 3
+            if len(shape) == 2 and name != "transformer.wpe.weight":
+                return shape[0]                               # per token or output neuron
+            return 1                                          # position embedding, norm gains
+        return sum(numel.values()) + sum(blocks(n, s) for n, s in shapes.items())
+    # APOLLO: m and v of the rank-r projection (r x N each) and one norm per attention or MLP
+    # matrix (k = 16 wide: r = 16 // 4 for APOLLO, 1 for APOLLO-Mini); AdamW's for the others
+    rank = {"apollo": 4, "apollo_mini": 1}[optimizer]
+    projected = [n for n in shapes if n.endswith(("attn.c_attn.weight", "attn.c_proj.weight",
+                                                  "mlp.c_fc.weight", "mlp.c_proj.weight"))]
+    assert len(projected) == 4
+    return (sum(2 * rank * max(shapes[n]) + 1 for n in projected)
+            + 2 * sum(numel[n] for n in shapes if n not in projected))
+
+
 @pytest.mark.parametrize("optimizer", sorted(optim.OPTIMIZERS))
 def test_few_iterations_of_each_optimizer(optimizer, corpus, tmp_path, capsys):
     out = tmp_path / "run"
@@ -44,14 +71,10 @@ def test_few_iterations_of_each_optimizer(optimizer, corpus, tmp_path, capsys):
         assert r["tokens"] == r["step"] * 4 * 16
     for r in evals:
         assert set(r) >= {"train_loss", "val_loss", "best_val_loss", "state_bytes"}
-    n_params = torch.load(out / "ckpt.pt")["model"]
-    param_bytes = 4 * sum(v.numel() for k, v in n_params.items() if k != "lm_head.weight")
-    assert train[-1]["param_bytes"] == param_bytes
-    if optimizer in ("sgd_sai", "adamw", "adam_mini"):
-        ratio = {"sgd_sai": 0.5, "adamw": 1.0, "adam_mini": 0.5}[optimizer]
-        assert train[-1]["state_bytes"] / (2 * param_bytes) == pytest.approx(ratio, abs=0.03)
-    else:   # APOLLO keeps AdamW state only for the embedding and norms of this tiny model
-        assert train[-1]["state_bytes"] < 2 * param_bytes
+    shapes = {k: tuple(v.shape) for k, v in torch.load(out / "ckpt.pt")["model"].items()
+              if k != "lm_head.weight"}                           # tied to the token embedding
+    assert train[-1]["param_bytes"] == 4 * sum(math.prod(s) for s in shapes.values())
+    assert train[-1]["state_bytes"] == 4 * expected_state_floats(optimizer, shapes)
     assert is_png(out / "loss.png") and is_png(out / "memory.png")
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("iter 6 |")][0]
     assert " | lr " in line and " ms | " in line and "tok/s" in line and "x AdamW" in line
@@ -181,3 +204,21 @@ def test_adam_mini_partition_of_the_gpt():
     assert rules[block.ln_1.weight] == "tensor" and rules[block.ln_1.bias] == "full"
     assert rules[block.mlp.c_fc.weight] == "rows" and rules[block.attn.c_proj.weight] == "rows"
     assert rules[block.mlp.c_fc.bias] == "full" and rules[block.attn.c_attn.bias] == "full"
+
+
+def test_resume_of_a_checkpoint_from_an_older_optim_is_a_clear_error(corpus, tmp_path, capsys):
+    """A checkpoint whose param groups lack a hyperparameter this optim.py takes (SGD-SaI's
+    sai_rule was scale_rule before) stops with one line, and the run's files stay as they were."""
+    out = tmp_path / "run"
+    assert run(TINY + corpus + ["--max_iters=2", "--optimizer=sgd_sai", f"--out_dir={out}"]) == 0
+    ckpt = torch.load(out / "ckpt.pt")
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["scale_rule"] = group.pop("sai_rule")
+    torch.save(ckpt, out / "ckpt.pt")
+    before = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "run.json",
+                                                           "config.json", "ckpt.pt")}
+    capsys.readouterr()
+    assert run([f"--resume={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no hyperparameter 'sai_rule'" in err and len(err.splitlines()) == 1
+    assert before == {name: (out / name).read_bytes() for name in before}

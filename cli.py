@@ -1,0 +1,221 @@
+"""
+The command line of every script here: --key=value options checked against a config dataclass
+(a bad one is a ConfigError: one line on stderr, exit status 2), the options both trainers
+share, device and dtype, and a trainer run in its own process (compare mode and sweep.py).
+"""
+import ast
+import dataclasses
+import difflib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import optim
+from data.files import CACHE_DIR
+from plots.figures import draw_all
+
+
+class ConfigError(ValueError):
+    """A bad command line: the trainers print its message as one line and exit with status 2."""
+
+
+def option(default, help):
+    """A config field with a one-line meaning, shown by --help."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse_value(key, raw, default):
+    """Parse one --key=value against the type of its default; ConfigError when it does not fit."""
+    kind = type(default)
+    if kind is str:
+        return raw
+    if kind is bool:
+        if raw.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return raw.lower() in ("true", "1", "yes")
+        raise ConfigError(f"--{key} expects True or False, got {raw!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"--{key} expects {kind.__name__}, got {raw!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"--{key} expects {kind.__name__}, got {raw!r}")
+    return value
+
+
+def parse_args(cfg, argv, usage):
+    """Apply --key=value overrides to the dataclass `cfg`; return (new cfg, keys given).
+    --help prints `usage` and every option with its default and meaning, then exits."""
+    fields = dataclasses.fields(cfg)
+    names = [f.name for f in fields]
+    # --help lists a trainer's own options before the shared RunOptions (sorted is stable)
+    fields = sorted(fields, key=lambda f: isinstance(cfg, RunOptions)
+                    and f.name in RunOptions.__dataclass_fields__)
+    given = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(usage, "", "Options (--key=value; defaults shown):", sep="\n")
+            for f in fields:
+                print(f"  {f'--{f.name}={getattr(cfg, f.name)!r}':<30} {f.metadata['help']}")
+            sys.exit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"arguments are --key=value, got {arg!r} (--help lists the keys)")
+        key, raw = arg[2:].split("=", 1)
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean --{close[0]}?" if close else ""
+            raise ConfigError(f"unknown option --{key}{hint} (--help lists the keys)")
+        given[key] = parse_value(key, raw, getattr(cfg, key))
+    return dataclasses.replace(cfg, **given), set(given)
+
+
+def check_positive(cfg, *keys):
+    for key in keys:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"--{key} must be > 0, got {getattr(cfg, key)}")
+
+
+def optimizer_names(spec):
+    """'all' or a comma-separated list of names from optim.OPTIMIZERS."""
+    names = list(optim.OPTIMIZERS) if spec == "all" else spec.split(",")
+    for name in names:
+        if name not in optim.OPTIMIZERS:
+            raise ConfigError(f"--optimizer: unknown optimizer {name!r}; "
+                              f"choose from {', '.join(optim.OPTIMIZERS)}, a comma-separated "
+                              "list of them, or all")
+    return names
+
+
+@dataclass
+class RunOptions:
+    """The options both trainers take, checked by `read_config`; each trainer's Config adds its
+    data, model and training options (and may change a default here by declaring it again)."""
+    # optimizer
+    optimizer: str = option("sgd_sai", f"{', '.join(optim.OPTIMIZERS)}, a comma-separated list "
+                                       "of them, or all (compare)")
+    lr: float = option(0.0, "peak learning rate; 0 = the optimizer's default (DEFAULT_LR)")
+    min_lr_ratio: float = option(0.1, "cosine decays the lr to lr * min_lr_ratio")
+    weight_decay: float = option(0.1, "decoupled weight decay of matrices and embeddings")
+    beta1: float = option(0.9, "AdamW/Adam-mini/APOLLO beta1; SGD-SaI momentum")
+    beta2: float = option(0.99, "AdamW/Adam-mini/APOLLO beta2")
+    sai_rule: str = option("gsnr", f"SGD-SaI scale rule: {', '.join(optim.SAI_RULES)}")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 = off")
+    warmup_iters: int = option(100, "linear warmup steps")
+    # system
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: str = option("auto", "autocast dtype: auto (bf16, else fp16 on CUDA; fp32 "
+                                "elsewhere), float32, bfloat16, float16")
+    compile: bool = option(False, "torch.compile the model (falls back if it fails)")
+    out_dir: str = option("", "run directory; default out/<time>-<dataset>-<optimizer>")
+    resume: str = option("", "run directory to resume from its checkpoint")
+    data_dir: str = option(CACHE_DIR, "where downloads and prepared data are cached")
+
+
+def read_config(config_cls, argv, usage):
+    """Command line -> (config, keys given). With --resume=<run dir>, that run's saved config
+    (no other option may change it); otherwise the options both trainers share are checked."""
+    cfg, given = parse_args(config_cls(), argv, usage)
+    if cfg.resume:
+        if given != {"resume"}:
+            raise ConfigError("--resume continues a run with its saved config; drop "
+                              + ", ".join(f"--{k}" for k in sorted(given - {"resume"})))
+        path = os.path.join(cfg.resume, "config.json")
+        if not os.path.exists(path):
+            raise ConfigError(f"--resume={cfg.resume}: no config.json there; pass a run "
+                              "directory this trainer wrote")
+        with open(path) as f:
+            return dataclasses.replace(config_cls(**json.load(f)), resume=cfg.resume), given
+    optimizer_names(cfg.optimizer)
+    check_positive(cfg, "batch_size", "log_interval")
+    for key in ("lr", "weight_decay", "grad_clip", "warmup_iters"):
+        if not getattr(cfg, key) >= 0:
+            raise ConfigError(f"--{key} must be >= 0, got {getattr(cfg, key)}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise ConfigError(f"--min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ConfigError(f"--{key} must be in [0, 1), got {getattr(cfg, key)}")
+    if cfg.sai_rule not in optim.SAI_RULES:
+        raise ConfigError(f"--sai_rule must be one of {', '.join(optim.SAI_RULES)}, "
+                          f"got {cfg.sai_rule!r}")
+    if cfg.device not in ("auto", "cpu", "cuda", "mps") and not cfg.device.startswith("cuda:"):
+        raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+    return cfg, given
+
+
+def pick_device(name):
+    """--device: 'auto' is CUDA, else MPS, else the CPU; a named one must be available."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={name} but CUDA is not available; use --device=cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device=mps but MPS is not available; use --device=cpu")
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else (
+        "mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def pick_dtype(name, device):
+    """--dtype: 'auto' is bf16 autocast on GPUs that support it, else fp16 (with a GradScaler);
+    float32 off CUDA, where autocast is not used."""
+    if name == "auto":
+        if not device.startswith("cuda"):
+            return "float32"
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if name != "float32" and not device.startswith("cuda"):
+        raise ConfigError(f"--dtype={name} is for CUDA autocast; use --dtype=float32 on {device}")
+    return name
+
+
+def run_in_process(script, argv, log_path=None, threads=None):
+    """Run `python script *argv` in its own process (its own peak memory, its own Ctrl-C
+    handling); its output goes to log_path (appended) or to this console. `threads` sets
+    OMP_NUM_THREADS, so runs side by side do not oversubscribe the cores. Returns the exit
+    status."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    cmd = [sys.executable, script, *argv]
+    if log_path is None:
+        return subprocess.run(cmd, env=env).returncode
+    with open(log_path, "a") as log:
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def new_run_dir(out_root, name):
+    """out_root/<time>-<name>, never an existing directory (earlier runs are not touched)."""
+    stem = os.path.join(out_root, time.strftime("%Y%m%d-%H%M%S") + "-" + name)
+    path, n = stem, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{stem}-{n}"
+    os.makedirs(path)
+    return path
+
+
+def compare(script, names, argv, out_dir, name):
+    """Train each optimizer in its own process (same seed and batches) into out_dir/<optimizer>
+    (out_dir "": out/<time>-<name>), then draw them in one figure (a diverged run too, up to
+    where it stopped). Returns 0 when every run finished, else 1."""
+    out_dir = out_dir or new_run_dir("out", name)
+    finished, runs = 0, []
+    for optimizer in names:
+        run_dir = os.path.join(out_dir, optimizer)
+        rest = [a for a in argv if not a.startswith(("--optimizer=", "--out_dir="))]
+        run_argv = [f"--optimizer={optimizer}", f"--out_dir={run_dir}", *rest]
+        print(f"=== {optimizer}: {os.path.basename(script)} {' '.join(run_argv)}", flush=True)
+        if run_in_process(script, run_argv) == 0:
+            finished += 1
+        else:
+            print(f"=== {optimizer} did not finish; see {run_dir}", flush=True)
+        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+            runs.append(run_dir)
+    for path in draw_all(runs, out_dir):
+        print(f"wrote {path}")
+    return 0 if finished == len(names) else 1

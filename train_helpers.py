@@ -1,0 +1,215 @@
+"""
+Plain helpers for inside one training run, each doing what its name says: the LR schedule,
+torch.compile with a fallback, a GPU-aware clock, checkpoints with RNG state, Ctrl-C, the metrics
+log and memory probe, the run directory and how the run ended. Nothing here calls a trainer back;
+the command line is in cli.py.
+"""
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import signal
+import sys
+import time
+
+import torch
+
+import optim
+from cli import ConfigError, new_run_dir
+from plots.figures import draw_all
+
+# How a trainer's run ended -> its exit status (2 is a bad command line, 1 a failed compare).
+EXIT_STATUS = {"finished": 0, "stopped": 130, "diverged": 3}
+
+
+def lr_at(it, lr, warmup_iters, decay_iters, min_lr_ratio):
+    """Linear warmup for warmup_iters, then cosine from lr down to lr * min_lr_ratio at
+    decay_iters (and flat after)."""
+    if it < warmup_iters:
+        return lr * (it + 1) / (warmup_iters + 1)
+    progress = min(1.0, (it - warmup_iters) / max(1, decay_iters - warmup_iters))
+    min_lr = lr * min_lr_ratio
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def maybe_compile(model, enabled, trial):
+    """torch.compile is opt-in; if compiling or the first compiled step fails, warn and go on
+    uncompiled. `trial(compiled)` runs one forward/backward (its RNG use and gradients are
+    undone)."""
+    if not enabled:
+        return model
+    rng = rng_state()
+    try:
+        compiled = torch.compile(model)
+        trial(compiled)
+        return compiled
+    except Exception as err:  # any compiler failure: the eager model trains the same
+        print(f"warning: torch.compile failed ({type(err).__name__}: {err}); "
+              "continuing without it", file=sys.stderr)
+        return model
+    finally:
+        model.zero_grad(set_to_none=True)
+        set_rng_state(rng)
+
+
+def seconds_since(t0, device):
+    """time.perf_counter() - t0, once the GPU has finished the work queued since (CUDA runs
+    asynchronously: without the synchronize the clock would stop before the kernels do)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints, RNG, Ctrl-C
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir, model, optimizer, scaler, cfg, **entries):
+    """run_dir/ckpt.pt: everything a resume needs (the trainer adds its data position and loop
+    counters in `entries`), written to a temp file and renamed, so a crash or Ctrl-C never
+    leaves half a checkpoint."""
+    path = os.path.join(run_dir, "ckpt.pt")
+    torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict(), rng=rng_state(), config=dataclasses.asdict(cfg),
+                    **entries), path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(run_dir, model, optimizer, scaler):
+    """Restore what save_checkpoint saved (SGD-SaI's frozen scales travel in the optimizer's
+    state); returns the checkpoint, for the trainer's own entries."""
+    # loaded on the CPU: RNG and generator states must be CPU tensors; the model's and the
+    # optimizer's load_state_dict copy theirs to the parameters' device
+    ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu")
+    model.load_state_dict(ckpt["model"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except KeyError as err:     # e.g. sai_rule, which older versions called scale_rule
+        raise ConfigError(f"--resume={run_dir}: its optimizer state has no hyperparameter {err}: "
+                          "it was written by an older optim.py; start a new run") from None
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    print(f"resuming {run_dir} at step {ckpt['step']}")
+    return ckpt
+
+
+class StopOnCtrlC:
+    """The first Ctrl-C asks the loop to stop after the current iteration (so the checkpoint it
+    writes is consistent); a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this iteration and saving a checkpoint "
+              "(press again to abort without saving)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics and memory
+
+class MetricsLog:
+    """Append-only JSONL, one object per line, flushed each write so `plots/` can read it live.
+    On resume, lines past the checkpoint's step and the old end line are dropped: the run goes on
+    from the checkpoint and recomputes them."""
+
+    def __init__(self, path, resume_step=None):
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                # a line without its newline was torn by a crash; it is past the checkpoint anyway
+                records = [(line, json.loads(line)) for line in f if line.endswith("\n")]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(line for line, r in records
+                             if r["step"] <= resume_step and r["event"] != "end")
+            os.replace(path + ".tmp", path)
+        self.file = open(path, "a")
+
+    def write(self, **record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def memory_fields(model, optimizer, device):
+    """Bytes of parameters, gradients and optimizer state, and the peak so far: CUDA max
+    allocated on a GPU, the process's peak RSS elsewhere (which includes PyTorch itself)."""
+    params = list(model.parameters())
+    if device.startswith("cuda"):
+        peak, peak_kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    else:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak, peak_kind = rss * (1 if sys.platform == "darwin" else 1024), "cpu_peak_rss"
+    return {"param_bytes": sum(p.numel() * p.element_size() for p in params),
+            "grad_bytes": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+            "state_bytes": optim.state_bytes(optimizer),
+            "peak_bytes": peak, "peak_kind": peak_kind}
+
+
+# ---------------------------------------------------------------------------------------------
+# the run directory and how the run ended
+
+def open_run_dir(cfg, name):
+    """The resumed run's directory, or a new one (--out_dir, else out/<time>-<name>) holding
+    config.json. An existing run is never overwritten: it is resumed, or left alone."""
+    if cfg.resume:
+        return cfg.resume
+    run_dir = cfg.out_dir or new_run_dir("out", name)
+    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        raise ConfigError(f"--out_dir={run_dir} already holds a run; resume it with "
+                          f"--resume={run_dir} or choose another --out_dir")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    return run_dir
+
+
+def write_run_info(run_dir, cfg, model, **facts):
+    """run.json: what the figures were measured on. Returns the parameter count."""
+    n_params = sum(p.numel() for p in model.parameters())
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        json.dump(dict(device=cfg.device, dtype=cfg.dtype, torch=torch.__version__,
+                       python=platform.python_version(), cpus=os.cpu_count(),
+                       threads=torch.get_num_threads(), n_params=n_params, argv=sys.argv,
+                       **facts), f, indent=1)
+    return n_params
+
+
+def report_end(status, step, run_dir, script):
+    """Say how the run ended (a finished run gets its figures); returns the exit status."""
+    if status == "diverged":
+        print(f"loss is not finite at step {step}: training diverged (try a lower --lr). The "
+              f"last good checkpoint, if any, is intact in {run_dir}.", file=sys.stderr)
+    elif status == "stopped":
+        print(f"stopped at step {step}; resume with: python {script} --resume={run_dir}")
+    else:
+        for path in draw_all([run_dir], run_dir):
+            print(f"wrote {path}")
+    return EXIT_STATUS[status]
+
+

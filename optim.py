@@ -16,12 +16,25 @@ torch.optim.Optimizer class (state bookkeeping only). What each keeps per parame
 
 Step counters (and APOLLO's projection seeds) are plain Python ints (no tensor), so `state_bytes`
 counts exactly the floats above (4 bytes each in float32); APOLLO's projection P is drawn again
-from its seed, not stored. Everything that knows optimizer names is at the bottom:
-`build_optimizer` (what the trainers call), `trainer_hparams` (their options -> each optimizer's
-arguments), the parameter kinds behind Adam-mini's partition and APOLLO's projected set.
+from its seed, not stored.
+
+What every optimizer here does on any model (tests/test_foreign_models.py): a parameter whose
+.grad is None is skipped (no state, no update, no weight decay); lr = 0 leaves a group unchanged;
+all-zero gradients move nothing. A NaN or Inf gradient is written into the tensor that has it
+(Adam-mini: its block; APOLLO: its matrix) and nowhere else, as in torch.optim; SGD-SaI raises
+instead at the step that freezes its scale (the trainers stop on a non-finite loss before any
+step). State takes the parameter's dtype: bfloat16 parameters work (SGD-SaI's scales stay
+float32); float16 parameters are refused by AdamW, Adam-mini and APOLLO, whose eps and small
+second moments underflow there, and accepted by SGD-SaI. Keep float32 parameters under
+bfloat16 / float16 autocast for the best of both, as the trainers do.
+
+Everything that knows optimizer names is at the bottom: `build_optimizer` (what the trainers
+call), `trainer_hparams` (their options -> each optimizer's arguments), the parameter kinds
+behind Adam-mini's partition and APOLLO's projected set (declared by a model, or guessed).
 """
 import inspect
 import math
+import warnings
 from itertools import chain
 
 import torch
@@ -88,12 +101,23 @@ def _columns(rows):
 
 
 class _SandboxOptimizer(Optimizer):
-    """Optimizer base: every param group (also one added later) is checked by the subclass's
-    `_check_group`, the closure is run, and each optimizer's `_update` does the step itself."""
+    """Optimizer base: every param group (also one added later, or loaded) is checked by the
+    subclass's `_check_group`, the closure is run, and each optimizer's `_update` does the step
+    itself. Optimizers whose eps cannot live in float16 set float16_params = False."""
+
+    float16_params = True
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
+        group = self.param_groups[-1]
+        self._check_group(group)
+        for i, p in enumerate(group["params"]):
+            if p.dtype == torch.float16 and not self.float16_params:
+                raise ValueError(
+                    f"{type(self).__name__}: {_param_name(group, len(self.param_groups) - 1, i)} "
+                    "is float16, where eps and small second moments underflow to 0 (and the "
+                    "update to NaN or Inf); keep float32 (or bfloat16) parameters and train "
+                    "under float16 autocast, as the trainers do")
 
     def load_state_dict(self, state_dict):
         """As torch's, and a saved group's hyperparameters are checked as given ones are (a
@@ -103,16 +127,24 @@ class _SandboxOptimizer(Optimizer):
             self._check_group(group)
 
     def _set_per_param(self, key, value_for):
-        """Store [value_for(param, name) for each param] of the newest group under group[key]: a
-        per-parameter setting (Adam-mini's block rule, APOLLO's projected flag) that travels
-        with state_dict(). A ValueError from value_for is re-raised naming the parameter."""
+        """A per-parameter setting (Adam-mini's block rule, APOLLO's projected flag) kept as a
+        list in the newest group under group[key], aligned with "params", so it travels with
+        state_dict(). A group that brings its own list keeps it: value_for(param, name, given)
+        checks the given value (None when the group has none) and returns the one to keep; its
+        ValueError is re-raised naming the parameter."""
         gi = len(self.param_groups) - 1
         group = self.param_groups[gi]
+        given = group.get(key)
+        if given is not None and (not isinstance(given, (list, tuple))
+                                  or len(given) != len(group["params"])):
+            raise ValueError(f"{type(self).__name__}: param_groups[{gi}][{key!r}] must be a list "
+                             f"with one entry per parameter ({len(group['params'])}), got "
+                             f"{given!r}")
         values = []
         for i, p in enumerate(group["params"]):
             name = _param_name(group, gi, i)
             try:
-                values.append(value_for(p, name))
+                values.append(value_for(p, name, None if given is None else given[i]))
             except ValueError as err:
                 raise ValueError(f"{type(self).__name__}: {name}: {err}") from None
         group[key] = values
@@ -216,6 +248,8 @@ class AdamW(_SandboxOptimizer):
     maximize, capturable or fused variants, no complex parameters.
     """
 
+    float16_params = False
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  foreach=True):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -235,17 +269,23 @@ class AdamW(_SandboxOptimizer):
 # SGD-SaI
 
 SAI_RULES = ("gsnr", "gsnr_max", "sqrt_numel", "none")
+# A block has no spread when std(g) <= ZERO_SPREAD_EPS * eps(dtype) * rms(g): differences at the
+# level of the gradient's own rounding (a float32 constant computed in float32 shows a std of
+# ~1e-7 of its value: noise, which would make g-SNR ~1e7). 8 float32 eps = 9.5e-7 of the rms.
+ZERO_SPREAD_EPS = 8
 
 
 def sai_scale(grad, rule, eps=1e-8):
     """The learning-rate scale s_i SGD-SaI freezes for one block, as a float32 0-d tensor.
 
-    "gsnr" and "gsnr_max" return the raw g-SNR ||g||_2 / (std(g) + eps), std unbiased, computed
-    in float32 (the caller divides "gsnr_max" by the maximum over blocks). Since
-    ||g||^2 = (n - 1) std^2 + n mean^2, g-SNR = sqrt((n - 1) + n mean^2 / std^2) (eps aside): about
-    sqrt(n) unless the block's mean gradient rivals its spread. A block with one element (std
-    undefined) or no spread (std = 0) has no g-SNR; it gets sqrt(numel), the value g-SNR
-    approximates for zero-mean gradients (scale 1 for a scalar).
+    "gsnr" and "gsnr_max" return the raw g-SNR ||g||_2 / (std(g) + eps), std unbiased (the
+    caller divides "gsnr_max" by the maximum over blocks). Since ||g||^2 = (n - 1) std^2 +
+    n mean^2, g-SNR = sqrt((n - 1) + n mean^2 / std^2) (eps aside): at least sqrt(n - 1), and about
+    sqrt(n) unless the block's mean gradient rivals its spread. The norm and std are reduced in
+    float64 (no overflow for any finite gradient, no rounding noise of their own). A block with
+    one element (std undefined) or no spread (std <= ZERO_SPREAD_EPS eps rms, see above; all
+    zeros included) has no g-SNR; it gets sqrt(numel), the value g-SNR approximates for
+    zero-mean gradients (scale 1 for a scalar).
     """
     _check_one_of("sai_rule", rule, SAI_RULES)
     sqrt_numel = torch.tensor(math.sqrt(grad.numel()), dtype=torch.float32, device=grad.device)
@@ -253,9 +293,11 @@ def sai_scale(grad, rule, eps=1e-8):
         return torch.ones_like(sqrt_numel)
     if rule == "sqrt_numel" or grad.numel() == 1:
         return sqrt_numel
-    g = grad.float()
-    std = g.std()
-    return torch.where(std > 0, g.norm() / (std + eps), sqrt_numel)
+    # float64 where the device has it (MPS does not: there the once-per-block work is on the CPU)
+    g = grad.detach().to("cpu" if grad.device.type == "mps" else grad.device, torch.float64)
+    norm, std = g.norm(), g.std()
+    no_spread = std <= ZERO_SPREAD_EPS * torch.finfo(grad.dtype).eps * norm / math.sqrt(g.numel())
+    return torch.where(no_spread, math.sqrt(g.numel()), norm / (std + eps)).float().to(grad.device)
 
 
 def sgd_sai_update(param, grad, m, scale, *, lr, momentum, weight_decay):
@@ -290,7 +332,8 @@ class SGDSaI(_SandboxOptimizer):
 
     - "gsnr" (default; the official package sgd-sai 1.0.3): s_i = gsnr_i, not normalised.
     - "gsnr_max" (Algorithm 1): s_i = gsnr_i / max_j gsnr_j. The maximum is frozen at the first
-      step (self.state["gsnr_max"]); a block whose first gradient comes later is divided by it.
+      step (in every param group, "gsnr_max"); a block whose first gradient comes later is
+      divided by it.
     - "sqrt_numel" (a later official version): s_i = sqrt(numel), g-SNR's approximation.
     - "none": s_i = 1, plain SGD with (dampened) momentum.
 
@@ -342,14 +385,24 @@ class SGDSaI(_SandboxOptimizer):
                         "or Inf at the step its learning-rate scale is computed; freezing it would "
                         "poison this block for the rest of training. Fix the loss or lower the lr.")
                 rule = group["sai_rule"]
-                new.append((p, rule, sai_scale(grad, rule, group["eps"])))
-        normalised = [s for _, rule, s in new if rule == "gsnr_max"]
-        if normalised and "gsnr_max" not in self.state:
-            self.state["gsnr_max"] = torch.stack(normalised).max().item()
-        for p, rule, s in new:
+                new.append((name, p, rule, sai_scale(grad, rule, group["eps"])))
+        # gsnr_max's maximum is frozen with the first scales and kept in every param group (so
+        # it travels with state_dict); a block or group that comes later is divided by it too
+        frozen = next((g["gsnr_max"] for g in self.param_groups if "gsnr_max" in g), None)
+        normalised = [s for _, _, rule, s in new if rule == "gsnr_max"]
+        if frozen is None and normalised:
+            frozen = torch.stack(normalised).max().item()
+        for name, p, rule, s in new:
             if rule == "gsnr_max":
-                s = s / self.state["gsnr_max"]
+                s = s / frozen
+            if not torch.isfinite(s):
+                raise FloatingPointError(f"SGD-SaI: the learning-rate scale of {name} is "
+                                         f"{s.item()} from a finite gradient; use sai_rule="
+                                         "'sqrt_numel' or rescale the loss")
             self.state[p]["scale"] = s.cpu()
+        if frozen is not None:
+            for group in self.param_groups:
+                group["gsnr_max"] = frozen
 
     def _update(self):
         self._freeze_new_scales()
@@ -509,12 +562,16 @@ class AdamMini(_SandboxOptimizer):
             per-tensor loop (`adam_mini_update`); the two are bit-identical.
 
     Deliberate differences from the official code:
-    - The partition is given, not guessed from parameter names: `block_rules(model)` derives it
-      from the model's parameter kinds, so nanoGPT's fused `c_attn` gets Q and K per head, where
-      the official name matching gives it one value (its issue #30).
-    - Left out: model sharding, grouped-query attention, the automatic no-decay-by-name (the
-      trainers' param groups put norms and biases at weight_decay 0, as nanoGPT does for AdamW).
+    - The partition is given, not matched on parameter names: `block_rules(model)` derives it
+      from the model's parameter kinds (declared, or guessed from module types), so nanoGPT's
+      fused `c_attn` and nn.MultiheadAttention's `in_proj_weight` get Q and K per head, where the
+      official name matching gives them one value (its issue #30); a grouped-query K gets one
+      block per K head.
+    - Left out: model sharding, the automatic no-decay-by-name (the trainers' param groups put
+      norms and biases at weight_decay 0, as nanoGPT does for AdamW).
     """
+
+    float16_params = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  block_rules=None, foreach=True):
@@ -529,8 +586,8 @@ class AdamMini(_SandboxOptimizer):
         super().add_param_group(param_group)
         self._set_per_param("block_rules", self._rule)
 
-    def _rule(self, p, name):
-        rule = rule_for(self._rules_by_param, p)
+    def _rule(self, p, name, given):
+        rule = rule_for(self._rules_by_param, p) if given is None else given
         block_layout(rule, tuple(p.shape))                 # raises if the rule does not fit
         if not p.is_contiguous():
             raise ValueError("is not contiguous; Adam-mini updates blocks through views")
@@ -674,6 +731,8 @@ class Apollo(_SandboxOptimizer):
     - Moments are kept at a regeneration of P, as the official code does.
     """
 
+    float16_params = False
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  granularity="channel", rank=None, alpha=1.0, update_proj_gap=200, proj_seed=0,
                  projected=None):
@@ -698,8 +757,13 @@ class Apollo(_SandboxOptimizer):
         super().add_param_group(param_group)
         self._set_per_param("projected", self._is_projected)
 
-    def _is_projected(self, p, name):
-        projected = p.dim() == 2 if self._projected is None else p in self._projected
+    def _is_projected(self, p, name, given):
+        if given is not None:
+            projected = given
+        else:
+            projected = p.dim() == 2 if self._projected is None else p in self._projected
+        if not isinstance(projected, bool):
+            raise ValueError(f"its projected flag must be True or False, got {projected!r}")
         if projected and p.dim() != 2:
             raise ValueError(f"has shape {tuple(p.shape)}, but APOLLO projects matrices only; "
                              "leave it out of `projected`")
@@ -765,36 +829,105 @@ def apollo_mini(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2
 # ---------------------------------------------------------------------------------------------
 # What each parameter is: Adam-mini's partition and APOLLO's projected matrices
 
-# Models say it in a `param_kinds()` method ({parameter: kind}) and carry `n_head`.
+# Models say it in a `param_kinds()` method ({parameter: kind}) and carry `n_head`; a Q or K kind
+# may carry its own head count, ("qk", n) or ("qkv", n) (e.g. grouped-query K with fewer heads).
 KIND_RULES = {
     "embedding": "rows",        # token embedding (and a head tied to it): one block per token
     "head": "rows",             # output layer: one block per output (token or class)
     "qk": "heads",              # a Q or a K weight: one block per head
     "qkv": "qkv",               # fused [Q; K; V]: Q and K per head, V per row
     "v": "rows", "proj": "rows", "mlp": "rows", "linear": "rows",   # one block per neuron
+    "conv": "rows",             # a convolution: one block per output channel
     "position": "tensor", "norm": "tensor", "other": "tensor",      # one block per tensor
     "bias": "full",             # one per element: plain Adam, as official 1.1.1
 }
-PROJECTED_KINDS = ("qkv", "qk", "v", "proj", "mlp")    # APOLLO: the attention and MLP matrices
+# APOLLO projects the 2-D weights of these kinds: every Linear that is not an embedding or head.
+PROJECTED_KINDS = ("qkv", "qk", "v", "proj", "mlp", "linear")
+
+# What guess_param_kinds recognises, for models that do not declare param_kinds(): the names
+# of the usual LLaMA / GPT / BERT / DistilBERT / lucidrains code, and where head counts live.
+Q_NAMES = ("q_proj", "query", "wq", "q_lin", "to_q")
+K_NAMES = ("k_proj", "key", "wk", "k_lin", "to_k")
+LINEAR_NAMES = {
+    "qk": Q_NAMES + K_NAMES,
+    "v": ("v_proj", "value", "wv", "v_lin", "to_v"),
+    "proj": ("o_proj", "out_proj", "wo", "out_lin"),
+    "head": ("lm_head", "head", "classifier", "output", "fc_out", "score"),
+}
+POSITION_NAMES = ("wpe", "pos_emb", "pos_embed", "pos_embedding", "position_embeddings",
+                  "positional_embedding", "embed_positions")
+HEAD_COUNTS = ("num_heads", "n_heads", "num_attention_heads", "n_head", "nhead", "heads")
+KV_HEAD_COUNTS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_kv_head")
+NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+
+
+def _kind_name(kind):
+    return kind[0] if isinstance(kind, tuple) else kind
+
+
+def _count(modules, names):
+    """The first int attribute among `names` of the modules (or of their HF-style `config`)."""
+    for module in modules:
+        for holder in (module, getattr(module, "config", None)):
+            for name in names:
+                value = getattr(holder, name, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    return value
+    return None
 
 
 def guess_param_kinds(model):
-    """Kinds from module types, for models without `param_kinds()`: biases "bias", Embedding
-    weights "embedding", Linear weights "linear", LayerNorm weights "norm", the rest "other".
-    It cannot tell Q/K from other matrices: models with attention should say so themselves."""
-    kinds = {}
-    for module in model.modules():
+    """Kinds from module types and the usual names, for models without `param_kinds()`.
+
+    nn.MultiheadAttention: in_proj_weight ("qkv", its num_heads), out_proj "proj". A Linear named
+    as in LINEAR_NAMES: Q and K ("qk", n) with n from the attention module, a parent or the
+    model (HEAD_COUNTS, or KV_HEAD_COUNTS for K; else K's heads from its rows over Q's head
+    width: grouped-query attention), None where no count is found (Adam-mini then refuses); V
+    "v"; output projection "proj"; output layer "head". Other Linear weights "linear",
+    Embedding weights "embedding" ("position" by name), convolutions "conv", norms "norm",
+    biases "bias", the rest "other". A tied weight keeps its first kind (the embedding).
+    """
+    kinds, paths, modules = {}, {}, dict(model.named_modules())
+    for path, module in modules.items():
+        leaf = path.rsplit(".", 1)[-1]
         for name, p in module.named_parameters(recurse=False):
-            if name == "bias":
+            if p in kinds:
+                continue
+            paths[p] = path
+            if name == "bias" or name.endswith("_bias"):
                 kinds[p] = "bias"
+            elif isinstance(module, nn.MultiheadAttention):
+                kinds[p] = {"in_proj_weight": ("qkv", module.num_heads),
+                            "q_proj_weight": ("qk", module.num_heads),
+                            "k_proj_weight": ("qk", module.num_heads)}.get(name, "v")
             elif isinstance(module, nn.Embedding):
-                kinds[p] = "embedding"
+                kinds[p] = "position" if leaf in POSITION_NAMES else "embedding"
             elif isinstance(module, nn.Linear):
-                kinds.setdefault(p, "linear")
-            elif isinstance(module, nn.LayerNorm):
+                kinds[p] = next((k for k, names in LINEAR_NAMES.items() if leaf in names),
+                                "linear")
+            elif isinstance(module, nn.modules.conv._ConvNd):
+                kinds[p] = "conv"
+            elif isinstance(module, NORMS) or type(module).__name__.endswith("Norm"):
                 kinds[p] = "norm"
             else:
-                kinds.setdefault(p, "other")
+                kinds[p] = "other"
+    for p, kind in kinds.items():            # head counts of separate Q and K projections
+        if kind != "qk":
+            continue
+        path = paths[p]
+        parent, _, leaf = path.rpartition(".")
+        ancestors = [modules[".".join(path.split(".")[:i])]        # parent first, model last
+                     for i in range(path.count("."), -1, -1)]
+        n_heads = _count(ancestors, HEAD_COUNTS)
+        if leaf in K_NAMES:                  # grouped-query attention: K may have fewer heads
+            q = next((modules[f"{parent}.{name}".lstrip(".")] for name in Q_NAMES
+                      if f"{parent}.{name}".lstrip(".") in modules), None)
+            n_kv = _count(ancestors, KV_HEAD_COUNTS)
+            if n_kv is None and n_heads and q is not None and q.weight.shape[0] % n_heads == 0:
+                head_width = q.weight.shape[0] // n_heads
+                n_kv = p.shape[0] // head_width if p.shape[0] % head_width == 0 else None
+            n_heads = n_kv or n_heads
+        kinds[p] = ("qk", n_heads)
     return kinds
 
 
@@ -802,9 +935,11 @@ def param_kinds(model):
     """{parameter: kind}: the model's own `param_kinds()`, else `guess_param_kinds`."""
     kinds = model.param_kinds() if hasattr(model, "param_kinds") else guess_param_kinds(model)
     for p, kind in kinds.items():
-        if kind not in KIND_RULES:
+        with_count = isinstance(kind, tuple) and len(kind) == 2 and kind[0] in ("qk", "qkv") \
+            and (kind[1] is None or isinstance(kind[1], int) and kind[1] >= 1)
+        if not with_count and (not isinstance(kind, str) or kind not in KIND_RULES):
             raise ValueError(f"parameter kind {kind!r} (shape {tuple(p.shape)}) is not one of "
-                             f"{sorted(KIND_RULES)}")
+                             f"{sorted(KIND_RULES)} or ('qk' or 'qkv', head count)")
     return kinds
 
 
@@ -817,20 +952,28 @@ def block_rules(model):
     """Adam-mini's partition of `model`: {parameter: rule} from each parameter's kind."""
     rules = {}
     for p, kind in param_kinds(model).items():
-        rule = KIND_RULES[kind]
+        name, n_head = kind if isinstance(kind, tuple) else (kind, getattr(model, "n_head", None))
+        rule = KIND_RULES[name]
         if rule in ("heads", "qkv"):
-            n_head = getattr(model, "n_head", None)
             if not isinstance(n_head, int):
-                raise ValueError(f"a {kind!r} parameter needs the model's head count: give the "
-                                 "model an int attribute n_head")
+                raise ValueError(
+                    f"a {name!r} parameter (shape {tuple(p.shape)}) needs its head count: give "
+                    "its attention module or the model an int attribute num_heads (and "
+                    "num_key_value_heads for a grouped-query K), or declare param_kinds()")
             rule = (rule, n_head)
         rules[p] = rule
     return rules
 
 
+def kinds_source(model):
+    return (f"declared by {type(model).__name__}.param_kinds()" if hasattr(model, "param_kinds")
+            else "guessed from module types and names (declare param_kinds() to change them)")
+
+
 def partition_table(model, rules):
     """The Adam-mini partition as a text table: parameter, shape, rule, number of blocks."""
-    lines = [f"{'parameter':<40} {'shape':<16} {'rule':<14} {'blocks':>8}"]
+    lines = [f"Adam-mini blocks; parameter kinds {kinds_source(model)}",
+             f"{'parameter':<40} {'shape':<16} {'rule':<14} {'blocks':>8}"]
     total = 0
     for name, p in model.named_parameters():
         rule = rule_for(rules, p)
@@ -844,7 +987,20 @@ def partition_table(model, rules):
 def projected_params(model):
     """The parameters APOLLO projects: 2-D weights whose kind is in PROJECTED_KINDS."""
     return [p for p, kind in param_kinds(model).items()
-            if kind in PROJECTED_KINDS and p.dim() == 2]
+            if _kind_name(kind) in PROJECTED_KINDS and p.dim() == 2]
+
+
+def projection_table(model, projected):
+    """Which parameters APOLLO projects (the others take AdamW steps), as a text table."""
+    kinds, projected = param_kinds(model), set(projected)
+    lines = [f"APOLLO projection; parameter kinds {kinds_source(model)}",
+             f"{'parameter':<40} {'shape':<16} {'kind':<14} {'update':>8}"]
+    for name, p in model.named_parameters():
+        kind = str(kinds.get(p, "other"))
+        lines.append(f"{name:<40} {str(tuple(p.shape)):<16} {kind:<14} "
+                     f"{'APOLLO' if p in projected else 'AdamW':>8}")
+    lines.append(f"{len(projected)} of {len(list(model.parameters()))} tensors projected")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -880,9 +1036,11 @@ def build_optimizer(name, model, log=None, **hparams):
     """Optimizer `name` for `model`, as both trainers build it.
 
     The params go in `decay_groups` with their names, so errors name them. Adam-mini gets its
-    partition from `block_rules(model)` (and `log`, e.g. print, is given its table), APOLLO and
-    APOLLO-Mini the matrices to project from `projected_params(model)`. `hparams` are the
-    optimizer's own keyword arguments; one it does not take is a TypeError listing those it does.
+    partition from `block_rules(model)`, APOLLO and APOLLO-Mini the matrices to project from
+    `projected_params(model)`; `log` (e.g. print) is given either table, which says whether the
+    parameter kinds were declared or guessed. Adam-mini without a single Q/K split warns; APOLLO
+    with nothing to project is a ValueError. `hparams` are the optimizer's own keyword
+    arguments; one it does not take is a TypeError listing those it does.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
@@ -892,8 +1050,19 @@ def build_optimizer(name, model, log=None, **hparams):
         hparams["block_rules"] = block_rules(model)
         if log:
             log(partition_table(model, hparams["block_rules"]))
+        if not any(isinstance(rule, tuple) for rule in hparams["block_rules"].values()):
+            warnings.warn(f"Adam-mini found no Q or K weight in {type(model).__name__} to split "
+                          "per head: every matrix gets one block per row. If the model has "
+                          "attention, declare param_kinds() ('qk', 'qkv' or ('qk', heads)).",
+                          stacklevel=2)
     if name in ("apollo", "apollo_mini"):
         hparams["projected"] = projected_params(model)
+        if log:
+            log(projection_table(model, hparams["projected"]))
+        if not hparams["projected"]:
+            raise ValueError(f"APOLLO has nothing to project in {type(model).__name__}: no 2-D "
+                             "attention, MLP or other Linear weight (embeddings and heads are "
+                             "not projected); declare param_kinds(), or use adamw")
     cls = OPTIMIZERS[name]
     allowed = list(inspect.signature(cls).parameters)[1:]
     unknown = sorted(set(hparams) - set(allowed))

@@ -155,8 +155,9 @@ class ViT(nn.Module):
         """What each parameter is, for optim.py (Adam-mini's blocks, the diagnostics): Q/K of
         the fused to_qkv per head, V/proj/MLP/patch embedding per neuron, head per class, class
         token and position embedding one block each."""
+        # the patch embedding is a Linear that embeds: per neuron for Adam-mini, AdamW in APOLLO
         kinds = {self.pos_embedding: "position", self.cls_token: "position",
-                 self.mlp_head.weight: "head", self.to_patch_embedding[2].weight: "linear"}
+                 self.mlp_head.weight: "head", self.to_patch_embedding[2].weight: "embedding"}
         for module in self.modules():
             if isinstance(module, nn.LayerNorm):
                 kinds[module.weight] = "norm"

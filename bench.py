@@ -60,11 +60,13 @@ class BenchConfig:
 
 def candidates(model):
     """name -> function building that optimizer for `model` (hyperparameters as the trainer's)."""
-    groups = optim.decay_groups(model.parameters(), 0.1)
+    def groups():   # fresh dicts for each: torch's optimizers write their defaults into them
+        return optim.decay_groups(model.parameters(), 0.1)
+
     out = {
-        "torch AdamW (foreach)": lambda: torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99),
+        "torch AdamW (foreach)": lambda: torch.optim.AdamW(groups(), lr=1e-3, betas=(0.9, 0.99),
                                                            foreach=True),
-        "torch AdamW (per-tensor)": lambda: torch.optim.AdamW(groups, lr=1e-3,
+        "torch AdamW (per-tensor)": lambda: torch.optim.AdamW(groups(), lr=1e-3,
                                                               betas=(0.9, 0.99), foreach=False),
         "AdamW (ours, foreach)": lambda: optim.build_optimizer(
             "adamw", model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
@@ -80,16 +82,42 @@ def candidates(model):
             "apollo", model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
         "APOLLO-Mini (ours)": lambda: optim.build_optimizer(
             "apollo_mini", model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
+        "Muon (ours, + AdamW)": lambda: optim.build_optimizer(
+            "muon", model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
+        "torch Muon (+ torch AdamW)": lambda: TorchMuonWithAdamW(model),
+        "Adafactor (ours)": lambda: optim.build_optimizer("adafactor", model, lr=1e-2,
+                                                          weight_decay=0.1),
+        "torch Adafactor (foreach)": lambda: torch.optim.Adafactor(groups(), lr=1e-2,
+                                                                   foreach=True),
     }
     with contextlib.suppress(ImportError):
         from sgd_sai import SGD_sai
-        out["SGD_sai (official 1.0.3)"] = lambda: SGD_sai(groups, lr=1e-2, weight_decay=0.1)
+        out["SGD_sai (official 1.0.3)"] = lambda: SGD_sai(groups(), lr=1e-2, weight_decay=0.1)
     with contextlib.suppress(ImportError):
         from adam_mini import Adam_mini
         out["Adam_mini (official 1.1.1)"] = lambda: Adam_mini(
             model.named_parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1,
             dim=384, n_heads=6, verbose=False)
     return out
+
+
+class TorchMuonWithAdamW:
+    """torch.optim.Muon on the matrices optim's Muon orthogonalises, torch's foreach AdamW on the
+    rest, as one optimizer with one state: the reference for "Muon (ours, + AdamW)"."""
+
+    def __init__(self, model):
+        hidden = set(optim.projected_params(model))
+        self.parts = [torch.optim.Muon([p for p in model.parameters() if p in hidden], lr=1e-3,
+                                       weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
+                      torch.optim.AdamW(optim.decay_groups(
+                          [p for p in model.parameters() if p not in hidden], 0.1), lr=1e-3,
+                          betas=(0.9, 0.99), foreach=True)]
+        self.state = {p: s for part in self.parts for p, s in part.state.items()}
+
+    def step(self):
+        for part in self.parts:
+            part.step()
+        self.state = {p: s for part in self.parts for p, s in part.state.items()}
 
 
 def bench_steps(cfg):

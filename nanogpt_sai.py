@@ -72,9 +72,9 @@ PRESETS = {
 # gpu, not tuned: the cpu values times nanoGPT's own AdamW ratio between the two (1e-3 / 4e-3).
 DEFAULT_LR = {
     "cpu": {"adamw": 4e-3, "sgd_sai": 2e-2, "adam_mini": 8e-3, "apollo": 3.2e-2,
-            "apollo_mini": 8e-3},
+            "apollo_mini": 8e-3, "muon": 8e-3, "adafactor": 2e-2},
     "gpu": {"adamw": 1e-3, "sgd_sai": 5e-3, "adam_mini": 2e-3, "apollo": 8e-3,
-            "apollo_mini": 2e-3},
+            "apollo_mini": 2e-3, "muon": 2e-3, "adafactor": 5e-3},
 }
 USAGE = __doc__.strip().splitlines()[0] + "\n\n" + "\n".join(__doc__.strip().splitlines()[2:7])
 

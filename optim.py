@@ -1,5 +1,6 @@
 """
-Memory-efficient optimizers side by side: AdamW, SGD-SaI, Adam-mini, APOLLO and APOLLO-Mini.
+Memory-efficient optimizers side by side: AdamW, SGD-SaI, Adam-mini, APOLLO, APOLLO-Mini, and the
+baselines Muon and Adafactor.
 
 Each optimizer is one pure update function (the math, testable on its own) under a thin
 torch.optim.Optimizer class (state bookkeeping only). What each keeps per parameter tensor theta
@@ -13,6 +14,9 @@ torch.optim.Optimizer class (state bookkeeping only). What each keeps per parame
 | APOLLO      | m, v of the rank-r projected gradient (r x N each) | 2 r N + 1         | r / k    |
 |             | and the last update norm; r = k / 4 by default     |                   | (0.25x)  |
 | APOLLO-Mini | as APOLLO with r = 1                               | 2 N + 1           | ~1 / k   |
+| Muon        | B (momentum) per hidden matrix; AdamW's m, v else  | |theta| (matrix)   | ~0.50x   |
+| Adafactor   | R (per row) and C (per column) per matrix, v per   | rows + cols       | ~0.01x   |
+|             | vector                                             | (matrix)          |          |
 
 Step counters (and APOLLO's projection seeds) are plain Python ints (no tensor), so `state_bytes`
 counts exactly the floats above (4 bytes each in float32); APOLLO's projection P is drawn again
@@ -755,19 +759,8 @@ class Apollo(_SandboxOptimizer):
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
-        self._set_per_param("projected", self._is_projected)
-
-    def _is_projected(self, p, name, given):
-        if given is not None:
-            projected = given
-        else:
-            projected = p.dim() == 2 if self._projected is None else p in self._projected
-        if not isinstance(projected, bool):
-            raise ValueError(f"its projected flag must be True or False, got {projected!r}")
-        if projected and p.dim() != 2:
-            raise ValueError(f"has shape {tuple(p.shape)}, but APOLLO projects matrices only; "
-                             "leave it out of `projected`")
-        return projected
+        self._set_per_param("projected", lambda p, name, given: _matrix_flag(
+            self._projected, p, given, "projected"))
 
     def projection(self, p, group):
         """P for parameter p of param group `group` at p's current step (a cache hit unless the
@@ -824,6 +817,256 @@ def apollo_mini(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2
     return Apollo(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                   granularity="tensor", rank=rank, alpha=alpha, update_proj_gap=update_proj_gap,
                   proj_seed=proj_seed, projected=projected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Muon (hidden matrices) with AdamW (everything else)
+
+MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)    # (a, b, c) of Jordan et al.'s quintic
+MUON_LR_RULES = ("match_rms_adamw", "original")
+
+
+def newton_schulz(g, steps, coefficients=MUON_NS_COEFFICIENTS, eps=1e-7):
+    """An approximately orthogonal matrix with g's singular vectors: for g = U S V^T, about
+    U S' V^T with S' between ~0.7 and ~1.2, from `steps` quintic Newton-Schulz iterations in
+    bfloat16 (the polynomial's coefficients trade exactness for speed; Jordan et al. 2024)."""
+    a, b, c = coefficients
+    tall = g.shape[0] > g.shape[1]
+    x = g.bfloat16()
+    x = x.T if tall else x                  # iterate on the wide side: X X^T is the small Gram
+    x = x / x.norm().clamp(min=eps)         # ||X||_2 <= ||X||_F = 1: inside the convergence range
+    for _ in range(steps):
+        gram = x @ x.T                                          # A = X X^T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)   # B = b A + c A^2
+        x = torch.addmm(x, poly, x, beta=a)                     # X <- a X + B X
+    return x.T if tall else x
+
+
+def muon_lr_ratio(shape, rule):
+    """How Muon scales the lr for a (rows x cols) matrix. "match_rms_adamw" (Liu et al. 2025):
+    0.2 sqrt(max(rows, cols)), which gives the update the RMS of a typical AdamW update, so Muon
+    can share AdamW's lr and weight decay; "original" (Jordan et al.): sqrt(max(1, rows / cols))."""
+    rows, cols = shape[:2]
+    if rule == "original":
+        return math.sqrt(max(1, rows / cols))
+    return 0.2 * math.sqrt(max(rows, cols))
+
+
+def muon_update(param, grad, buf, *, lr, momentum, nesterov, weight_decay, ns_steps,
+                ns_coefficients, ns_eps, lr_rule):
+    """One Muon step for one matrix, in place; buf is the momentum B."""
+    buf.lerp_(grad, 1 - momentum)                                # B_t = mu B + (1 - mu) g_t
+    update = grad.lerp(buf, momentum) if nesterov else buf       # (1 - mu) g_t + mu B_t, or B_t
+    ortho = newton_schulz(update, ns_steps, ns_coefficients, ns_eps)   # O_t = NS(update)
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)                        # theta <- theta (1 - lr wd)
+    param.add_(ortho, alpha=-lr * muon_lr_ratio(param.shape, lr_rule))   # theta -= lr r O_t
+
+
+def _matrix_flag(selected, p, given, what):
+    """Whether p is updated as a matrix (APOLLO's projection, Muon's orthogonalisation): `given`
+    if the group says so, else whether p is in `selected` (None: every 2-D parameter)."""
+    flag = given if given is not None else (p.dim() == 2 if selected is None else p in selected)
+    if not isinstance(flag, bool):
+        raise ValueError(f"its {what} flag must be True or False, got {flag!r}")
+    if flag and p.dim() != 2:
+        raise ValueError(f"has shape {tuple(p.shape)}, but {what} applies to matrices only; "
+                         f"leave it out of `{what}`")
+    return flag
+
+
+class Muon(_SandboxOptimizer):
+    r"""Muon: momentum, then the update orthogonalised by Newton-Schulz, for hidden matrices.
+
+    Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024 (blog post
+    and github.com/KellerJordan/Muon); Liu et al., "Muon is Scalable for LLM Training", 2025,
+    arXiv 2502.16982 (the lr ratio that lets it share AdamW's lr and weight decay). Pinned to
+    torch.optim.Muon.
+
+    .. code-block:: text
+
+        input: lr (eta), momentum (mu), nesterov, weight_decay (lambda), ns_steps (k),
+               (a, b, c); a hidden matrix W (rows x cols) with gradient g
+        init:  B_0 <- 0
+        for t = 1, 2, ...:
+            B_t   <- mu B_{t-1} + (1 - mu) g_t
+            M_t   <- (1 - mu) g_t + mu B_t   if nesterov   else B_t
+            X     <- M_t / ||M_t||_F  (transposed if tall, in bfloat16)
+            k times:  A <- X X^T;  X <- a X + (b A + c A^2) X        # Newton-Schulz
+            theta <- theta_{t-1} (1 - eta lambda)                     # decoupled weight decay
+            theta_t <- theta - eta r X,  r = 0.2 sqrt(max(rows, cols))   ("match_rms_adamw")
+                                           or sqrt(max(1, rows / cols))   ("original")
+
+    Muon updates the parameters flagged "orthogonalized" (`build_optimizer`: the attention and
+    MLP matrices, PROJECTED_KINDS); every other tensor (embeddings, head, norms, biases) takes
+    an AdamW step with the same lr and weight decay and `betas`, `eps`, in the same object. A
+    fused [Q; K; V] weight is orthogonalised as one matrix, as torch.optim.Muon does. State: B
+    per matrix (|theta|), AdamW's m and v for the rest.
+
+    Args:
+        params: parameters, (name, parameter) pairs, or param group dicts.
+        lr, weight_decay: shared by the Muon and the AdamW parts (with "match_rms_adamw").
+        momentum: mu in [0, 1) (0.95, as the references).
+        nesterov: use the Nesterov blend M_t (default, as the references).
+        ns_steps, ns_coefficients, ns_eps: the Newton-Schulz iteration (5, Jordan's (a, b, c),
+            the floor of ||M||_F).
+        lr_rule: "match_rms_adamw" (default) or "original", torch's adjust_lr_fn.
+        betas, eps: the AdamW part's.
+        orthogonalized: the matrices Muon updates; None: every 2-D parameter. Each parameter's
+            flag is stored in its param group ("orthogonalized"): it travels with state_dict().
+
+    Deliberate differences from torch.optim.Muon: the other tensors are handled in the same
+    object (torch's takes matrices only); the bfloat16 copy is never written in place (torch's
+    divides it in place, which for a bfloat16 matrix without Nesterov is the momentum buffer).
+    """
+
+    float16_params = False
+
+    def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.1,
+                 ns_steps=5, ns_coefficients=MUON_NS_COEFFICIENTS, ns_eps=1e-7,
+                 lr_rule="match_rms_adamw", betas=(0.9, 0.95), eps=1e-8, orthogonalized=None):
+        self._orthogonalized = None if orthogonalized is None else set(orthogonalized)
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients),
+                        ns_eps=ns_eps, lr_rule=lr_rule, betas=tuple(betas), eps=eps)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_group(group):
+        _check_adam_hparams(group)
+        _check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        _check_int("ns_steps", group["ns_steps"], 1)
+        _check_range("ns_eps", group["ns_eps"], 0.0)
+        _check_one_of("lr_rule", group["lr_rule"], MUON_LR_RULES)
+        if len(group["ns_coefficients"]) != 3:
+            raise ValueError(f"ns_coefficients must be (a, b, c), got {group['ns_coefficients']}")
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        self._set_per_param("orthogonalized", lambda p, name, given: _matrix_flag(
+            self._orthogonalized, p, given, "orthogonalized"))
+
+    def _update(self):
+        for gi, group in enumerate(self.param_groups):
+            adamw_rows = []          # embeddings, head, norms, biases
+            for i, _, p, grad in _params_with_grad(self, gi, group):
+                state = self.state[p]
+                if not group["orthogonalized"][i]:
+                    adamw_rows.append(_adamw_row(p, grad, state))
+                    continue
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)   # B, momentum
+                muon_update(p, grad, state["momentum_buffer"], lr=group["lr"],
+                            momentum=group["momentum"], nesterov=group["nesterov"],
+                            weight_decay=group["weight_decay"], ns_steps=group["ns_steps"],
+                            ns_coefficients=group["ns_coefficients"], ns_eps=group["ns_eps"],
+                            lr_rule=group["lr_rule"])
+            if adamw_rows:
+                adamw_update_foreach(*_columns(adamw_rows), **_adam_hparams(group))
+
+
+# ---------------------------------------------------------------------------------------------
+# Adafactor
+
+def adafactor_update(param, grad, row_v, col_v, v, step, *, lr, beta2_decay, eps1, eps2, d,
+                     weight_decay):
+    """One Adafactor step for one tensor, in place. A matrix (or a stack of them: the last two
+    dimensions) keeps row_v (..., R, 1) and col_v (..., 1, C), v is None; a vector keeps v."""
+    beta2_complement = step ** beta2_decay                       # 1 - b2_t = t^(-0.8)
+    rho = min(lr, 1 / math.sqrt(step))                           # relative step size
+    rms = param.norm() / math.sqrt(param.numel())
+    alpha = rms.clamp(min=eps2) * rho                            # max(eps2, RMS(theta)) rho
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)                        # theta <- theta (1 - lr wd)
+    if v is None:                                                # factored second moment
+        row_v.lerp_(torch.linalg.vector_norm(grad, dim=-1, keepdim=True).square_()
+                    .div_(grad.shape[-1]), beta2_complement)     # R_t: mean over columns of g^2
+        col_v.lerp_(torch.linalg.vector_norm(grad, dim=-2, keepdim=True).square_()
+                    .div_(grad.shape[-2]), beta2_complement)     # C_t: mean over rows of g^2
+        v_hat = (row_v @ col_v).div_(row_v.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+    else:
+        v.lerp_(grad * grad, beta2_complement)                   # v_t, unfactored
+        v_hat = v.clone()
+    update = v_hat.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)   # U = g / sqrt(v_hat)
+    clip = (update.norm() / (math.sqrt(update.numel()) * d)).clamp(min=1.0)   # max(1, RMS(U) / d)
+    param.sub_(update * (alpha / clip))                          # theta_t <- theta - alpha U / clip
+
+
+class Adafactor(_SandboxOptimizer):
+    r"""Adafactor: Adam's second moment factored into row and column statistics, no momentum.
+
+    Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", ICML 2018,
+    arXiv 1804.04235 (Algorithms 4 and 5, with relative step sizes and update clipping). Pinned to
+    torch.optim.Adafactor, whose variant (beta2 decay t^-0.8, no momentum, RMS of the parameter
+    as the step's scale) this is.
+
+    .. code-block:: text
+
+        input: lr (rho_max), beta2_decay (-0.8), eps1, eps2, d, weight_decay (lambda)
+        for t = 1, 2, ...:
+            b2_hat <- 1 - t^beta2_decay;  rho_t <- min(lr, 1 / sqrt(t))
+            alpha_t <- max(eps2, RMS(theta_{t-1})) rho_t
+            theta <- theta_{t-1} (1 - lr lambda)
+            for a matrix (the last two dims):
+                R_t <- b2_hat R_{t-1} + (1 - b2_hat) mean_cols(g_t^2)      # one per row
+                C_t <- b2_hat C_{t-1} + (1 - b2_hat) mean_rows(g_t^2)      # one per column
+                v_hat <- R_t C_t / mean(R_t)
+            for a vector:  v_hat <- v_t = b2_hat v_{t-1} + (1 - b2_hat) g_t^2
+            U_t <- g_t / sqrt(max(v_hat, eps1^2))
+            theta_t <- theta - alpha_t U_t / max(1, RMS(U_t) / d)
+
+    State: R and C (rows + columns floats) per matrix, v per vector, a step count.
+
+    Args:
+        params: parameters, (name, parameter) pairs, or param group dicts.
+        lr: rho_max, the cap of the relative step size (1e-2, torch's default).
+        beta2_decay: <= 0; 1 - b2_hat = t^beta2_decay.
+        eps: (eps1, eps2): eps1 the floor of v_hat's square root (None: the dtype's machine
+            epsilon), eps2 the floor of RMS(theta).
+        d: >= 1, the update clipping threshold.
+        weight_decay: lambda, >= 0, applied as theta *= 1 - lr lambda.
+
+    Deliberate differences from torch.optim.Adafactor: the step is a Python int and the RMS and
+    clipping factors stay tensors (no host sync per tensor); no maximize or foreach variants.
+    """
+
+    float16_params = False
+
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+                 weight_decay=0.0):
+        defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=tuple(eps), d=d,
+                        weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_group(group):
+        _check_range("lr", group["lr"], 0.0)
+        _check_range("weight_decay", group["weight_decay"], 0.0)
+        _check_range("beta2_decay", group["beta2_decay"], -math.inf, 0.0)
+        eps1, eps2 = group["eps"]
+        if eps1 is not None:
+            _check_range("eps[0]", eps1, 0.0)
+        _check_range("eps[1]", eps2, 0.0)
+        _check_range("d", group["d"], 1.0)
+
+    def _update(self):
+        for gi, group in enumerate(self.param_groups):
+            eps1, eps2 = group["eps"]
+            for _, _, p, grad in _params_with_grad(self, gi, group):
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    if p.dim() >= 2:
+                        state["row_var"] = p.new_zeros(p.shape[:-1] + (1,))        # R
+                        state["col_var"] = p.new_zeros(p.shape[:-2] + (1, p.shape[-1]))   # C
+                    else:
+                        state["variance"] = torch.zeros_like(p)                    # v
+                state["step"] += 1
+                adafactor_update(p, grad, state.get("row_var"), state.get("col_var"),
+                                 state.get("variance"), state["step"], lr=group["lr"],
+                                 beta2_decay=group["beta2_decay"],
+                                 eps1=torch.finfo(p.dtype).eps if eps1 is None else eps1,
+                                 eps2=eps2, d=group["d"], weight_decay=group["weight_decay"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -990,16 +1233,17 @@ def projected_params(model):
             if _kind_name(kind) in PROJECTED_KINDS and p.dim() == 2]
 
 
-def projection_table(model, projected):
-    """Which parameters APOLLO projects (the others take AdamW steps), as a text table."""
-    kinds, projected = param_kinds(model), set(projected)
-    lines = [f"APOLLO projection; parameter kinds {kinds_source(model)}",
+def matrix_table(model, selected, by):
+    """Which parameters optimizer `by` (APOLLO, Muon) updates as matrices, the others taking
+    AdamW steps, as a text table."""
+    kinds, selected = param_kinds(model), set(selected)
+    lines = [f"{by} matrices; parameter kinds {kinds_source(model)}",
              f"{'parameter':<40} {'shape':<16} {'kind':<14} {'update':>8}"]
     for name, p in model.named_parameters():
         kind = str(kinds.get(p, "other"))
         lines.append(f"{name:<40} {str(tuple(p.shape)):<16} {kind:<14} "
-                     f"{'APOLLO' if p in projected else 'AdamW':>8}")
-    lines.append(f"{len(projected)} of {len(list(model.parameters()))} tensors projected")
+                     f"{by if p in selected else 'AdamW':>8}")
+    lines.append(f"{len(selected)} of {len(list(model.parameters()))} tensors updated by {by}")
     return "\n".join(lines)
 
 
@@ -1007,7 +1251,7 @@ def projection_table(model, projected):
 # Factory and accounting: the one place that dispatches on optimizer names
 
 OPTIMIZERS = {"adamw": AdamW, "sgd_sai": SGDSaI, "adam_mini": AdamMini, "apollo": apollo,
-              "apollo_mini": apollo_mini}
+              "apollo_mini": apollo_mini, "muon": Muon, "adafactor": Adafactor}
 
 
 def decay_groups(params, weight_decay):
@@ -1025,21 +1269,24 @@ def decay_groups(params, weight_decay):
 def trainer_hparams(name, options):
     """The trainers' optimizer options (`options` has lr, weight_decay, beta1, beta2 and
     sai_rule, as their Config) as the keyword arguments optimizer `name` takes: beta1 is
-    SGD-SaI's momentum and b1 of the others; sai_rule is SGD-SaI's only, beta2 the others'."""
+    SGD-SaI's momentum and b1 of the Adam family (Muon: of its AdamW part; its own momentum
+    stays 0.95); sai_rule is SGD-SaI's only; Adafactor takes neither beta."""
     hparams = dict(lr=options.lr, weight_decay=options.weight_decay)
     if name == "sgd_sai":
         return hparams | dict(momentum=options.beta1, sai_rule=options.sai_rule)
-    return hparams | dict(betas=(options.beta1, options.beta2))
+    if name == "adafactor":                    # no first moment; its b2 follows t^-0.8
+        return hparams
+    return hparams | dict(betas=(options.beta1, options.beta2))   # Muon: its AdamW part's
 
 
 def build_optimizer(name, model, log=None, **hparams):
     """Optimizer `name` for `model`, as both trainers build it.
 
     The params go in `decay_groups` with their names, so errors name them. Adam-mini gets its
-    partition from `block_rules(model)`, APOLLO and APOLLO-Mini the matrices to project from
-    `projected_params(model)`; `log` (e.g. print) is given either table, which says whether the
+    partition from `block_rules(model)`, APOLLO, APOLLO-Mini and Muon their matrices from
+    `projected_params(model)`; `log` (e.g. print) is given the table, which says whether the
     parameter kinds were declared or guessed. Adam-mini without a single Q/K split warns; APOLLO
-    with nothing to project is a ValueError. `hparams` are the optimizer's own keyword
+    or Muon with no matrix is a ValueError. `hparams` are the optimizer's own keyword
     arguments; one it does not take is a TypeError listing those it does.
     """
     if name not in OPTIMIZERS:
@@ -1055,14 +1302,15 @@ def build_optimizer(name, model, log=None, **hparams):
                           "per head: every matrix gets one block per row. If the model has "
                           "attention, declare param_kinds() ('qk', 'qkv' or ('qk', heads)).",
                           stacklevel=2)
-    if name in ("apollo", "apollo_mini"):
-        hparams["projected"] = projected_params(model)
+    if name in ("apollo", "apollo_mini", "muon"):
+        by, key = ("Muon", "orthogonalized") if name == "muon" else ("APOLLO", "projected")
+        hparams[key] = projected_params(model)
         if log:
-            log(projection_table(model, hparams["projected"]))
-        if not hparams["projected"]:
-            raise ValueError(f"APOLLO has nothing to project in {type(model).__name__}: no 2-D "
+            log(matrix_table(model, hparams[key], by))
+        if not hparams[key]:
+            raise ValueError(f"{by} has nothing to update in {type(model).__name__}: no 2-D "
                              "attention, MLP or other Linear weight (embeddings and heads are "
-                             "not projected); declare param_kinds(), or use adamw")
+                             "not matrices for it); declare param_kinds(), or use adamw")
     cls = OPTIMIZERS[name]
     allowed = list(inspect.signature(cls).parameters)[1:]
     unknown = sorted(set(hparams) - set(allowed))

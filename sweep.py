@@ -59,8 +59,9 @@ BABY = ("max_iters=400 eval_interval=100 eval_iters=20 warmup_iters=40 log_inter
 STUDIES = {
     "lr": dict(grid=" | ".join(
         [f"optimizer={name} lr=1e-3,3e-3,1e-2,3e-2"
-         for name in ("adamw", "adam_mini", "apollo", "apollo_mini")] +
-        ["optimizer=sgd_sai lr=3e-3,1e-2,3e-2,1e-1"]), seeds="1,2,3", set=BABY),
+         for name in ("adamw", "adam_mini", "apollo", "apollo_mini", "muon")] +
+        [f"optimizer={name} lr=3e-3,1e-2,3e-2,1e-1" for name in ("sgd_sai", "adafactor")]),
+        seeds="1,2,3", set=BABY),
     # weight decay off: decoupled decay multiplies by the lr, which differs ~250x between rules
     # (gsnr_max and none need lr ~1 where gsnr needs ~1e-2), so with it on the rules would also
     # differ in how fast they decay the weights

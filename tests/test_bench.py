@@ -11,7 +11,8 @@ N_PARAMS, N_TENSORS, MIB = 10_745_088, 39, 2 ** 20      # GPT 6x384, vocab 65, n
 ROWS = ("torch AdamW (foreach)", "torch AdamW (per-tensor)", "AdamW (ours, foreach)",
         "AdamW (ours, per-tensor)", "SGD-SaI (ours)", "Adam-mini (ours)",
         "Adam-mini (ours, per-tensor)", "APOLLO (ours)", "APOLLO-Mini (ours)",
-        "SGD_sai (official 1.0.3)", "Adam_mini (official 1.1.1)")
+        "SGD_sai (official 1.0.3)", "Adam_mini (official 1.1.1)", "Muon (ours, + AdamW)",
+        "torch Muon (+ torch AdamW)", "Adafactor (ours)", "torch Adafactor (foreach)")
 
 
 def test_bench_report_is_complete_and_consistent(capsys):

@@ -202,7 +202,7 @@ def test_no_head_count_is_a_clear_error_for_adam_mini_only():
 def test_models_without_attention_warn_adam_mini_and_apollo_needs_a_matrix():
     with pytest.warns(UserWarning, match="Adam-mini found no Q or K weight in Sequential"):
         optim.build_optimizer("adam_mini", mlp(), lr=LR)
-    with pytest.raises(ValueError, match="APOLLO has nothing to project in Embedding"):
+    with pytest.raises(ValueError, match="APOLLO has nothing to update in Embedding"):
         optim.build_optimizer("apollo_mini", nn.Embedding(5, 4), lr=LR)
 
 
@@ -296,7 +296,7 @@ def test_a_groups_own_list_must_fit_its_parameters(name):
                                          r"parameter \(2\)"):
         opt.add_param_group(group(["rows"]))
     bad = ["rows", ("heads", 2)] if name == "adam_mini" else [False, True]
-    message = r"2 heads do not divide" if name == "adam_mini" else r"APOLLO projects matrices"
+    message = r"2 heads do not divide" if name == "adam_mini" else r"matrices only"
     with pytest.raises(ValueError, match=r"extra\.b: .*" + message):
         opt.add_param_group(group(bad))
 
@@ -436,11 +436,16 @@ def test_low_precision_parameters(name):
                 if torch.is_tensor(value):
                     want = torch.float32 if key == "scale" else dtype
                     assert value.dtype == want, (key, value.dtype)
-    # Adam's first steps are close to sign(g): an element whose gradient is ~0 may flip sign in
-    # bfloat16 and land 2 lr away, so the comparison is over all elements, not each one
-    for a, b in zip(results[torch.float32].parameters(), results[torch.bfloat16].parameters()):
-        close = (b.float() - a).abs() <= 2e-3 + 1e-2 * a.abs()
-        assert close.float().mean() >= 0.95 and (b.float() - a).abs().max() <= 4 * LR + 1e-2
+    # bfloat16 keeps 8 significant bits: a step of 1e-2 on a weight of 0.3 is a couple of ulps,
+    # and Adam's first steps are ~sign(g), which flips where g ~ 0. So: most elements within two
+    # ulps, none further off than the float32 step itself, and the bfloat16 run moves as much
+    initial = make("mlp")
+    for a, b, p0 in zip(results[torch.float32].parameters(),
+                        results[torch.bfloat16].parameters(), initial.parameters()):
+        error, step = (b.float() - a).abs(), (a - p0).abs()
+        assert (error <= 2 ** -6 * a.abs() + 1e-3).float().mean() >= 0.85
+        assert error.max() <= 2 * step.max() + 2 ** -6 * a.abs().max()
+        assert (b.float() - p0).abs().mean() >= 0.5 * step.mean()
     half = make("mlp").half()
     if name == "sgd_sai":
         opt = build(name, half)

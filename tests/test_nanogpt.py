@@ -44,14 +44,18 @@ def expected_state_floats(optimizer, shapes):
                 return shape[0]                               # per token or output neuron
             return 1                                          # position embedding, norm gains
         return sum(numel.values()) + sum(blocks(n, s) for n, s in shapes.items())
+    if optimizer == "adafactor":                              # rows + columns, or v
+        return sum(s[0] + s[1] if len(s) == 2 else numel[n] for n, s in shapes.items())
+    matrices = [n for n in shapes if n.endswith(("attn.c_attn.weight", "attn.c_proj.weight",
+                                                 "mlp.c_fc.weight", "mlp.c_proj.weight"))]
+    assert len(matrices) == 4
+    others = 2 * sum(numel[n] for n in shapes if n not in matrices)   # AdamW's m and v
+    if optimizer == "muon":                                   # a momentum per matrix
+        return sum(numel[n] for n in matrices) + others
     # APOLLO: m and v of the rank-r projection (r x N each) and one norm per attention or MLP
-    # matrix (k = 16 wide: r = 16 // 4 for APOLLO, 1 for APOLLO-Mini); AdamW's for the others
+    # matrix (k = 16 wide: r = 16 // 4 for APOLLO, 1 for APOLLO-Mini)
     rank = {"apollo": 4, "apollo_mini": 1}[optimizer]
-    projected = [n for n in shapes if n.endswith(("attn.c_attn.weight", "attn.c_proj.weight",
-                                                  "mlp.c_fc.weight", "mlp.c_proj.weight"))]
-    assert len(projected) == 4
-    return (sum(2 * rank * max(shapes[n]) + 1 for n in projected)
-            + 2 * sum(numel[n] for n in shapes if n not in projected))
+    return sum(2 * rank * max(shapes[n]) + 1 for n in matrices) + others
 
 
 @pytest.mark.parametrize("optimizer", sorted(optim.OPTIMIZERS))
@@ -154,7 +158,7 @@ def test_plots_redraw_from_logs(corpus, tmp_path):
     (["--compile=maybe"], "--compile expects True or False"),
     (["--n_embd=30", "--n_head=4"], "--n_embd=30 must be divisible by --n_head=4"),
     (["--optimizer=adam"], "unknown optimizer 'adam'; choose from adamw, sgd_sai, adam_mini, "
-                            "apollo, apollo_mini"),
+                            "apollo, apollo_mini, muon, adafactor"),
     (["--lr=-1.0"], "--lr must be >= 0"),
     (["--beta2=1.0"], "--beta2 must be in [0, 1)"),
     (["--sai_rule=max"], "--sai_rule must be one of gsnr, gsnr_max, sqrt_numel, none"),

@@ -13,7 +13,7 @@ from sgd_sai import SGD_sai
 from torch import nn
 
 import optim
-from tiny_models import batches, make_model, max_rel_diff, train
+from tiny_models import batches, make_model, max_rel_diff, train, train_scheduled
 
 STEPS = 50
 
@@ -21,20 +21,6 @@ STEPS = 50
 def decay_groups(model, weight_decay):
     """The param groups build_optimizer makes, for the reference optimizers."""
     return optim.decay_groups(model.parameters(), weight_decay)
-
-
-def warmup(optimizer):
-    """An LR that changes every step, so the tests also cover schedulers."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, (t + 1) / 10))
-
-
-def train_scheduled(model, optimizer, data):
-    scheduler = warmup(optimizer)
-    losses = []
-    for xy in data:
-        losses += train(model, optimizer, [xy])
-        scheduler.step()
-    return losses
 
 
 def quiet():
@@ -329,8 +315,8 @@ def test_bad_hyperparameters_raise_specific_errors(name, hparams, error, message
 
 
 def test_unknown_optimizer_lists_valid_names():
-    with pytest.raises(ValueError, match=r"'adam'.*\['adam_mini', 'adamw', 'apollo', "
-                                         r"'apollo_mini', 'sgd_sai'\]"):
+    with pytest.raises(ValueError, match=r"'adam'.*\['adafactor', 'adam_mini', 'adamw', "
+                                         r"'apollo', 'apollo_mini', 'muon', 'sgd_sai'\]"):
         optim.build_optimizer("adam", make_model(), lr=1e-3)
 
 
@@ -370,8 +356,11 @@ def test_trainer_options_map_onto_each_optimizers_arguments(name):
     if name == "sgd_sai":
         assert (matrices["momentum"], matrices["sai_rule"]) == (0.8, "gsnr_max")
         assert "betas" not in matrices
-    else:
+    elif name == "adafactor":                        # no first moment, its own b2 schedule
+        assert "betas" not in matrices and "momentum" not in matrices
+    else:                                            # Muon: its AdamW part's; momentum its own
         assert matrices["betas"] == (0.8, 0.95) and "sai_rule" not in matrices
+        assert matrices.get("momentum", 0.95) == 0.95
 
 
 @pytest.mark.parametrize("name", sorted(optim.OPTIMIZERS))
@@ -380,12 +369,13 @@ def test_build_optimizer_logs_the_partition_or_projection_it_uses(name):
     opt = optim.build_optimizer(name, model, log=lines.append, lr=1e-3)
     if name == "adam_mini":
         assert lines == [optim.partition_table(model, optim.block_rules(model))]
-    elif name in ("apollo", "apollo_mini"):
+    elif name in ("apollo", "apollo_mini", "muon"):
+        by, key = ("Muon", "orthogonalized") if name == "muon" else ("APOLLO", "projected")
         table = lines[0].splitlines()
-        assert len(lines) == 1 and table[-1] == "12 of 29 tensors projected"
+        assert len(lines) == 1 and table[-1] == f"12 of 29 tensors updated by {by}"
         rows = {row.split()[0]: row.split()[-1] for row in table[2:-1]}
-        flags = dict(zip(opt.param_groups[0]["params"], opt.param_groups[0]["projected"]))
+        flags = dict(zip(opt.param_groups[0]["params"], opt.param_groups[0][key]))
         for param_name, p in model.named_parameters():
-            assert rows[param_name] == ("APOLLO" if flags.get(p) else "AdamW")
+            assert rows[param_name] == (by if flags.get(p) else "AdamW")
     else:
         assert lines == []

@@ -82,3 +82,22 @@ def max_rel_diff(model_a, model_b):
     """Largest ||a - b|| / ||b|| over the parameter tensors of two models."""
     return max(((a - b).norm() / b.norm()).item()
                for a, b in zip(model_a.parameters(), model_b.parameters()))
+
+
+def train_scheduled(model, optimizer, data):
+    """`train` under an lr that changes every step (a warmup over 10), so the tests cover
+    schedulers too; `optimizer` may be several, stepped together (a list)."""
+    optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: min(1.0, (t + 1) / 10))
+                  for o in optimizers]
+    losses = []
+    for xy in data:
+        logits = model(xy[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), xy[:, 1:].flatten())
+        loss.backward()
+        for o, s in zip(optimizers, schedulers):
+            o.step()
+            o.zero_grad(set_to_none=True)
+            s.step()
+        losses.append(loss.item())
+    return losses

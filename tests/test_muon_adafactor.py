@@ -1,0 +1,102 @@
+"""Muon and Adafactor pinned to torch.optim.Muon and torch.optim.Adafactor over 50 steps of a
+small transformer under a changing lr, with exact state bytes and their documented splits."""
+import pytest
+import torch
+
+import optim
+from tiny_models import batches, make_model, max_rel_diff, train, train_scheduled
+
+STEPS, N_PARAMS = 50, 28_928             # TinyLM: vocab 50, width 32, 2 layers, 4 heads
+
+
+def hidden_and_other(model, weight_decay):
+    """torch's Muon takes matrices only: the attention and MLP ones, as optim's split; the rest
+    goes to torch's AdamW, with the same lr and decoupled weight decay (no decay on vectors)."""
+    hidden = set(optim.projected_params(model))
+    others = [p for p in model.parameters() if p not in hidden]
+    return ([p for p in model.parameters() if p in hidden],
+            optim.decay_groups(others, weight_decay))
+
+
+@pytest.mark.parametrize("lr_rule,adjust_lr_fn", [("match_rms_adamw", "match_rms_adamw"),
+                                                  ("original", "original")])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_matches_torch(lr_rule, adjust_lr_fn, nesterov):
+    ours, ref = make_model(), make_model()
+    opt = optim.build_optimizer("muon", ours, lr=1e-2, weight_decay=0.1, momentum=0.9,
+                                nesterov=nesterov, lr_rule=lr_rule, betas=(0.9, 0.95))
+    hidden, other_groups = hidden_and_other(ref, 0.1)
+    ref_opts = [torch.optim.Muon(hidden, lr=1e-2, weight_decay=0.1, momentum=0.9,
+                                 nesterov=nesterov, adjust_lr_fn=adjust_lr_fn),
+                torch.optim.AdamW(other_groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8)]
+    data = batches(STEPS)
+    ref_losses = train_scheduled(ref, ref_opts, data)          # both under the same warmup
+    assert train_scheduled(ours, opt, data) == pytest.approx(ref_losses, rel=1e-6)
+    assert max_rel_diff(ours, ref) < 1e-6
+
+
+def test_adafactor_matches_torch():
+    ours, ref = make_model(), make_model()
+    opt = optim.build_optimizer("adafactor", ours, lr=2e-2, weight_decay=0.1)
+    ref_opt = torch.optim.Adafactor(optim.decay_groups(ref.parameters(), 0.1), lr=2e-2,
+                                    foreach=False)
+    data = batches(STEPS)
+    assert train_scheduled(ours, opt, data) == pytest.approx(train_scheduled(ref, ref_opt, data),
+                                                           rel=1e-6)
+    assert max_rel_diff(ours, ref) < 1e-6
+
+
+def test_newton_schulz_orthogonalises():
+    """Singular values of NS(G) lie in the band Jordan's coefficients aim for (~0.7 to ~1.2),
+    for wide and tall matrices; the singular vectors are G's (NS(G) G^T is symmetric PSD)."""
+    g = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
+    for m in (g, g.T):
+        o = optim.newton_schulz(m, steps=5).float()
+        s = torch.linalg.svdvals(o)
+        assert s.min() > 0.6 and s.max() < 1.25
+        sym = o @ m.T if m.shape[0] <= m.shape[1] else m.T @ o
+        torch.testing.assert_close(sym, sym.T, rtol=0.05, atol=0.05 * sym.abs().max().item())
+
+
+def test_state_bytes_exact():
+    """TinyLM, float32. Muon: a momentum per attention / MLP matrix (per layer q, k, v, o 32 x 32
+    and the MLP's 128 x 32 and 32 x 128: 24,576 floats over both layers), AdamW's 2 floats for
+    the other 4,352 parameters. Adafactor: rows + columns per matrix, v per vector."""
+    counts = {}
+    for name in ("muon", "adafactor"):
+        model = make_model()
+        opt = optim.build_optimizer(name, model, lr=1e-3)
+        train(model, opt, batches(1))
+        counts[name] = optim.state_bytes(opt)
+    assert counts["muon"] == 4 * (24_576 + 2 * (N_PARAMS - 24_576))
+    # matrices: embed 50 x 32, lm_head 50 x 32, wpe 16 x 32, per layer 4 x (32 + 32) and
+    # 2 x (128 + 32); vectors: the final norm 2 x 32, per layer 2 norms x 2 x 32 + biases 128 + 32
+    matrices = 82 + 82 + 48 + 2 * (4 * 64 + 2 * 160)
+    vectors = 64 + 2 * (128 + 160)
+    assert counts["adafactor"] == 4 * (matrices + vectors)
+    assert counts["muon"] / (8 * N_PARAMS) == pytest.approx(0.575, abs=0.001)
+
+
+def test_muon_orthogonalises_the_hidden_matrices_only():
+    model = make_model()
+    opt = optim.build_optimizer("muon", model, lr=1e-3)
+    train(model, opt, batches(1))
+    hidden = set(optim.projected_params(model))
+    for group in opt.param_groups:
+        for p, flag in zip(group["params"], group["orthogonalized"]):
+            assert flag == (p in hidden)
+            assert set(opt.state[p]) == ({"momentum_buffer"} if flag else
+                                         {"step", "exp_avg", "exp_avg_sq"})
+
+
+@pytest.mark.parametrize("name,hparams,message", [
+    ("muon", {"lr_rule": "spectral"}, r"lr_rule='spectral' is not one of"),
+    ("muon", {"ns_steps": 0}, r"ns_steps=0 .*int >= 1"),
+    ("muon", {"momentum": 1.0}, r"momentum=1\.0 .*\[0\.0, 1\.0\)"),
+    ("adafactor", {"d": 0.5}, r"d=0\.5 is outside the allowed range \[1\.0, inf\]"),
+    ("adafactor", {"beta2_decay": 0.1}, r"beta2_decay=0\.1"),
+    ("adafactor", {"eps": (-1.0, 1e-3)}, r"eps\[0\]=-1\.0"),
+])
+def test_bad_hyperparameters_raise_specific_errors(name, hparams, message):
+    with pytest.raises(ValueError, match=message):
+        optim.build_optimizer(name, make_model(), **{"lr": 1e-3, **hparams})

@@ -69,10 +69,15 @@ def _check_one_of(name, value, allowed):
         raise ValueError(f"{name}={value!r} is not one of {allowed}")
 
 
-def _check_adam_hparams(group):
-    """lr, betas, eps and weight_decay, as AdamW, Adam-mini and APOLLO take them."""
+def _check_lr_and_decay(group):
+    """lr and weight_decay, which every optimizer here takes: >= 0."""
     _check_range("lr", group["lr"], 0.0)
     _check_range("weight_decay", group["weight_decay"], 0.0)
+
+
+def _check_adam_hparams(group):
+    """lr, betas, eps and weight_decay, as AdamW, Adam-mini, APOLLO and Muon take them."""
+    _check_lr_and_decay(group)
     _check_range("eps", group["eps"], 0.0)
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -210,6 +215,20 @@ def _adam_hparams(group):
     beta1, beta2 = group["betas"]
     return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"])
+
+
+def _matrices_then_adamw(optimizer, group_index, group, flag):
+    """Yield (index, param, grad, state) of the params with a gradient that group[flag] marks as
+    the optimizer's own matrices (APOLLO's projected, Muon's orthogonalized); the others
+    (embeddings, head, norms, biases) take one AdamW step together once the loop has ended."""
+    adamw_rows = []
+    for i, _, p, grad in _params_with_grad(optimizer, group_index, group):
+        if group[flag][i]:
+            yield i, p, grad, optimizer.state[p]
+        else:
+            adamw_rows.append(_adamw_row(p, grad, optimizer.state[p]))
+    if adamw_rows:
+        adamw_update_foreach(*_columns(adamw_rows), **_adam_hparams(group))
 
 
 def _update_rows(rows, group, update, update_foreach):
@@ -370,8 +389,7 @@ class SGDSaI(_SandboxOptimizer):
 
     @staticmethod
     def _check_group(group):
-        _check_range("lr", group["lr"], 0.0)
-        _check_range("weight_decay", group["weight_decay"], 0.0)
+        _check_lr_and_decay(group)
         _check_range("eps", group["eps"], 0.0)
         _check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         _check_one_of("sai_rule", group["sai_rule"], SAI_RULES)
@@ -779,12 +797,7 @@ class Apollo(_SandboxOptimizer):
         first_index = 0             # index of the group's first param over all groups (seeds)
         for gi, group in enumerate(self.param_groups):
             hp = _adam_hparams(group)
-            adamw_rows = []          # embeddings, head, norms, biases
-            for i, _, p, grad in _params_with_grad(self, gi, group):
-                state = self.state[p]
-                if not group["projected"][i]:
-                    adamw_rows.append(_adamw_row(p, grad, state))
-                    continue
+            for i, p, grad, state in _matrices_then_adamw(self, gi, group, "projected"):
                 if not state:
                     rank = projection_rank(group["rank"], p.shape)
                     shape = (p.shape[0], rank) if p.shape[0] >= p.shape[1] else (rank, p.shape[1])
@@ -797,8 +810,6 @@ class Apollo(_SandboxOptimizer):
                 apollo_update(p, grad, self.projection(p, group), state["exp_avg"],
                               state["exp_avg_sq"], state["step"], state["update_norm"], **hp,
                               granularity=group["granularity"], alpha=group["alpha"])
-            if adamw_rows:
-                adamw_update_foreach(*_columns(adamw_rows), **hp)
             first_index += len(group["params"])
 
 
@@ -948,12 +959,7 @@ class Muon(_SandboxOptimizer):
 
     def _update(self):
         for gi, group in enumerate(self.param_groups):
-            adamw_rows = []          # embeddings, head, norms, biases
-            for i, _, p, grad in _params_with_grad(self, gi, group):
-                state = self.state[p]
-                if not group["orthogonalized"][i]:
-                    adamw_rows.append(_adamw_row(p, grad, state))
-                    continue
+            for _, p, grad, state in _matrices_then_adamw(self, gi, group, "orthogonalized"):
                 if not state:
                     state["momentum_buffer"] = torch.zeros_like(p)   # B, momentum
                 muon_update(p, grad, state["momentum_buffer"], lr=group["lr"],
@@ -961,8 +967,6 @@ class Muon(_SandboxOptimizer):
                             weight_decay=group["weight_decay"], ns_steps=group["ns_steps"],
                             ns_coefficients=group["ns_coefficients"], ns_eps=group["ns_eps"],
                             lr_rule=group["lr_rule"])
-            if adamw_rows:
-                adamw_update_foreach(*_columns(adamw_rows), **_adam_hparams(group))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1040,8 +1044,7 @@ class Adafactor(_SandboxOptimizer):
 
     @staticmethod
     def _check_group(group):
-        _check_range("lr", group["lr"], 0.0)
-        _check_range("weight_decay", group["weight_decay"], 0.0)
+        _check_lr_and_decay(group)
         _check_range("beta2_decay", group["beta2_decay"], -math.inf, 0.0)
         eps1, eps2 = group["eps"]
         if eps1 is not None:

@@ -278,6 +278,10 @@ def train(cfg):
         fast_model.train()
         return out
 
+    def save():   # everything a resume needs, the batch stream's position included
+        save_checkpoint(run_dir, model, opt, scaler, cfg, batch_gen=batch_gen.get_state(),
+                        step=it, train_s=train_s, best_val=best_val)
+
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     status, resumed_at = "finished", it if cfg.resume else None
     bar = tqdm(total=cfg.max_iters, initial=it, disable=None, dynamic_ncols=True, leave=False)
@@ -303,8 +307,7 @@ def train(cfg):
                           wall_s=time.time() - t_start, **memory_fields(model, opt, device))
                 bar.write(f"step {it}: train loss {losses['train']:.4f}, val loss "
                           f"{losses['val']:.4f}")
-                save_checkpoint(run_dir, model, opt, scaler, cfg, batch_gen=batch_gen.get_state(),
-                                step=it, train_s=train_s, best_val=best_val)
+                save()
             if it == cfg.max_iters:
                 break
 
@@ -346,8 +349,7 @@ def train(cfg):
                           f"{mem['state_bytes'] / (2 * mem['param_bytes']):.2f}x AdamW")
                 interval_s, interval_steps = 0.0, 0
             if stop.requested:
-                save_checkpoint(run_dir, model, opt, scaler, cfg, batch_gen=batch_gen.get_state(),
-                                step=it, train_s=train_s, best_val=best_val)
+                save()
                 status = "stopped"
                 break
     bar.close()

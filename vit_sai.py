@@ -64,10 +64,9 @@ class Config(RunOptions):
     seed: int = option(1337, "seed of weights, shuffling, augmentation and dropout")
 
 
-# Peak learning rates: the best of the README's Fashion-MNIST sweep (3-epoch runs, 4-5 values);
-# Muon's and Adafactor's are not swept on the ViT yet: the GPT's best (cpu preset) for now.
+# Peak learning rates: the best of the README's Fashion-MNIST sweep (3-epoch runs, 4-6 values)
 DEFAULT_LR = {"adamw": 4e-3, "sgd_sai": 4e-2, "adam_mini": 4e-3, "apollo": 8e-3,
-              "apollo_mini": 8e-3, "muon": 8e-3, "adafactor": 2e-2}
+              "apollo_mini": 8e-3, "muon": 4e-3, "adafactor": 4e-2}
 USAGE = __doc__.strip().splitlines()[0] + "\n\n" + "\n".join(__doc__.strip().splitlines()[2:7])
 
 

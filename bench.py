@@ -1,26 +1,33 @@
 """
-Optimizer step time and state memory on nanoGPT's 6-layer, 384-wide GPT (~10.7M parameters),
-and the trainer's own overhead.
+Optimizer step time and memory against the strongest torch implementations and against the
+memory-traffic bound, at three GPT sizes; and the trainer's own overhead.
 
-    python bench.py                    # CPU, median of 30 timed steps per optimizer
-    python bench.py --steps=60 --device=cuda
-    python bench.py --what=overhead    # nanogpt_sai.py's ms/iter against a plain loop
+    python bench.py                          # CPU, 1 thread, 4x128, 6x384 and 12x768 GPTs
+    python bench.py --sizes=6x384 --rows=adamw_fused,torch_adamw_fused
+    python bench.py --threads=0 --device=cuda
+    python bench.py --what=overhead          # nanogpt_sai.py's ms/iter against a plain loop
 
-Times optimizer.step() alone (gradients are fixed random tensors, set once), for our optimizers
-and the references: torch.optim.AdamW (foreach and per-tensor), official SGD_sai 1.0.3 and
-official Adam_mini 1.1.1 (if installed: `pip install -r requirements-test.txt`). Rounds are
-interleaved so that drift in machine speed hits every optimizer alike. Prints a markdown table,
-then each optimizer against its targets (SGD-SaI <= 0.4x torch AdamW (foreach) and no slower
-than the official SGD_sai; Adam-mini <= 0.5x the official Adam_mini and <= 1.2x torch AdamW;
-APOLLO-Mini's state of the projected matrices < 1% of AdamW's for the same matrices and its
-step <= 1.5x torch AdamW). The timed steps reuse a cached random projection: APOLLO draws P
-again only every update_proj_gap (200) steps.
+Times optimizer.step() alone (gradients are fixed random tensors, set once) for our optimizers
+(fused: compiled by torch.compile, the default from FUSED_MIN_NUMEL parameters; eager) and the
+references: torch's AdamW (fused, foreach), SGD with momentum (fused), Muon and Adafactor, and
+the official SGD_sai 1.0.3 and Adam_mini 1.1.1 (if installed: `pip install -r
+requirements-test.txt`). Each row runs in its own process, with its own peak memory; the rows
+take turns over --rounds rounds in a rotating order, so that drift in machine speed hits every
+row alike. Per size it prints ns per parameter, the step against torch's fused AdamW and
+against the row's memory-traffic bound: the bytes the update must read and write (AdamW: p, g,
+m, v read, p, m, v written: 7 floats per parameter; SGD momentum, SGD-SaI and Adam-mini 5;
+APOLLO's matrices 4, the gradient read twice as its scaling needs the whole projection first;
+Adafactor 4) over the in-place axpy bandwidth measured in the same round. APOLLO's projection
+is matrix products: its bound adds their flops over the matmul rate measured alike. "peak
+extra" is the memory a step takes beyond parameters, gradients and its state (resident set on a
+CPU after returning freed memory to the system, CUDA's allocated peak on a GPU), as a fraction
+of the model. Then the targets (set for 10M parameters or more; printed at every size, where
+below that fixed per-call costs weigh more). Muon's step is bfloat16 matrix products: no bound
+is measured for it.
 
-On CPU, an optimizer that allocates tensor-sized temporaries every step (the official Adam_mini,
-AdamW's sqrt(v)) is timed partly on the allocator (glibc serves a large block from its heap, or
-maps fresh pages that fault on first touch), so such rows move between runs and processes: the
-official Adam_mini measured 13.7 to 42 ms on one machine, 60 ms with MALLOC_MMAP_THRESHOLD_=65536.
-Compare ratios from one run, and look at the middle half of the timed steps.
+One thread by default (--threads): on a busy 2-core machine two threads spread a row's steps
+over 10x and flip verdicts between runs; the load average is printed with the table. The timed
+steps reuse a cached random projection: APOLLO draws P again only every 200 steps.
 
 --what=overhead trains the default baby GPT (SGD-SaI) three ways, interleaved: a plain loop
 (batch, forward, backward, clip, step, nothing else), nanogpt_sai.py logging every step (console
@@ -28,6 +35,7 @@ line, metrics line, memory probes, progress bar) and nanogpt_sai.py with its def
 For the trainer, ms/iter is wall-clock between its first and last metrics lines, logging included.
 """
 import contextlib
+import ctypes
 import io
 import json
 import os
@@ -42,63 +50,102 @@ import torch
 
 import nanogpt_sai
 import optim
-from cli import ConfigError, check_positive, option, parse_args, pick_device
+from cli import ConfigError, check_positive, option, parse_args, pick_device, run_in_process
 from data.text import load_text, sample_batch
 from nanogpt_sai import GPT, Config
 
 MIB = 2 ** 20
+SIZES = {"4x128": (4, 4, 128), "6x384": (6, 6, 384), "12x768": (12, 12, 768)}  # layers, heads, d
+ROWS = {   # row key: its label in the table
+    "torch_adamw_fused": "torch AdamW (fused)",
+    "torch_adamw_foreach": "torch AdamW (foreach)",
+    "torch_sgd_fused": "torch SGD momentum (fused)",
+    "adamw_fused": "AdamW (ours, fused)",
+    "adamw_eager": "AdamW (ours, eager foreach)",
+    "sgd_sai_fused": "SGD-SaI (ours, fused)",
+    "sgd_sai_eager": "SGD-SaI (ours, eager)",
+    "adam_mini_fused": "Adam-mini (ours, fused)",
+    "adam_mini_eager": "Adam-mini (ours, eager foreach)",
+    "apollo_fused": "APOLLO (ours, fused)",
+    "apollo_mini_fused": "APOLLO-Mini (ours, fused)",
+    "apollo_mini_eager": "APOLLO-Mini (ours, eager)",
+    "muon": "Muon (ours, + AdamW)",
+    "torch_muon": "torch Muon (+ torch AdamW)",
+    "adafactor_fused": "Adafactor (ours, fused)",
+    "adafactor_eager": "Adafactor (ours, eager)",
+    "torch_adafactor": "torch Adafactor (foreach)",
+    "official_sgd_sai": "SGD_sai (official 1.0.3)",
+    "official_adam_mini": "Adam_mini (official 1.1.1)",
+}
+OFFICIAL = {"official_sgd_sai": "sgd_sai", "official_adam_mini": "adam_mini"}   # row: module
+# floats per parameter an update must read and write (the docstring says why)
+TRAFFIC = {"adamw": 7, "sgd": 5, "adam_mini": 5, "projected": 4, "muon": 5, "adafactor": 4}
+TARGETS = [   # (row, against, at most): step time over another row's; ours on its default path
+    ("adamw_fused", "torch_adamw_fused", 1.15),
+    ("sgd_sai_fused", "torch_sgd_fused", 1.15),
+    ("adam_mini_fused", "torch_adamw_fused", 0.85),
+    ("apollo_mini_fused", "torch_adamw_fused", 1.2),
+    ("apollo_fused", "torch_adamw_fused", 3.0),
+    ("sgd_sai_fused", "official_sgd_sai", 1.0),
+    ("adam_mini_fused", "official_adam_mini", 0.5),
+]
+# ours on its default path: the rows the bound and memory targets check
+DEFAULT_PATHS = ("adamw_fused", "sgd_sai_fused", "adam_mini_fused", "apollo_fused",
+                 "apollo_mini_fused", "muon", "adafactor_fused")
+BOUND_TARGET = 1.5      # every row of ours within this of its bound, APOLLO's compute included
+PEAK_TARGET = 0.1       # peak memory beyond params, grads and state, in model sizes
 
 
 @dataclass
 class BenchConfig:
-    steps: int = option(30, "timed steps per optimizer")
-    rounds: int = option(3, "interleaved rounds the steps are split into")
-    device: str = option("cpu", "cpu, cuda, cuda:N, mps or auto")
     what: str = option("steps", "steps (optimizer.step timings) or overhead (the trainer's)")
+    sizes: str = option("4x128,6x384,12x768", f"GPT sizes (layers x width): {', '.join(SIZES)}")
+    rows: str = option("all", "comma-separated rows (all: every one installed): "
+                       + ", ".join(ROWS))
+    steps: int = option(30, "timed steps per row and size, split over the rounds")
+    rounds: int = option(3, "rounds the rows take turns in (a rotating order)")
+    threads: int = option(1, "torch threads per process (0: torch's default)")
+    device: str = option("cpu", "cpu, cuda, cuda:N, mps or auto")
     data_path: str = option("", "tiny shakespeare for --what=overhead (as nanogpt_sai.py)")
+    row: str = option("", "(internal) the one row a child process times")
+    result_path: str = option("", "(internal) where a child process writes its timings")
 
 
-def candidates(model):
-    """name -> function building that optimizer for `model` (hyperparameters as the trainer's)."""
-    def groups():   # fresh dicts for each: torch's optimizers write their defaults into them
-        return optim.decay_groups(model.parameters(), 0.1)
+def gpt(size, device):
+    torch.manual_seed(0)
+    layers, heads, width = SIZES[size]
+    with torch.device(device):      # built there ("meta": shapes only), weight tying kept
+        return GPT(Config(n_layer=layers, n_head=heads, n_embd=width, block_size=256),
+                   vocab_size=65)
 
-    out = {
-        "torch AdamW (foreach)": lambda: torch.optim.AdamW(groups(), lr=1e-3, betas=(0.9, 0.99),
-                                                           foreach=True),
-        "torch AdamW (per-tensor)": lambda: torch.optim.AdamW(groups(), lr=1e-3,
-                                                              betas=(0.9, 0.99), foreach=False),
-        "AdamW (ours, foreach)": lambda: optim.build_optimizer(
-            "adamw", model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
-        "AdamW (ours, per-tensor)": lambda: optim.build_optimizer(
-            "adamw", model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, foreach=False),
-        "SGD-SaI (ours)": lambda: optim.build_optimizer("sgd_sai", model, lr=1e-2,
-                                                        weight_decay=0.1),
-        "Adam-mini (ours)": lambda: optim.build_optimizer(
-            "adam_mini", model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
-        "Adam-mini (ours, per-tensor)": lambda: optim.build_optimizer(
-            "adam_mini", model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, foreach=False),
-        "APOLLO (ours)": lambda: optim.build_optimizer(
-            "apollo", model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
-        "APOLLO-Mini (ours)": lambda: optim.build_optimizer(
-            "apollo_mini", model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
-        "Muon (ours, + AdamW)": lambda: optim.build_optimizer(
-            "muon", model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
-        "torch Muon (+ torch AdamW)": lambda: TorchMuonWithAdamW(model),
-        "Adafactor (ours)": lambda: optim.build_optimizer("adafactor", model, lr=1e-2,
-                                                          weight_decay=0.1),
-        "torch Adafactor (foreach)": lambda: torch.optim.Adafactor(groups(), lr=1e-2,
-                                                                   foreach=True),
-    }
-    with contextlib.suppress(ImportError):
+
+def build(row, model):
+    """Row `row`'s optimizer for `model`, hyperparameters as the trainer's."""
+    groups = optim.decay_groups(model.parameters(), 0.1)
+    adam = dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    if row == "torch_adamw_fused":
+        return torch.optim.AdamW(groups, **adam, fused=True)
+    if row == "torch_adamw_foreach":
+        return torch.optim.AdamW(groups, **adam, foreach=True)
+    if row == "torch_sgd_fused":
+        return torch.optim.SGD(groups, lr=1e-2, momentum=0.9, fused=True)
+    if row == "torch_muon":
+        return TorchMuonWithAdamW(model)
+    if row == "torch_adafactor":
+        return torch.optim.Adafactor(groups, lr=1e-2, foreach=True)
+    if row == "official_sgd_sai":
         from sgd_sai import SGD_sai
-        out["SGD_sai (official 1.0.3)"] = lambda: SGD_sai(groups(), lr=1e-2, weight_decay=0.1)
-    with contextlib.suppress(ImportError):
+        return SGD_sai(groups, lr=1e-2, weight_decay=0.1)
+    if row == "official_adam_mini":
         from adam_mini import Adam_mini
-        out["Adam_mini (official 1.1.1)"] = lambda: Adam_mini(
-            model.named_parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1,
-            dim=384, n_heads=6, verbose=False)
-    return out
+        return Adam_mini(model.named_parameters(), **adam, dim=model.lm_head.in_features,
+                         n_heads=model.n_head, verbose=False)
+    name = row.removesuffix("_eager").removesuffix("_fused")
+    hparams = dict(adam) if name not in ("sgd_sai", "adafactor") else dict(lr=1e-2,
+                                                                            weight_decay=0.1)
+    if name != "muon":
+        hparams["fused"] = row.endswith("_fused")
+    return optim.build_optimizer(name, model, **hparams)
 
 
 class TorchMuonWithAdamW:
@@ -120,76 +167,205 @@ class TorchMuonWithAdamW:
         self.state = {p: s for part in self.parts for p, s in part.state.items()}
 
 
+def traffic_floats(row, model):
+    """Floats the update of `row` must read and write per step (the docstring's counts)."""
+    name = row.removeprefix("torch_").removeprefix("official_").removesuffix("_eager")
+    name = name.removesuffix("_fused").removesuffix("_foreach")
+    if name in ("apollo", "apollo_mini", "muon"):
+        matrices = set(optim.projected_params(model))
+        words = TRAFFIC["projected" if name != "muon" else "muon"]
+        return sum(p.numel() * (words if p in matrices else TRAFFIC["adamw"])
+                   for p in model.parameters())
+    words = TRAFFIC["sgd" if name in ("sgd", "sgd_sai") else name]
+    return words * sum(p.numel() for p in model.parameters())
+
+
+def projection_flops(row, model):
+    """APOLLO's matrix products per step: R = P G (2 r k N flops per matrix); 0 for others."""
+    if not row.startswith("apollo"):
+        return 0
+    rank = 1 if row.startswith("apollo_mini") else None
+    return sum(2 * optim.projection_rank(rank, p.shape) * p.numel()
+               for p in optim.projected_params(model))
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def release_freed_memory(device):
+    """Give freed memory back (glibc's malloc_trim; CUDA's cache), so that the peak of the
+    timed steps counts every temporary they allocate, not what an earlier step left mapped."""
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                                     # reset the peak resident set
+
+
+def memory_now_and_peak(device):
+    """(bytes in use, peak bytes since release_freed_memory): CUDA allocated, or resident set."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return (int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024)
+    except (OSError, KeyError):                   # not Linux: no peak to report
+        return 0, 0
+
+
+def time_row(cfg):
+    """The child process: cfg.steps timed steps of cfg.row on one GPT, as JSON."""
+    device = pick_device(cfg.device)
+    model = gpt(cfg.sizes, device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    with contextlib.redirect_stdout(io.StringIO()):          # the official packages print
+        opt = build(cfg.row, model)
+        for _ in range(3):                                   # lazy state, g-SNR, compiling
+            opt.step()
+    sync(device)
+    release_freed_memory(device)
+    before, _ = memory_now_and_peak(device)
+    times = []
+    for _ in range(cfg.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        opt.step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    _, peak = memory_now_and_peak(device)
+    result = dict(times=times, extra_bytes=max(0, peak - before),
+                  state_bytes=optim.state_bytes(opt),
+                  projected_state_bytes=optim.state_bytes(opt, optim.projected_params(model)),
+                  fused=opt.fused() if isinstance(opt, optim._SandboxOptimizer) else None)
+    with open(cfg.result_path, "w") as f:
+        json.dump(result, f)
+
+
+def machine_rates(size, device):
+    """(in-place axpy bandwidth in bytes/s, float32 matmul rate in flops/s), best of 5: the
+    denominators of the bounds, measured in the round they bound."""
+    x = torch.rand(2 ** 24, device=device)              # 64 MiB each: far beyond the caches
+    y = torch.rand(2 ** 24, device=device)
+    width = SIZES[size][2]
+    g = torch.rand(4 * width, width, device=device)
+    p = torch.rand(width // 4, width, device=device)
+    axpy, matmul = [], []
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        y.add_(x, alpha=0.5)
+        sync(device)
+        axpy.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        g @ p.T
+        sync(device)
+        matmul.append(time.perf_counter() - t0)
+    return 3 * 4 * x.numel() / min(axpy), 2 * g.numel() * p.shape[0] / min(matmul)
+
+
 def bench_steps(cfg):
     device = pick_device(cfg.device)
-    torch.manual_seed(0)
-    model = GPT(Config(n_layer=6, n_head=6, n_embd=384, block_size=256), vocab_size=65)
-    model.to(device)
+    sizes = cfg.sizes.split(",")
+    rows = list(ROWS) if cfg.rows == "all" else cfg.rows.split(",")
+    for size in sizes:
+        if size not in SIZES:
+            raise ConfigError(f"--sizes: unknown size {size!r}; choose from {', '.join(SIZES)}")
+    for row in rows:
+        if row not in ROWS:
+            raise ConfigError(f"--rows: unknown row {row!r}; choose from {', '.join(ROWS)}")
+    if cfg.rows == "all":                              # the official packages, if installed
+        rows = [r for r in rows if r not in OFFICIAL or _importable(OFFICIAL[r])]
+    per_round = max(1, cfg.steps // cfg.rounds)
+    print(machine(device) + f" | load average {os.getloadavg()[0]:.2f} | median of "
+          f"{per_round * cfg.rounds} steps in {cfg.rounds} rotating rounds, one process per "
+          "row and round")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            results, rates = {row: [] for row in rows}, []
+            for round_ in range(cfg.rounds):
+                rates.append(machine_rates(size, device))
+                for row in rows[round_ % len(rows):] + rows[:round_ % len(rows)]:
+                    print(f"  {size} round {round_ + 1}/{cfg.rounds}: {ROWS[row]}",
+                          file=sys.stderr, flush=True)
+                    result_path = os.path.join(tmp, "result.json")
+                    argv = [f"--row={row}", f"--sizes={size}", f"--steps={per_round}",
+                            f"--device={device}", f"--threads={cfg.threads}",
+                            f"--result_path={result_path}"]
+                    status = run_in_process(__file__, argv, os.path.join(tmp, "child.log"),
+                                            threads=cfg.threads or None)
+                    if status != 0:
+                        with open(os.path.join(tmp, "child.log")) as f:
+                            raise RuntimeError(f"{ROWS[row]} at {size} failed:\n{f.read()}")
+                    with open(result_path) as f:
+                        results[row].append(json.load(f))
+            report(size, device, rows, results, rates)
+
+
+def _importable(module):
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def report(size, device, rows, results, rates):
+    model = gpt(size, "meta")
     n_params = sum(p.numel() for p in model.parameters())
-    grads = [torch.randn_like(p) * 1e-3 for p in model.parameters()]
-    initial = [p.detach().clone() for p in model.parameters()]
-
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    optimizers, times = {}, {}
-    with contextlib.redirect_stdout(io.StringIO()):      # the official packages print
-        for name, build in candidates(model).items():
-            optimizers[name] = build()
-            times[name] = []
-    for round_ in range(cfg.rounds + 1):                  # round 0 warms up (lazy state, g-SNR)
-        for name, opt in optimizers.items():
-            with torch.no_grad():
-                for p, g, p0 in zip(model.parameters(), grads, initial):
-                    p.copy_(p0)
-                    p.grad = g
-            for _ in range(cfg.steps // cfg.rounds if round_ else 3):
-                sync()
-                t0 = time.perf_counter()
-                with contextlib.redirect_stdout(io.StringIO()):
-                    opt.step()
-                sync()
-                if round_:
-                    times[name].append(time.perf_counter() - t0)
-
-    median = {name: statistics.median(t) for name, t in times.items()}
-    base = median["torch AdamW (foreach)"]
-    adamw_state = optim.state_bytes(optimizers["AdamW (ours, foreach)"])
-    print(f"{machine(device)} | GPT 6x384, {n_params / 1e6:.2f}M params | median of "
-          f"{len(times[next(iter(times))])} steps")
+    bandwidth = statistics.median(r[0] for r in rates)
+    flop_rate = statistics.median(r[1] for r in rates)
+    step = {row: statistics.median(t for r in results[row] for t in r["times"]) for row in rows}
+    base_row = "torch_adamw_fused" if "torch_adamw_fused" in rows else rows[0]
+    adamw_state = 2 * 4 * n_params
+    bound = {row: 4 * traffic_floats(row, model) / bandwidth
+             + projection_flops(row, model) / flop_rate for row in rows}
     print()
-    print("| optimizer | step ms | middle half ms | vs torch AdamW (foreach) | state MiB | "
-          "state vs AdamW |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, opt in optimizers.items():
-        ms = 1000 * median[name]
-        steps_ms = [1000 * t for t in times[name]]
-        q1, _, q3 = statistics.quantiles(steps_ms, n=4) if len(steps_ms) > 1 else steps_ms * 3
-        state = optim.state_bytes(opt)
-        print(f"| {name} | {ms:.2f} | {q1:.1f}-{q3:.1f} | {ms / 1000 / base:.2f}x | "
-              f"{state / MIB:.2f} | {state / adamw_state:.3f}x |")
-
-    projected = optim.projected_params(model)
-    mini_state = optim.state_bytes(optimizers["APOLLO-Mini (ours)"], projected)
-    adamw_projected = optim.state_bytes(optimizers["AdamW (ours, foreach)"], projected)
+    print(f"GPT {size} ({n_params / 1e6:.2f}M params) | axpy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s | matmul {flop_rate / 1e9:.0f} GFLOP/s")
     print()
-    targets = [("SGD-SaI step", median["SGD-SaI (ours)"] / base, "torch AdamW (foreach)", 0.4)]
-    if "SGD_sai (official 1.0.3)" in median:
-        targets.append(("SGD-SaI step", median["SGD-SaI (ours)"] / median[
-            "SGD_sai (official 1.0.3)"], "official SGD_sai", 1.0))
-    if "Adam_mini (official 1.1.1)" in median:
-        targets.append(("Adam-mini step", median["Adam-mini (ours)"] / median[
-            "Adam_mini (official 1.1.1)"], "official Adam_mini", 0.5))
-    targets += [("Adam-mini step", median["Adam-mini (ours)"] / base, "torch AdamW (foreach)",
-                 1.2),
-                ("APOLLO-Mini step", median["APOLLO-Mini (ours)"] / base,
-                 "torch AdamW (foreach)", 1.5),
-                (f"APOLLO-Mini state of the {len(projected)} projected matrices",
-                 mini_state / adamw_projected, "AdamW's for the same matrices", 0.01)]
-    for what, ratio, against, target in targets:
-        verdict = "met" if ratio <= target else "MISSED"
-        print(f"- {what}: {ratio:.3f}x {against} (target <= {target}x): {verdict}")
+    print(f"| optimizer | ns/param | step ms | middle half ms | vs {ROWS[base_row]} | x bound | "
+          "peak extra (x model) | state MiB | state vs AdamW |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        ms = [1000 * t for r in results[row] for t in r["times"]]
+        q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else ms * 3
+        extra = max(r["extra_bytes"] for r in results[row]) / (4 * n_params)
+        state = results[row][0]["state_bytes"]
+        print(f"| {ROWS[row]} | {1e9 * step[row] / n_params:.2f} | {1000 * step[row]:.2f} | "
+              f"{q1:.2f}-{q3:.2f} | {step[row] / step[base_row]:.2f}x | "
+              f"{step[row] / bound[row]:.2f}x | {extra:.3f} | {state / MIB:.2f} | "
+              f"{state / adamw_state:.3f}x |")
+    print()
+    for row, against, target in TARGETS:
+        if row in rows and against in rows:
+            check(f"{ROWS[row]} step", step[row] / step[against], ROWS[against], target)
+    for row in (r for r in rows if r in DEFAULT_PATHS):
+        if row != "muon":           # Newton-Schulz's bfloat16 matmuls: no bound measured for them
+            what = "its memory-traffic + matmul bound" if projection_flops(row, model) else \
+                "its memory-traffic bound"
+            check(f"{ROWS[row]} step", step[row] / bound[row], what, BOUND_TARGET)
+        extra = max(r["extra_bytes"] for r in results[row]) / (4 * n_params)
+        check(f"{ROWS[row]} peak extra memory", extra, "the model's size", PEAK_TARGET)
+    mini_rows = [r for r in rows if r.startswith("apollo_mini")]
+    if mini_rows:
+        projected = optim.projected_params(model)
+        mini = results[mini_rows[0]][0]["projected_state_bytes"]
+        check(f"APOLLO-Mini state of the {len(projected)} projected matrices",
+              mini / (2 * 4 * sum(p.numel() for p in projected)),
+              "AdamW's for the same matrices", 0.01)
+
+
+def check(what, ratio, against, target):
+    verdict = "met" if ratio <= target else "MISSED"
+    print(f"- {what}: {ratio:.3f}x {against} (target <= {target}x): {verdict}")
 
 
 def machine(device):
@@ -268,13 +444,19 @@ def main(argv):
         if cfg.what not in ("steps", "overhead"):
             raise ConfigError(f"--what must be steps or overhead, got {cfg.what!r}")
         check_positive(cfg, "steps", "rounds")
+        if cfg.threads < 0:
+            raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {cfg.threads}")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.row:
+            time_row(cfg)
+        elif cfg.what == "steps":
+            bench_steps(cfg)
+        else:
+            bench_overhead(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if cfg.what == "steps":
-        bench_steps(cfg)
-    else:
-        bench_overhead(cfg)
     return 0
 
 

@@ -32,6 +32,10 @@ float32); float16 parameters are refused by AdamW, Adam-mini and APOLLO, whose e
 second moments underflow there, and accepted by SGD-SaI. Keep float32 parameters under
 bfloat16 / float16 autocast for the best of both, as the trainers do.
 
+Speed: AdamW, SGD-SaI, Adam-mini and APOLLO take `fused=`: their update function, as written,
+compiled by torch.compile into one pass over memory per tensor (by default where it pays; see
+FUSED_MIN_NUMEL); eager, the same function runs op by op.
+
 Everything that knows optimizer names is at the bottom: `build_optimizer` (what the trainers
 call), `trainer_hparams` (their options -> each optimizer's arguments), the parameter kinds
 behind Adam-mini's partition and APOLLO's projected set (declared by a model, or guessed).
@@ -109,6 +113,76 @@ def _columns(rows):
     return [list(column) for column in zip(*rows)]
 
 
+# The fused path: each optimizer's update function, as written, compiled by torch.compile into
+# one graph per param group, in which inductor fuses each tensor's elementwise ops into one pass
+# over memory (the eager ops make ~3x the memory traffic). What changes every step (lr, bias
+# corrections) goes in as 0-d tensors, not Python floats: a float becomes a constant of the
+# graph, and a new value a recompile. A compile costs ~10 s per param group on a CPU, so by
+# default (fused=None) an optimizer compiles only above FUSED_MIN_NUMEL parameters, where the
+# eager step costs more than ~1 ms (README, "Performance").
+FUSED_MIN_NUMEL = 2 ** 20
+FUSED_DEVICES = ("cpu", "cuda")
+_compiled_update_each = None
+
+
+def _update_each(update, rows, numbers, constants):
+    """update(*row, **row's numbers, **constants) for every row: the loop the fused path
+    compiles (torch.compile unrolls it into one graph)."""
+    return [update(*row, **row_numbers, **constants) for row, row_numbers in zip(rows, numbers)]
+
+
+def _compiled():
+    global _compiled_update_each
+    if _compiled_update_each is None:
+        # one graph per update function and param group shares _update_each's code object: let
+        # a process hold more than torch's default 8 (several optimizers in a test or notebook)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _compiled_update_each = torch.compile(_update_each, fullgraph=True, dynamic=False)
+    return _compiled_update_each
+
+
+def _number_tensors(numbers, device):
+    """Each row's step numbers as 0-d float32 tensors on `device`, one tensor per distinct name
+    and value (the rows of a group usually share a step). torch.full launches a fill, where
+    torch.tensor(x, device="cuda") would copy from the host and wait for the GPU."""
+    made = {}
+    out = []
+    for row_numbers in numbers:
+        out.append({})
+        for name, value in row_numbers.items():
+            key = (name, float(value))
+            if key not in made:
+                made[key] = torch.full((), key[1], dtype=torch.float32, device=device)
+            out[-1][name] = made[key]
+    return out
+
+
+# The eager foreach path steps its tensors in runs of about this many elements: its temporaries
+# (AdamW's sqrt(v)) are then that small, not model-sized, and the allocator reuses them, where a
+# model-sized one would be mapped afresh and page-faulted every step.
+FOREACH_CHUNK_NUMEL = 2 ** 20
+
+
+def _numel_chunks(rows, limit):
+    """Runs of consecutive row indices whose tensors (row[0]) hold about `limit` elements (a
+    bigger tensor is a run of its own)."""
+    chunk, numel = [], 0
+    for i, row in enumerate(rows):
+        if chunk and numel + row[0].numel() > limit:
+            yield chunk
+            chunk, numel = [], 0
+        chunk.append(i)
+        numel += row[0].numel()
+    if chunk:
+        yield chunk
+
+
+def _check_fused(group):
+    if group.get("fused") not in (None, True, False):
+        raise ValueError(f"fused must be None (compile where it pays), True or False, got "
+                         f"{group['fused']!r}")
+
+
 class _SandboxOptimizer(Optimizer):
     """Optimizer base: every param group (also one added later, or loaded) is checked by the
     subclass's `_check_group`, the closure is run, and each optimizer's `_update` does the step
@@ -158,6 +232,46 @@ class _SandboxOptimizer(Optimizer):
                 raise ValueError(f"{type(self).__name__}: {name}: {err}") from None
         group[key] = values
 
+    def fused(self):
+        """Whether steps run compiled: group["fused"] True or False, or None for "where it pays"
+        (FUSED_MIN_NUMEL parameters or more, all on FUSED_DEVICES); False for good once a
+        compile has failed here."""
+        if getattr(self, "fused_error", None) is not None:
+            return False
+        params = [p for group in self.param_groups for p in group["params"]]
+        wanted = {group.get("fused", False) for group in self.param_groups}
+        if wanted == {None}:
+            return (sum(p.numel() for p in params) >= FUSED_MIN_NUMEL
+                    and all(p.device.type in FUSED_DEVICES for p in params))
+        return True in wanted
+
+    def _step_rows(self, group, rows, constants, update, update_foreach=None):
+        """One step for a param group's rows. A row is (tensors and fixed per-tensor values that
+        `update` takes first, that tensor's step numbers: a dict of what changes every step);
+        `constants` holds the group's other hyperparameters. Compiled if self.fused(), else all
+        at once with update_foreach if group["foreach"], else row by row. If the compile fails
+        (no C++ compiler, an unsupported device), one warning, and eager from then on."""
+        if not rows:
+            return
+        tensors, numbers = _columns(rows)
+        if self.fused():
+            try:
+                _compiled()(update, tensors, _number_tensors(numbers, tensors[0][0].device),
+                            constants)
+                return
+            except Exception as err:   # compiling happens before any tensor is written
+                self.fused_error = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+                warnings.warn(f"{type(self).__name__}: the fused (compiled) step is unavailable "
+                              f"here ({self.fused_error}); stepping eagerly, as fused=False",
+                              stacklevel=4)
+        if update_foreach is not None and group.get("foreach", True):
+            for chunk in _numel_chunks(tensors, FOREACH_CHUNK_NUMEL):
+                update_foreach(*_columns([tensors[i] for i in chunk]), **constants,
+                               **{name: [numbers[i][name] for i in chunk] for name in numbers[0]})
+        else:
+            for row, row_numbers in zip(tensors, numbers):
+                update(*row, **row_numbers, **constants)
+
     @torch.no_grad()
     def step(self, closure=None):
         """One step; `closure`, if given, re-evaluates the model and returns the loss."""
@@ -172,49 +286,55 @@ class _SandboxOptimizer(Optimizer):
 # ---------------------------------------------------------------------------------------------
 # AdamW
 
-def adamw_update(param, grad, m, v, step, *, lr, beta1, beta2, eps, weight_decay):
-    """One AdamW step for one tensor, in place. `step` is t, counted from 1."""
+def adam_step_numbers(step, lr, beta1, beta2):
+    """The numbers of Adam's step t that are the same for every element: lr and the bias
+    corrections 1 - b1^t and sqrt(1 - b2^t)."""
+    return dict(lr=lr, bias_correction1=1 - beta1 ** step,
+                bias_correction2_sqrt=math.sqrt(1 - beta2 ** step))
+
+
+def adamw_update(param, grad, m, v, *, lr, bias_correction1, bias_correction2_sqrt, beta1,
+                 beta2, eps, weight_decay):
+    """One AdamW step for one tensor, in place, with step t's `adam_step_numbers`."""
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)                      # theta <- theta - lr*wd*theta
     m.lerp_(grad, 1 - beta1)                                   # m_t = b1 m + (1 - b1) g
     v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)        # v_t = b2 v + (1 - b2) g^2
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2 = 1 - beta2 ** step
-    # sqrt(v) / sqrt(bc2) + eps, in torch.optim.AdamW's order of operations: bit-identical to it
-    denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)  # sqrt(v_hat) + eps
-    param.addcdiv_(m, denom, value=-lr / bias_correction1)     # theta -= lr * m_hat / denom
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)       # sqrt(v_hat) + eps
+    param.sub_((m / denom).mul_(lr / bias_correction1))        # theta -= lr * m_hat / denom
 
 
-def adamw_update_foreach(params, grads, ms, vs, steps, *, lr, beta1, beta2, eps, weight_decay):
-    """adamw_update over lists of tensors with torch._foreach_* ops, line for line."""
+def adamw_update_foreach(params, grads, ms, vs, *, lr, bias_correction1, bias_correction2_sqrt,
+                         beta1, beta2, eps, weight_decay):
+    """adamw_update over lists of tensors with torch._foreach_* ops (the step's numbers are lists
+    too, one per tensor), in torch.optim.AdamW's order of operations."""
     if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        torch._foreach_mul_(params, [1 - x * weight_decay for x in lr])
     torch._foreach_lerp_(ms, grads, 1 - beta1)
     torch._foreach_mul_(vs, beta2)
     torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-    bias_correction1 = [1 - beta1 ** t for t in steps]
-    bias_correction2 = [1 - beta2 ** t for t in steps]
     denoms = torch._foreach_sqrt(vs)
-    torch._foreach_div_(denoms, [math.sqrt(b) for b in bias_correction2])
+    torch._foreach_div_(denoms, bias_correction2_sqrt)
     torch._foreach_add_(denoms, eps)
-    torch._foreach_addcdiv_(params, ms, denoms, [-lr / b for b in bias_correction1])
+    torch._foreach_addcdiv_(params, ms, denoms, [-x / b for x, b in zip(lr, bias_correction1)])
 
 
-def _adamw_row(p, grad, state):
-    """(param, grad, m, v, step) of one tensor's AdamW step, its state created at its first
-    gradient (AdamW's tensors, and APOLLO's tensors that are not projected)."""
+def _adamw_row(p, grad, state, group):
+    """((param, grad, m, v), adam_step_numbers) of one tensor's AdamW step, its state created at
+    its first gradient (AdamW's tensors, and the tensors APOLLO and Muon leave to AdamW)."""
     if not state:
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(p)      # m, first moment
         state["exp_avg_sq"] = torch.zeros_like(p)   # v, second moment
     state["step"] += 1
-    return p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"]
+    return ((p, grad, state["exp_avg"], state["exp_avg_sq"]),
+            adam_step_numbers(state["step"], group["lr"], *group["betas"]))
 
 
-def _adam_hparams(group):
+def _adam_constants(group):
+    """The hyperparameters of an Adam-like step that are not step numbers."""
     beta1, beta2 = group["betas"]
-    return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"])
+    return dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
 
 def _matrices_then_adamw(optimizer, group_index, group, flag):
@@ -226,21 +346,9 @@ def _matrices_then_adamw(optimizer, group_index, group, flag):
         if group[flag][i]:
             yield i, p, grad, optimizer.state[p]
         else:
-            adamw_rows.append(_adamw_row(p, grad, optimizer.state[p]))
-    if adamw_rows:
-        adamw_update_foreach(*_columns(adamw_rows), **_adam_hparams(group))
-
-
-def _update_rows(rows, group, update, update_foreach):
-    """One step for the (param, grad, state...) rows of a param group: with the group's
-    hyperparameters, all at once (update_foreach) if group["foreach"], else row by row."""
-    if not rows:
-        return
-    if group["foreach"]:
-        update_foreach(*_columns(rows), **_adam_hparams(group))
-    else:
-        for row in rows:
-            update(*row, **_adam_hparams(group))
+            adamw_rows.append(_adamw_row(p, grad, optimizer.state[p], group))
+    optimizer._step_rows(group, adamw_rows, _adam_constants(group), adamw_update,
+                         adamw_update_foreach)
 
 
 class AdamW(_SandboxOptimizer):
@@ -265,27 +373,34 @@ class AdamW(_SandboxOptimizer):
         betas: (b1, b2), each in [0, 1).
         eps: added to sqrt(v_hat), >= 0.
         weight_decay: lambda, >= 0; applied as theta *= 1 - lr * lambda.
-        foreach: use the multi-tensor path (torch._foreach_*) instead of the per-tensor loop.
+        fused: compile `adamw_update` into one pass per tensor (True), step eagerly (False), or
+            compile where it pays (None: FUSED_MIN_NUMEL parameters or more, on a CPU or GPU).
+        foreach: when eager, the multi-tensor path (torch._foreach_*) instead of the per-tensor
+            loop.
 
-    Differences from torch.optim.AdamW (which it matches bit for bit otherwise): no amsgrad,
-    maximize, capturable or fused variants, no complex parameters.
+    Differences from torch.optim.AdamW (which it matches to float32 rounding): no amsgrad,
+    maximize or capturable variants, no complex parameters.
     """
 
     float16_params = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 foreach=True):
+                 fused=None, foreach=True):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        foreach=foreach)
+                        fused=fused, foreach=foreach)
         super().__init__(params, defaults)
 
-    _check_group = staticmethod(_check_adam_hparams)
+    @staticmethod
+    def _check_group(group):
+        _check_adam_hparams(group)
+        _check_fused(group)
 
     def _update(self):
         for gi, group in enumerate(self.param_groups):
-            rows = [_adamw_row(p, grad, self.state[p])
+            rows = [_adamw_row(p, grad, self.state[p], group)
                     for _, _, p, grad in _params_with_grad(self, gi, group)]
-            _update_rows(rows, group, adamw_update, adamw_update_foreach)
+            self._step_rows(group, rows, _adam_constants(group), adamw_update,
+                            adamw_update_foreach)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,11 +439,11 @@ def sai_scale(grad, rule, eps=1e-8):
 
 
 def sgd_sai_update(param, grad, m, scale, *, lr, momentum, weight_decay):
-    """One SGD-SaI step for one tensor, in place. `scale` is the frozen block scale (a float)."""
+    """One SGD-SaI step for one tensor, in place. `scale` is its frozen s_i (a 0-d tensor)."""
     m.lerp_(grad, 1 - momentum)                        # m_t = mu m_{t-1} + (1 - mu) g_t
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)              # theta <- theta (1 - lr wd)
-    param.add_(m, alpha=-lr * scale)                   # theta <- theta - lr * scale * m_t
+    param.sub_(m * (lr * scale))                       # theta <- theta - lr * s_i * m_t
 
 
 class SGDSaI(_SandboxOptimizer):
@@ -367,6 +482,8 @@ class SGDSaI(_SandboxOptimizer):
         weight_decay: lambda, >= 0.
         eps: added to std(g) in the g-SNR, >= 0.
         sai_rule: one of SAI_RULES.
+        fused: compile `sgd_sai_update` (True), step eagerly (False), or where it pays (None),
+            as AdamW's.
 
     Deliberate differences from the official code (each tested):
     - s_i is computed in float32 whatever the gradient dtype, and kept as a 0-d float32 CPU
@@ -382,14 +499,15 @@ class SGDSaI(_SandboxOptimizer):
     """
 
     def __init__(self, params, lr=1e-2, momentum=0.9, weight_decay=1e-2, eps=1e-8,
-                 sai_rule="gsnr"):
+                 sai_rule="gsnr", fused=None):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps,
-                        sai_rule=sai_rule)
+                        sai_rule=sai_rule, fused=fused)
         super().__init__(params, defaults)
 
     @staticmethod
     def _check_group(group):
         _check_lr_and_decay(group)
+        _check_fused(group)
         _check_range("eps", group["eps"], 0.0)
         _check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         _check_one_of("sai_rule", group["sai_rule"], SAI_RULES)
@@ -429,13 +547,16 @@ class SGDSaI(_SandboxOptimizer):
     def _update(self):
         self._freeze_new_scales()
         for gi, group in enumerate(self.param_groups):
+            rows = []
             for _, _, p, grad in _params_with_grad(self, gi, group):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = grad.clone()   # m_1 = g_1; the lerp below keeps it
-                sgd_sai_update(p, grad, state["momentum_buffer"], state["scale"].item(),
-                               lr=group["lr"], momentum=group["momentum"],
-                               weight_decay=group["weight_decay"])
+                rows.append(((p, grad, state["momentum_buffer"], state["scale"]),
+                             dict(lr=group["lr"])))
+            self._step_rows(group, rows, dict(momentum=group["momentum"],
+                                              weight_decay=group["weight_decay"]),
+                            sgd_sai_update)
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
@@ -506,48 +627,62 @@ def block_mean_sq(grad, layout):
                       for g in _chunk_views(grad, layout)])
 
 
+def _spread(block_values, layout, shape):
+    """One value per block of `layout` -> one per row of a tensor of `shape` (a block of whole
+    rows repeats its value), shaped to broadcast against it; one per element where blocks are
+    smaller than a row. What the fused path multiplies by, in the same pass as the update."""
+    cols = math.prod(shape[1:])
+    if any(k % cols for _, k in layout):                       # element blocks of a matrix
+        return block_values.view(shape)
+    per_row = torch.cat([values.repeat_interleave(k // cols) for values, (_, k) in
+                         zip(block_values.split([n for n, _ in layout]), layout)])
+    return per_row.view(-1, *[1] * (len(shape) - 1))
+
+
 def _step_blocks(param, m, step_size, layout):
-    """theta[b] -= step_size[b] * m[b] for every block b of `layout`."""
+    """theta[b] -= step_size[b] * m[b] for every block b of `layout`, through views (eager: no
+    temporary)."""
     sizes = [n for n, _ in layout]
     for p, m_chunk, s in zip(_chunk_views(param, layout), _chunk_views(m, layout),
                              step_size.split(sizes)):
         p.addcmul_(m_chunk, s[:, None], value=-1)
 
 
-def adam_mini_update(param, grad, m, v, step, layout, *, lr, beta1, beta2, eps, weight_decay):
-    """One Adam-mini step for one tensor, in place; v holds one value per block of `layout`."""
+def adam_mini_update(param, grad, m, v, layout, *, lr, bias_correction1, bias_correction2_sqrt,
+                     beta1, beta2, eps, weight_decay):
+    """One Adam-mini step for one tensor, in place, with step t's `adam_step_numbers`; v holds
+    one value per block of `layout`."""
     grad = grad.contiguous()
     block_mean = block_mean_sq(grad, layout)
     v.mul_(beta2).add_(block_mean, alpha=1 - beta2)               # v_t = b2 v + (1 - b2) mean(g^2)
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)                         # theta <- theta - lr*wd*theta
     m.lerp_(grad, 1 - beta1)                                      # m_t = b1 m + (1 - b1) g
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2 = 1 - beta2 ** step
-    denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)   # sqrt(v_hat) + eps, per block
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)          # sqrt(v_hat) + eps, per block
     step_size = (lr / bias_correction1) / denom                   # one lr per block
-    _step_blocks(param, m, step_size, layout)                     # theta -= lr_b * m_hat
+    param.sub_(m * _spread(step_size, layout, param.shape))       # theta -= lr_b * m_hat
 
 
-def adam_mini_update_foreach(params, grads, ms, vs, steps, layouts, *, lr, beta1, beta2, eps,
-                             weight_decay):
-    """adam_mini_update over lists of tensors: the arithmetic on the small per-block vectors v
-    with torch._foreach_* ops (a few calls instead of a dozen per tensor), then the per-element
-    work tensor by tensor, so that each tensor's theta, m and g stay in cache between ops."""
+def adam_mini_update_foreach(params, grads, ms, vs, layouts, *, lr, bias_correction1,
+                             bias_correction2_sqrt, beta1, beta2, eps, weight_decay):
+    """adam_mini_update over lists of tensors (the step's numbers are lists too): the arithmetic
+    on the small per-block vectors v with torch._foreach_* ops (a few calls instead of a dozen
+    per tensor), then the per-element work tensor by tensor, so that each tensor's theta, m and
+    g stay in cache between ops."""
     grads = [g.contiguous() for g in grads]
     torch._foreach_mul_(vs, beta2)
     torch._foreach_add_(vs, [block_mean_sq(g, layout) for g, layout in zip(grads, layouts)],
                         alpha=1 - beta2)
     step_sizes = torch._foreach_sqrt(vs)                           # sqrt(v_hat) + eps, per block
-    torch._foreach_div_(step_sizes, [math.sqrt(1 - beta2 ** t) for t in steps])
+    torch._foreach_div_(step_sizes, bias_correction2_sqrt)
     torch._foreach_add_(step_sizes, eps)
     # lr / (1 - b1^t) / that, as reciprocal then multiply: bit-identical to adam_mini_update's
     # (lr / bc1) / denom, because torch evaluates float / tensor as reciprocal(tensor) * float
     torch._foreach_reciprocal_(step_sizes)
-    torch._foreach_mul_(step_sizes, [lr / (1 - beta1 ** t) for t in steps])
-    for param, grad, m, step_size, layout in zip(params, grads, ms, step_sizes, layouts):
+    torch._foreach_mul_(step_sizes, [x / b for x, b in zip(lr, bias_correction1)])
+    for param, grad, m, step_size, layout, x in zip(params, grads, ms, step_sizes, layouts, lr):
         if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
+            param.mul_(1 - x * weight_decay)
         m.lerp_(grad, 1 - beta1)
         _step_blocks(param, m, step_size, layout)
 
@@ -580,8 +715,10 @@ class AdamMini(_SandboxOptimizer):
         block_rules: {parameter: rule}, e.g. `block_rules(model)`; a parameter not in it gets
             "rows" with two or more dimensions, else "full". Each parameter's rule is stored in
             its param group ("block_rules", aligned with "params"): it travels with state_dict().
-        foreach: batch the per-block arithmetic (`adam_mini_update_foreach`) instead of the
-            per-tensor loop (`adam_mini_update`); the two are bit-identical.
+        fused: compile `adam_mini_update` (True), step eagerly (False), or where it pays
+            (None), as AdamW's.
+        foreach: when eager, batch the per-block arithmetic (`adam_mini_update_foreach`) instead
+            of the per-tensor loop (`adam_mini_update`); the two agree to float32 rounding.
 
     Deliberate differences from the official code:
     - The partition is given, not matched on parameter names: `block_rules(model)` derives it
@@ -596,13 +733,13 @@ class AdamMini(_SandboxOptimizer):
     float16_params = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 block_rules=None, foreach=True):
+                 block_rules=None, fused=None, foreach=True):
         self._rules_by_param = block_rules or {}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        foreach=foreach)
+                        fused=fused, foreach=foreach)
         super().__init__(params, defaults)
 
-    _check_group = staticmethod(_check_adam_hparams)
+    _check_group = staticmethod(AdamW._check_group)
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -617,7 +754,7 @@ class AdamMini(_SandboxOptimizer):
 
     def _update(self):
         for gi, group in enumerate(self.param_groups):
-            rows = []        # (param, grad, m, v, step, layout) of each param with a grad
+            rows = []        # ((param, grad, m, v, layout), step numbers) per param with a grad
             for i, _, p, grad in _params_with_grad(self, gi, group):
                 layout = block_layout(group["block_rules"][i], tuple(p.shape))
                 state = self.state[p]
@@ -626,9 +763,10 @@ class AdamMini(_SandboxOptimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = p.new_zeros(sum(n for n, _ in layout))  # one per block
                 state["step"] += 1
-                rows.append((p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                             layout))
-            _update_rows(rows, group, adam_mini_update, adam_mini_update_foreach)
+                rows.append(((p, grad, state["exp_avg"], state["exp_avg_sq"], layout),
+                             adam_step_numbers(state["step"], group["lr"], *group["betas"])))
+            self._step_rows(group, rows, _adam_constants(group), adam_mini_update,
+                            adam_mini_update_foreach)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -656,22 +794,27 @@ def random_projection(rank, dim, seed, regeneration):
     return torch.randn(rank, dim, generator=generator) / math.sqrt(rank)
 
 
-def apollo_update(param, grad, proj, m, v, step, update_norm, *, lr, beta1, beta2, eps,
-                  weight_decay, granularity, alpha):
-    """One APOLLO step for one matrix, in place. `step` is t, counted from 1.
+def apollo_update(param, grad, proj, m, v, update_norm, *, lr, bias_correction1,
+                  bias_correction2_sqrt, beta1, beta2, eps, weight_decay, granularity, alpha):
+    """One APOLLO step for one matrix, in place, with step t's `adam_step_numbers`.
 
     proj is P (r x k) for k the smaller dimension of the matrix: its columns if it has at least
     as many rows as columns (R = G P^T, one channel per row), else its rows (R = P G, one channel
     per column). m, v have R's shape. update_norm is the norm of the previous step's update U
-    (a 0-d tensor, 0 before the first step); it is overwritten with this step's.
+    (a 0-d tensor, 0 before the first step); it is overwritten with this step's. Returns the
+    gradient's scale sqrt(alpha) diag(s) / limiter (compiled, a result of the graph is computed
+    once, where an intermediate would be recomputed for every element of the update).
     """
     rows_are_channels = grad.shape[0] >= grad.shape[1]
-    r_grad = grad @ proj.T if rows_are_channels else proj @ grad    # R_t = G_t P^T or P G_t
+    if proj.shape[0] == 1 and torch.compiler.is_compiling():
+        # rank 1, compiled: R_t as a reduction, which shares its pass over G with ||G|| below
+        r_grad = ((grad * proj).sum(1, keepdim=True) if rows_are_channels
+                  else (proj.T * grad).sum(0, keepdim=True))
+    else:
+        r_grad = grad @ proj.T if rows_are_channels else proj @ grad    # R_t = G_t P^T or P G_t
     m.lerp_(r_grad, 1 - beta1)                                     # m_t = b1 m + (1 - b1) R_t
     v.mul_(beta2).addcmul_(r_grad, r_grad, value=1 - beta2)        # v_t = b2 v + (1 - b2) R_t^2
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2 = 1 - beta2 ** step
-    denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)    # sqrt(v_hat) + eps
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)           # sqrt(v_hat) + eps
     r_adam = (m / bias_correction1).div_(denom)                    # R~_t = m_hat / denom
     if granularity == "channel":                # norms along the projected dimension
         dim = 1 if rows_are_channels else 0
@@ -692,7 +835,8 @@ def apollo_update(param, grad, proj, m, v, step, update_norm, *, lr, beta1, beta
     update_norm.copy_(norm / limiter)                              # ||U_t||, for step t + 1
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)                          # theta <- theta - lr*wd*theta
-    param.addcmul_(grad, coeff, value=-lr)                         # theta_t <- theta - lr U
+    param.addcmul_(grad, coeff * lr, value=-1)                     # theta_t <- theta - lr U
+    return coeff
 
 
 class Apollo(_SandboxOptimizer):
@@ -739,6 +883,8 @@ class Apollo(_SandboxOptimizer):
         projected: the parameters to project (each must be 2-D); None: every 2-D parameter.
             Each parameter's flag is stored in its param group ("projected", aligned with
             "params"): it travels with state_dict().
+        fused: compile `apollo_update` and the AdamW part (True), step eagerly (False), or
+            where it pays (None), as AdamW's.
 
     Deliberate differences from the official code (the README explains each):
     - The seed of each regeneration is derived from the parameter's seed and (t - 1) // T
@@ -757,17 +903,17 @@ class Apollo(_SandboxOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  granularity="channel", rank=None, alpha=1.0, update_proj_gap=200, proj_seed=0,
-                 projected=None):
+                 projected=None, fused=None):
         self._projected = None if projected is None else set(projected)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         granularity=granularity, rank=rank, alpha=alpha,
-                        update_proj_gap=update_proj_gap, proj_seed=proj_seed)
+                        update_proj_gap=update_proj_gap, proj_seed=proj_seed, fused=fused)
         super().__init__(params, defaults)
         self._projections = {}      # param -> ((seed, regeneration, rank), P); not state
 
     @staticmethod
     def _check_group(group):
-        _check_adam_hparams(group)
+        AdamW._check_group(group)
         _check_one_of("granularity", group["granularity"], GRANULARITIES)
         if group["rank"] is not None:
             _check_int("rank", group["rank"], 1)        # None: a quarter of each matrix's width
@@ -796,7 +942,7 @@ class Apollo(_SandboxOptimizer):
     def _update(self):
         first_index = 0             # index of the group's first param over all groups (seeds)
         for gi, group in enumerate(self.param_groups):
-            hp = _adam_hparams(group)
+            rows = []
             for i, p, grad, state in _matrices_then_adamw(self, gi, group, "projected"):
                 if not state:
                     rank = projection_rank(group["rank"], p.shape)
@@ -807,27 +953,33 @@ class Apollo(_SandboxOptimizer):
                     state["exp_avg_sq"] = p.new_zeros(shape)    # v, second moment of R
                     state["update_norm"] = p.new_zeros(())      # ||U_{t-1}||, for the limiter
                 state["step"] += 1
-                apollo_update(p, grad, self.projection(p, group), state["exp_avg"],
-                              state["exp_avg_sq"], state["step"], state["update_norm"], **hp,
-                              granularity=group["granularity"], alpha=group["alpha"])
+                rows.append(((p, grad, self.projection(p, group), state["exp_avg"],
+                              state["exp_avg_sq"], state["update_norm"]),
+                             adam_step_numbers(state["step"], group["lr"], *group["betas"])))
+            constants = dict(_adam_constants(group), alpha=group["alpha"],
+                             granularity=group["granularity"])
+            # above rank 1 one matrix at a time: compiled as one graph, the projected
+            # temporaries (R, R~: half a matrix at rank k / 4) of every matrix would be alive
+            for part in [rows] if group["rank"] == 1 else [[row] for row in rows]:
+                self._step_rows(group, part, constants, apollo_update)
             first_index += len(group["params"])
 
 
 def apollo(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, rank=None,
-           alpha=1.0, update_proj_gap=200, proj_seed=0, projected=None):
+           alpha=1.0, update_proj_gap=200, proj_seed=0, projected=None, fused=None):
     """APOLLO: channel-wise scaling, alpha 1, rank None (a quarter of each matrix's smaller
     dimension, where the paper's LLaMA runs use 256 on widths 512-2048). See `Apollo`."""
     return Apollo(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                   granularity="channel", rank=rank, alpha=alpha, update_proj_gap=update_proj_gap,
-                  proj_seed=proj_seed, projected=projected)
+                  proj_seed=proj_seed, projected=projected, fused=fused)
 
 
 def apollo_mini(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, rank=1,
-                alpha=128.0, update_proj_gap=200, proj_seed=0, projected=None):
+                alpha=128.0, update_proj_gap=200, proj_seed=0, projected=None, fused=None):
     """APOLLO-Mini: tensor-wise scaling, rank 1, alpha 128 (the paper's). See `Apollo`."""
     return Apollo(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                   granularity="tensor", rank=rank, alpha=alpha, update_proj_gap=update_proj_gap,
-                  proj_seed=proj_seed, projected=projected)
+                  proj_seed=proj_seed, projected=projected, fused=fused)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -972,12 +1124,18 @@ class Muon(_SandboxOptimizer):
 # ---------------------------------------------------------------------------------------------
 # Adafactor
 
-def adafactor_update(param, grad, row_v, col_v, v, step, *, lr, beta2_decay, eps1, eps2, d,
+def adafactor_step_numbers(step, lr, beta2_decay):
+    """The numbers of Adafactor's step t: lr, 1 - b2_t = t^beta2_decay and the relative step
+    size rho_t = min(lr, 1 / sqrt(t)) (and eps1, which the optimizer adds: it follows the dtype)."""
+    return dict(lr=lr, beta2_complement=step ** beta2_decay, rho=min(lr, 1 / math.sqrt(step)))
+
+
+def adafactor_update(param, grad, row_v, col_v, v, *, lr, beta2_complement, rho, eps1, eps2, d,
                      weight_decay):
-    """One Adafactor step for one tensor, in place. A matrix (or a stack of them: the last two
-    dimensions) keeps row_v (..., R, 1) and col_v (..., 1, C), v is None; a vector keeps v."""
-    beta2_complement = step ** beta2_decay                       # 1 - b2_t = t^(-0.8)
-    rho = min(lr, 1 / math.sqrt(step))                           # relative step size
+    """One Adafactor step for one tensor, in place, with step t's `adafactor_step_numbers`. A
+    matrix (or a stack of them: the last two dimensions) keeps row_v (..., R, 1) and col_v
+    (..., 1, C), v is None; a vector keeps v. Returns the step alpha_t / clip (compiled, a result
+    of the graph is computed once, not for every element)."""
     rms = param.norm() / math.sqrt(param.numel())
     alpha = rms.clamp(min=eps2) * rho                            # max(eps2, RMS(theta)) rho
     if weight_decay != 0:
@@ -993,7 +1151,9 @@ def adafactor_update(param, grad, row_v, col_v, v, step, *, lr, beta2_decay, eps
         v_hat = v.clone()
     update = v_hat.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)   # U = g / sqrt(v_hat)
     clip = (update.norm() / (math.sqrt(update.numel()) * d)).clamp(min=1.0)   # max(1, RMS(U) / d)
-    param.sub_(update * (alpha / clip))                          # theta_t <- theta - alpha U / clip
+    step_size = alpha / clip
+    param.sub_(update * step_size)                               # theta_t <- theta - alpha U / clip
+    return step_size
 
 
 class Adafactor(_SandboxOptimizer):
@@ -1029,6 +1189,8 @@ class Adafactor(_SandboxOptimizer):
             epsilon), eps2 the floor of RMS(theta).
         d: >= 1, the update clipping threshold.
         weight_decay: lambda, >= 0, applied as theta *= 1 - lr lambda.
+        fused: compile `adafactor_update` (True), step eagerly (False), or where it pays (None),
+            as AdamW's.
 
     Deliberate differences from torch.optim.Adafactor: the step is a Python int and the RMS and
     clipping factors stay tensors (no host sync per tensor); no maximize or foreach variants.
@@ -1037,14 +1199,15 @@ class Adafactor(_SandboxOptimizer):
     float16_params = False
 
     def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
-                 weight_decay=0.0):
+                 weight_decay=0.0, fused=None):
         defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=tuple(eps), d=d,
-                        weight_decay=weight_decay)
+                        weight_decay=weight_decay, fused=fused)
         super().__init__(params, defaults)
 
     @staticmethod
     def _check_group(group):
         _check_lr_and_decay(group)
+        _check_fused(group)
         _check_range("beta2_decay", group["beta2_decay"], -math.inf, 0.0)
         eps1, eps2 = group["eps"]
         if eps1 is not None:
@@ -1055,6 +1218,7 @@ class Adafactor(_SandboxOptimizer):
     def _update(self):
         for gi, group in enumerate(self.param_groups):
             eps1, eps2 = group["eps"]
+            rows = []
             for _, _, p, grad in _params_with_grad(self, gi, group):
                 state = self.state[p]
                 if not state:
@@ -1065,11 +1229,13 @@ class Adafactor(_SandboxOptimizer):
                     else:
                         state["variance"] = torch.zeros_like(p)                    # v
                 state["step"] += 1
-                adafactor_update(p, grad, state.get("row_var"), state.get("col_var"),
-                                 state.get("variance"), state["step"], lr=group["lr"],
-                                 beta2_decay=group["beta2_decay"],
-                                 eps1=torch.finfo(p.dtype).eps if eps1 is None else eps1,
-                                 eps2=eps2, d=group["d"], weight_decay=group["weight_decay"])
+                numbers = adafactor_step_numbers(state["step"], group["lr"], group["beta2_decay"])
+                numbers["eps1"] = torch.finfo(p.dtype).eps if eps1 is None else eps1
+                rows.append(((p, grad, state.get("row_var"), state.get("col_var"),
+                              state.get("variance")), numbers))
+            self._step_rows(group, rows, dict(eps2=eps2, d=group["d"],
+                                              weight_decay=group["weight_decay"]),
+                            adafactor_update)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1319,7 +1485,13 @@ def build_optimizer(name, model, log=None, **hparams):
     unknown = sorted(set(hparams) - set(allowed))
     if unknown:
         raise TypeError(f"optimizer {name!r} does not take {unknown}; it takes {allowed}")
-    return cls(groups, **hparams)
+    optimizer = cls(groups, **hparams)
+    if log and "fused" in allowed:
+        log("optimizer step: " + ("fused, compiled by torch.compile at the first step"
+                                  if optimizer.fused() else
+                                  f"eager (fused={hparams.get('fused')}; None compiles from "
+                                  f"{FUSED_MIN_NUMEL:,} parameters on a CPU or GPU)"))
+    return optimizer
 
 
 def state_bytes(optimizer, params=None):

@@ -115,19 +115,21 @@ def _columns(rows):
 
 # The fused path: each optimizer's update function, as written, compiled by torch.compile into
 # one graph per param group, in which inductor fuses each tensor's elementwise ops into one pass
-# over memory (the eager ops make ~3x the memory traffic). What changes every step (lr, bias
+# over memory (eager, AdamW's ops move ~3x the bytes). What changes every step (lr, bias
 # corrections) goes in as 0-d tensors, not Python floats: a float becomes a constant of the
 # graph, and a new value a recompile. A compile costs ~10 s per param group on a CPU, so by
-# default (fused=None) an optimizer compiles only above FUSED_MIN_NUMEL parameters, where the
-# eager step costs more than ~1 ms (README, "Performance").
+# default (fused=None) an optimizer compiles only from FUSED_MIN_NUMEL parameters on, where the
+# eager step costs a few ms (README, "Optimizer step time and memory").
 FUSED_MIN_NUMEL = 2 ** 20
 FUSED_DEVICES = ("cpu", "cuda")
 _compiled_update_each = None
 
 
 def _update_each(update, rows, numbers, constants):
-    """update(*row, **row's numbers, **constants) for every row: the loop the fused path
-    compiles (torch.compile unrolls it into one graph)."""
+    """update(*row, **row's numbers, **constants) for every row, and what each returned: the
+    loop the fused path compiles (torch.compile unrolls it into one graph). An update returns
+    a small tensor it scales by (APOLLO, Adafactor) so that, as an output of the graph, it is
+    computed once: an intermediate would be inlined into, and recomputed by, every element."""
     return [update(*row, **row_numbers, **constants) for row, row_numbers in zip(rows, numbers)]
 
 

@@ -1489,10 +1489,12 @@ def build_optimizer(name, model, log=None, **hparams):
         raise TypeError(f"optimizer {name!r} does not take {unknown}; it takes {allowed}")
     optimizer = cls(groups, **hparams)
     if log and "fused" in allowed:
-        log("optimizer step: " + ("fused, compiled by torch.compile at the first step"
-                                  if optimizer.fused() else
-                                  f"eager (fused={hparams.get('fused')}; None compiles from "
-                                  f"{FUSED_MIN_NUMEL:,} parameters on a CPU or GPU)"))
+        n_params = sum(p.numel() for _, p in named)
+        log("optimizer step: " + (
+            "fused, compiled by torch.compile at the first step" if optimizer.fused() else
+            "eager (fused=False)" if hparams.get("fused") is False else
+            f"eager ({n_params:,} parameters; fused=None compiles from {FUSED_MIN_NUMEL:,} on a "
+            "CPU or GPU, fused=True always)"))
     return optimizer
 
 

@@ -382,8 +382,9 @@ def test_trainer_options_map_onto_each_optimizers_arguments(name):
 def test_build_optimizer_logs_the_partition_or_projection_it_uses(name):
     model, lines = make_model(), []
     opt = optim.build_optimizer(name, model, log=lines.append, lr=1e-3)
-    step_line = ["optimizer step: eager (fused=None; None compiles from 1,048,576 parameters on a "
-                 "CPU or GPU)"] if name != "muon" else []
+    n_params = sum(p.numel() for p in model.parameters())
+    step_line = [f"optimizer step: eager ({n_params:,} parameters; fused=None compiles from "
+                 "1,048,576 on a CPU or GPU, fused=True always)"] if name != "muon" else []
     assert lines[len(lines) - len(step_line):] == step_line     # the tiny model: not worth it
     lines = lines[:len(lines) - len(step_line)]
     if name == "adam_mini":

@@ -191,6 +191,7 @@ class _SandboxOptimizer(Optimizer):
     itself. Optimizers whose eps cannot live in float16 set float16_params = False."""
 
     float16_params = True
+    fused_error = None      # why compiling failed here, once it has (the step is eager from then)
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -238,7 +239,7 @@ class _SandboxOptimizer(Optimizer):
         """Whether steps run compiled: group["fused"] True or False, or None for "where it pays"
         (FUSED_MIN_NUMEL parameters or more, all on FUSED_DEVICES); False for good once a
         compile has failed here."""
-        if getattr(self, "fused_error", None) is not None:
+        if self.fused_error is not None:
             return False
         params = [p for group in self.param_groups for p in group["params"]]
         wanted = {group.get("fused", False) for group in self.param_groups}

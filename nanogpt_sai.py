@@ -29,9 +29,9 @@ import optim
 from cli import (ConfigError, RunOptions, check_positive, compare, option, optimizer_names,
                  pick_device, pick_dtype, read_config)
 from data.text import DATASETS, load_text, sample_batch
-from train_helpers import (MetricsLog, StopOnCtrlC, load_checkpoint, lr_at, maybe_compile,
-                           memory_fields, open_run_dir, report_end, save_checkpoint,
-                           seconds_since, write_run_info)
+from train_helpers import (MetricsLog, StopOnCtrlC, TrainClock, load_checkpoint, lr_at,
+                           maybe_compile, memory_fields, open_run_dir, report_end,
+                           save_checkpoint, write_run_info)
 
 
 @dataclass
@@ -280,12 +280,17 @@ def train(cfg):
 
     def save():   # everything a resume needs, the batch stream's position included
         save_checkpoint(run_dir, model, opt, scaler, cfg, batch_gen=batch_gen.get_state(),
-                        step=it, train_s=train_s, best_val=best_val)
+                        step=it, train_s=clock.pause(), best_val=best_val)
 
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     status, resumed_at = "finished", it if cfg.resume else None
     bar = tqdm(total=cfg.max_iters, initial=it, disable=None, dynamic_ncols=True, leave=False)
-    interval_s, interval_steps = 0.0, 0
+    # The loop reads nothing back from the GPU between log lines: the loss stays a device tensor
+    # (read at the log interval, as nanoGPT does), a non-finite one is remembered on the device
+    # (checked at each log line, evaluation and checkpoint), and the clock syncs only there.
+    clock = TrainClock(device, seconds=train_s)   # training time: evaluations excluded
+    all_finite = torch.ones((), dtype=torch.bool, device=device)
+    logged_s, logged_it = train_s, it
     t_start = time.time()
     with StopOnCtrlC() as stop:
         while True:
@@ -296,8 +301,9 @@ def train(cfg):
 
             # evaluate and checkpoint (the step we resumed at was evaluated before the stop)
             if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != resumed_at:
+                train_s = clock.pause()
                 losses = evaluate()
-                if not all(math.isfinite(v) for v in losses.values()):
+                if not (all_finite.item() and all(math.isfinite(v) for v in losses.values())):
                     status = "diverged"
                     break
                 best_val = min(best_val, losses["val"])
@@ -312,7 +318,7 @@ def train(cfg):
                 break
 
             # forward and backward over grad_accum micro-batches (the loss scaled under fp16)
-            t0 = time.perf_counter()
+            clock.start()
             loss = torch.zeros((), device=device)
             for _ in range(cfg.grad_accum):
                 x, y = get_batch("train", batch_gen)
@@ -320,10 +326,8 @@ def train(cfg):
                     _, micro_loss = fast_model(x, y)
                 scaler.scale(micro_loss / cfg.grad_accum).backward()
                 loss += micro_loss.detach()
-            loss = loss.item() / cfg.grad_accum
-            if not math.isfinite(loss):
-                status = "diverged"
-                break
+            loss /= cfg.grad_accum
+            all_finite &= torch.isfinite(loss)
             # the optimizer step: unscale (fp16 only), clip the global norm, step, clear grads
             if cfg.grad_clip > 0:
                 scaler.unscale_(opt)
@@ -331,15 +335,18 @@ def train(cfg):
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            step_s = seconds_since(t0, device)
             it += 1
-            train_s += step_s
             bar.update(1)
-            interval_s, interval_steps = interval_s + step_s, interval_steps + 1
 
             # log: the metrics line and the console line (memory is probed here only)
             if it % cfg.log_interval == 0 or it == cfg.max_iters:
-                ms = 1000 * interval_s / interval_steps
+                train_s = clock.pause()
+                loss = loss.item()
+                if not all_finite.item():
+                    status = "diverged"
+                    break
+                ms = 1000 * (train_s - logged_s) / (it - logged_it)
+                logged_s, logged_it = train_s, it
                 mem = memory_fields(model, opt, device)
                 log.write(event="train", step=it, loss=loss, lr=lr, ms=ms,
                           tokens=it * tokens_per_step, train_s=train_s,
@@ -347,13 +354,13 @@ def train(cfg):
                 bar.write(f"iter {it} | loss {loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
                           f"{tokens_per_step * 1000 / ms:,.0f} tok/s | state "
                           f"{mem['state_bytes'] / (2 * mem['param_bytes']):.2f}x AdamW")
-                interval_s, interval_steps = 0.0, 0
-            if stop.requested:
-                save()
-                status = "stopped"
+            if stop.requested:   # checkpoint a model whose losses were all finite, only
+                status = "stopped" if all_finite.item() else "diverged"
+                if status == "stopped":
+                    save()
                 break
     bar.close()
-    log.write(event="end", step=it, status=status, train_s=train_s)
+    log.write(event="end", step=it, status=status, train_s=clock.pause())
     log.close()
     if status == "finished" and cfg.sample_tokens:
         model.eval()

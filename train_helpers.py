@@ -1,8 +1,8 @@
 """
 Plain helpers for inside one training run, each doing what its name says: the LR schedule,
-torch.compile with a fallback, a GPU-aware clock, checkpoints with RNG state, Ctrl-C, the metrics
-log and memory probe, the run directory and how the run ended. Nothing here calls a trainer back;
-the command line is in cli.py.
+torch.compile with a fallback, a training clock without per-step GPU syncs, checkpoints with RNG
+state, Ctrl-C, the metrics log and memory probe, the run directory and how the run ended. Nothing
+here calls a trainer back; the command line is in cli.py.
 """
 import dataclasses
 import json
@@ -54,12 +54,27 @@ def maybe_compile(model, enabled, trial):
         set_rng_state(rng)
 
 
-def seconds_since(t0, device):
-    """time.perf_counter() - t0, once the GPU has finished the work queued since (CUDA runs
-    asynchronously: without the synchronize the clock would stop before the kernels do)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+class TrainClock:
+    """Seconds spent training, kept without a GPU synchronize every step (CUDA runs
+    asynchronously, so a per-step sync would stall the queue the way nanoGPT avoids). The clock
+    runs from start() to pause(); pause() first waits for the work queued on the GPU, and the
+    trainers call it only where they read a result anyway: a log line, an evaluation, a
+    checkpoint. `seconds` is the total so far (exact while paused; starts at a resumed run's)."""
+
+    def __init__(self, device, seconds=0.0):
+        self.cuda, self.seconds, self.t0 = device.startswith("cuda"), seconds, None
+
+    def start(self):
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+
+    def pause(self):
+        if self.t0 is not None:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - self.t0
+            self.t0 = None
+        return self.seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +218,7 @@ def write_run_info(run_dir, cfg, model, **facts):
 def report_end(status, step, run_dir, script):
     """Say how the run ended (a finished run gets its figures); returns the exit status."""
     if status == "diverged":
-        print(f"loss is not finite at step {step}: training diverged (try a lower --lr). The "
+        print(f"a loss was not finite by step {step}: training diverged (try a lower --lr). The "
               f"last good checkpoint, if any, is intact in {run_dir}.", file=sys.stderr)
     elif status == "stopped":
         print(f"stopped at step {step}; resume with: python {script} --resume={run_dir}")

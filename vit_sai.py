@@ -30,9 +30,9 @@ import optim
 from cli import (ConfigError, RunOptions, check_positive, compare, option, optimizer_names,
                  pick_device, pick_dtype, read_config)
 from data.images import DATASETS, load_images, random_crop_flip
-from train_helpers import (MetricsLog, StopOnCtrlC, load_checkpoint, lr_at, maybe_compile,
-                           memory_fields, open_run_dir, report_end, save_checkpoint,
-                           seconds_since, write_run_info)
+from train_helpers import (MetricsLog, StopOnCtrlC, TrainClock, load_checkpoint, lr_at,
+                           maybe_compile, memory_fields, open_run_dir, report_end,
+                           save_checkpoint, write_run_info)
 
 
 @dataclass
@@ -253,11 +253,16 @@ def train(cfg):
 
     def save():
         save_checkpoint(run_dir, model, opt, scaler, cfg, shuffle_gen=shuffle_gen.get_state(),
-                        order=order, step=it, train_s=train_s, best_acc=best_acc)
+                        order=order, step=it, train_s=clock.pause(), best_acc=best_acc)
 
     status, resumed_at = "finished", it if cfg.resume else None
     bar = tqdm(total=total_steps, initial=it, disable=None, dynamic_ncols=True, leave=False)
-    interval_s, interval_steps, epoch_loss, epoch_steps = 0.0, 0, 0.0, 0
+    # Nothing is read back from the GPU between log lines (see nanogpt_sai.py): losses are summed
+    # on the device, a non-finite one is remembered there, and the clock syncs only when read.
+    clock = TrainClock(device, seconds=train_s)   # training time: evaluations excluded
+    all_finite = torch.ones((), dtype=torch.bool, device=device)
+    epoch_loss, epoch_steps = torch.zeros((), device=device), 0
+    logged_s, logged_it = train_s, it
     t_start = time.time()
     with StopOnCtrlC() as stop:
         while True:
@@ -267,52 +272,53 @@ def train(cfg):
 
             # evaluate and checkpoint at each epoch's end (the resumed step was evaluated)
             if (it % steps_per_epoch == 0 or it == total_steps) and it != resumed_at:
+                train_s = clock.pause()
                 test_loss, test_acc = evaluate()
-                if not math.isfinite(test_loss):
+                if not (all_finite.item() and math.isfinite(test_loss)):
                     status = "diverged"
                     break
                 best_acc = max(best_acc, test_acc)
                 log.write(event="eval", step=it, epoch=it / steps_per_epoch,
-                          train_loss=epoch_loss / epoch_steps if epoch_steps else None,
+                          train_loss=epoch_loss.item() / epoch_steps if epoch_steps else None,
                           test_loss=test_loss, test_acc=test_acc, best_test_acc=best_acc, lr=lr,
                           samples=it * cfg.batch_size, train_s=train_s,
                           wall_s=time.time() - t_start, **memory_fields(model, opt, device))
                 bar.write(f"epoch {it / steps_per_epoch:.2f}: test loss {test_loss:.4f}, "
                           f"test accuracy {100 * test_acc:.2f}%")
-                epoch_loss, epoch_steps = 0.0, 0
+                epoch_loss, epoch_steps = torch.zeros((), device=device), 0
                 save()
             if it == total_steps:
                 break
 
-            # clear the gradients, forward, stop on a non-finite loss, backward (scaled under
-            # fp16), then the optimizer step: unscale (fp16 only), clip the global norm, step
-            t0 = time.perf_counter()
+            # clear the gradients, forward, backward (scaled under fp16), then the optimizer
+            # step: unscale (fp16 only), clip the global norm, step
+            clock.start()
             opt.zero_grad(set_to_none=True)
             x, y = get_batch(it)
             with ctx:
                 loss = F.cross_entropy(fast_model(x), y, label_smoothing=cfg.label_smoothing)
-            step_loss = loss.item()
-            if not math.isfinite(step_loss):
-                status = "diverged"
-                break
+            all_finite &= torch.isfinite(loss.detach())
             scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(opt)
             scaler.update()
-            step_s = seconds_since(t0, device)
             it += 1
             if it % steps_per_epoch == 0:  # drawn before the epoch-end checkpoint, saved with it
                 order = torch.randperm(n_train, generator=shuffle_gen)
-            train_s += step_s
             bar.update(1)
-            interval_s, interval_steps = interval_s + step_s, interval_steps + 1
-            epoch_loss, epoch_steps = epoch_loss + step_loss, epoch_steps + 1
+            epoch_loss, epoch_steps = epoch_loss + loss.detach(), epoch_steps + 1
 
             # log: the metrics line and the console line (memory is probed here only)
             if it % cfg.log_interval == 0 or it == total_steps:
-                ms = 1000 * interval_s / interval_steps
+                train_s = clock.pause()
+                step_loss = loss.item()
+                if not all_finite.item():
+                    status = "diverged"
+                    break
+                ms = 1000 * (train_s - logged_s) / (it - logged_it)
+                logged_s, logged_it = train_s, it
                 mem = memory_fields(model, opt, device)
                 log.write(event="train", step=it, loss=step_loss, lr=lr, ms=ms,
                           epoch=it / steps_per_epoch, samples=it * cfg.batch_size,
@@ -320,13 +326,13 @@ def train(cfg):
                 bar.write(f"iter {it} | loss {step_loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
                           f"{cfg.batch_size * 1000 / ms:,.0f} img/s | state "
                           f"{mem['state_bytes'] / (2 * mem['param_bytes']):.2f}x AdamW")
-                interval_s, interval_steps = 0.0, 0
-            if stop.requested:
-                save()
-                status = "stopped"
+            if stop.requested:   # checkpoint a model whose losses were all finite, only
+                status = "stopped" if all_finite.item() else "diverged"
+                if status == "stopped":
+                    save()
                 break
     bar.close()
-    log.write(event="end", step=it, status=status, train_s=train_s)
+    log.write(event="end", step=it, status=status, train_s=clock.pause())
     log.close()
     return report_end(status, it, run_dir, "vit_sai.py")
 

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import signal
 import urllib.error
 import urllib.request
 
@@ -111,14 +112,61 @@ def test_resume_is_exact(corpus, tmp_path, monkeypatch):
 def test_divergence_stops_cleanly_and_keeps_the_last_checkpoint(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     args = TINY + corpus + ["--optimizer=sgd_sai", "--lr=1e12", "--warmup_iters=0",
-                            "--max_iters=50", "--eval_interval=50", f"--out_dir={out}"]
+                            "--max_iters=50", "--eval_interval=50", "--log_interval=10",
+                            f"--out_dir={out}"]
     assert run(args) == 3
     assert "diverged" in capsys.readouterr().err
-    end = records(out)[-1]
-    assert end["status"] == "diverged" and 0 < end["step"] < 50
+    end = records(out)[-1]     # found at the first log line (the loss is read only there)
+    assert end["status"] == "diverged" and end["step"] == 10
     ckpt = torch.load(out / "ckpt.pt")                       # the step-0 checkpoint, intact
     assert ckpt["step"] == 0
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_ctrl_c_after_a_non_finite_loss_keeps_the_last_good_checkpoint(corpus, tmp_path,
+                                                                       monkeypatch):
+    """The loss is read only at log lines; a stop between them must not checkpoint a model that
+    has already diverged."""
+    class CtrlCAtStep3(nanogpt_sai.tqdm):   # the progress bar moves every step; no log line
+        steps = 0
+
+        def update(self, n=1):
+            super().update(n)
+            CtrlCAtStep3.steps += n
+            if CtrlCAtStep3.steps == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(nanogpt_sai, "tqdm", CtrlCAtStep3)
+    out = tmp_path / "run"     # lr 1e12: the loss of step 2 is not finite
+    args = TINY + corpus + ["--optimizer=sgd_sai", "--lr=1e12", "--warmup_iters=0",
+                            "--max_iters=50", "--log_interval=10", "--eval_interval=50",
+                            f"--out_dir={out}"]
+    assert run(args) == 3
+    end = records(out)[-1]
+    assert end["status"] == "diverged" and end["step"] == 3
+    assert torch.load(out / "ckpt.pt")["step"] == 0
+
+
+@pytest.mark.parametrize("optimizer", sorted(optim.OPTIMIZERS))
+def test_host_syncs_do_not_grow_with_the_steps(optimizer, corpus, tmp_path, monkeypatch):
+    """Between log lines neither the loop nor the optimizer reads anything back from the device
+    (on a GPU each read waits for the queue to drain): 10 or 40 steps per log line, the same
+    number of reads."""
+    def reads(steps):
+        count = [0]
+        for name in ("item", "tolist", "__bool__", "__float__"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(self, *a, _original=original, **k):
+                count[0] += 1
+                return _original(self, *a, **k)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        args = TINY + corpus + [f"--max_iters={steps}", f"--log_interval={steps}",
+                                f"--eval_interval={steps}", "--sample_tokens=0",
+                                f"--optimizer={optimizer}", f"--out_dir={tmp_path / str(steps)}"]
+        assert run(args) == 0
+        monkeypatch.undo()
+        return count[0]
+    assert reads(10) == reads(40)
 
 
 def test_offline_default_falls_back_to_the_python_manual(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,28 @@
+"""The training clock: it counts only between start() and pause(), and waits for a GPU only when
+paused (the trainers' time per step and train_s come from it)."""
+import train_helpers
+from train_helpers import TrainClock
+
+
+def test_clock_counts_running_time_only_and_syncs_only_when_paused(monkeypatch):
+    now, syncs = [0.0], []
+    monkeypatch.setattr(train_helpers.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(train_helpers.torch.cuda, "synchronize", lambda: syncs.append(now[0]))
+    clock = TrainClock("cuda", seconds=100.0)         # a resumed run's seconds carry on
+    clock.start()
+    now[0] = 2.0
+    clock.start()                                      # already running: keeps its start
+    now[0] = 3.0
+    assert clock.pause() == 103.0 and syncs == [3.0]
+    now[0] = 10.0                                      # paused (an evaluation): not counted
+    assert clock.pause() == 103.0 and syncs == [3.0]   # nothing queued since: no sync
+    clock.start()
+    now[0] = 10.5
+    assert clock.pause() == 103.5 and clock.seconds == 103.5
+
+
+def test_clock_never_syncs_off_cuda(monkeypatch):
+    monkeypatch.setattr(train_helpers.torch.cuda, "synchronize", lambda: 1 / 0)
+    clock = TrainClock("cpu")
+    clock.start()
+    assert clock.pause() >= 0.0

@@ -10,9 +10,13 @@ lr=1e-2" --seeds=1,2 --set="max_iters=300"   # any grid
 A grid is sub-grids joined by "|"; each is "key=v1,v2 key=v3 ...", their cartesian product.
 Runs go sequentially (or --jobs at a time), each in its own process (so each peak-memory figure
 is its own), into
-<sweep_dir>/<setting>-seed<k>/. Re-running skips finished and diverged runs and resumes crashed
-ones from their checkpoint. runs.jsonl records every run's status; summary.md and summary.csv
-aggregate over seeds (mean and standard deviation); the study's figures are drawn from the logs.
+<sweep_dir>/<setting>-seed<k>/. Every run's options are checked by its trainer before any run
+starts. Re-running skips finished and diverged runs and resumes crashed ones from their
+checkpoint; a run directory that holds a run made with other options (a changed --set, a changed
+default) is refused, never reported as the new result. runs.jsonl records every run's status;
+summary.md and summary.csv aggregate over seeds (mean and standard deviation); the study's
+figures are drawn from the logs. Exit status: 0 when every run finished or diverged, 1 when one
+crashed or none finished, 2 a bad command line.
 """
 import csv
 import dataclasses
@@ -28,12 +32,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cli import ConfigError, check_positive, option, parse_args, run_in_process
+from tqdm import tqdm
+
+import nanogpt_sai
+import vit_sai
+from cli import ConfigError, check_positive, optimizer_names, option, parse_args, run_in_process
 from nanogpt_sai import DEFAULT_LR
 from plots import studies
 
-TRAINERS = {"nanogpt": "nanogpt_sai.py", "vit": "vit_sai.py"}
-ROOT = os.path.dirname(os.path.abspath(__file__))
+TRAINERS = {"nanogpt": nanogpt_sai, "vit": vit_sai}
 
 
 @dataclass
@@ -49,6 +56,8 @@ class SweepConfig:
     sweep_dir: str = option("", "where runs and the summary go; default out/sweep-<study>")
     jobs: int = option(1, "runs at a time; above 1 each gets cores/jobs threads, and the "
                           "wall-clock figures are then those of a shared machine")
+    keep_checkpoints: bool = option(True, "keep each ended run's ckpt.pt (False deletes it "
+                                          "once the run has finished or diverged)")
 
 
 # The studies, at nanoGPT's CPU baby size (4 layers, 128 wide, block 64, batch 12), 400 steps:
@@ -106,6 +115,51 @@ def run_name(setting, seed):
     return re.sub(r"[^A-Za-z0-9_.=,-]", "_", text)
 
 
+@dataclass
+class Run:
+    setting: dict
+    seed: int
+    run_dir: str
+    argv: list      # the trainer's command line
+    config: dict    # the trainer's full effective config for it (its config.json)
+
+
+def plan_runs(trainer, settings, seeds, fixed, sweep_dir):
+    """Every run of the sweep, its options checked and resolved by the trainer itself (so a grid
+    key typo or a bad value stops the sweep before any run starts)."""
+    runs = []
+    for setting in settings:
+        for seed in seeds:
+            run_dir = os.path.join(sweep_dir, run_name(setting, seed))
+            argv = fixed + [f"--{k}={v}" for k, v in setting.items()] + [f"--seed={seed}"]
+            try:
+                for arg in argv:
+                    if arg.startswith(("--out_dir=", "--resume=")):
+                        raise ConfigError(f"{arg.split('=')[0]} is the sweep's to set (each run "
+                                          "goes to <sweep_dir>/<setting>-seed<k>)")
+                cfg = trainer.resolve_config(argv + [f"--out_dir={run_dir}"])
+                if len(optimizer_names(cfg.optimizer)) > 1:
+                    raise ConfigError(f"--optimizer={cfg.optimizer}: a run trains one optimizer; "
+                                      "list them as optimizer=a,b in --grid")
+            except ConfigError as err:
+                where = " ".join(f"{k}={v}" for k, v in setting.items())
+                raise ConfigError(f"--grid setting '{where}' with --set: {err}") from None
+            runs.append(Run(setting, seed, run_dir, argv, dataclasses.asdict(cfg)))
+    return runs
+
+
+def config_changes(run):
+    """How the config a run directory already holds differs from the run's config now:
+    ['max_iters: 400 -> 300', ...] (empty when the same, or when nothing was started)."""
+    path = os.path.join(run.run_dir, "config.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        before = json.load(f)
+    return [f"{k}: {before.get(k, '(none)')} -> {run.config.get(k, '(none)')}"
+            for k in sorted(set(before) | set(run.config)) if before.get(k) != run.config.get(k)]
+
+
 def last_status(run_dir):
     """'finished', 'diverged', 'stopped', or None if the run never ended."""
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -116,37 +170,52 @@ def last_status(run_dir):
     return ends[-1]["status"] if ends else None
 
 
-def run_one(trainer, run_dir, argv, threads):
-    """Run (or resume) one training in its own process; its output goes to run_dir/log.txt."""
-    status = last_status(run_dir)
+def last_line(path):
+    """The last non-empty line of a run's log.txt (a crash's one-line error), or ''."""
+    if not os.path.exists(path):
+        return ""
+    with open(path, errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def run_one(trainer, run, threads, keep_checkpoint):
+    """Run (or resume) one training in its own process; its output goes to run_dir/log.txt.
+    Returns (status, how): 'finished', 'diverged', 'stopped' or 'crashed', and a few words."""
+    status = last_status(run.run_dir)
     if status in ("finished", "diverged"):
         return status, "skipped"
-    if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
-        cmd = [f"--resume={run_dir}"]                    # crashed or stopped: go on from there
+    ckpt = os.path.join(run.run_dir, "ckpt.pt")
+    if os.path.exists(ckpt):
+        cmd = [f"--resume={run.run_dir}"]                # crashed or stopped: go on from there
     else:
-        shutil.rmtree(run_dir, ignore_errors=True)       # died before its first checkpoint
-        os.makedirs(run_dir)
-        cmd = argv + [f"--out_dir={run_dir}"]
-    code = run_in_process(os.path.join(ROOT, trainer), cmd, os.path.join(run_dir, "log.txt"),
-                          threads)
-    status = last_status(run_dir) or "crashed"
-    if code not in (0, 3):
-        status = "crashed" if status != "stopped" else status
-    return status, f"exit {code}"
+        shutil.rmtree(run.run_dir, ignore_errors=True)   # died before its first checkpoint
+        os.makedirs(run.run_dir)
+        cmd = run.argv + [f"--out_dir={run.run_dir}"]
+    log_path = os.path.join(run.run_dir, "log.txt")
+    code = run_in_process(trainer.__file__, cmd, log_path, threads)
+    status = last_status(run.run_dir)
+    if code not in (0, 3) and status != "stopped":
+        return "crashed", f"exit {code}: {last_line(log_path)}"
+    if status in ("finished", "diverged") and not keep_checkpoint and os.path.exists(ckpt):
+        os.remove(ckpt)
+    return status or "crashed", f"exit {code}"
 
 
 def summarize(rows, sweep_dir):
-    """One line per setting: metrics as mean and sd over its seeds; diverged runs counted."""
+    """One line per setting: metrics as mean and sd over its seeds; diverged and crashed runs
+    counted (a setting with no finished run says which)."""
     groups = {}
     for row in rows:
         groups.setdefault(json.dumps(row["setting"]), []).append(row)
+    setting_keys = list(dict.fromkeys(k for row in rows for k in row["setting"]))  # sub-grids
     image_runs = any("test_acc" in r for r in rows)
     metric_names = (["final_test_acc", "best_test_acc", "final_test_loss"] if image_runs
                     else ["final_val_loss", "best_val_loss"])
     table = []
     for key, group in groups.items():
         ok = [r for r in group if r["status"] == "finished"]
-        line = dict(json.loads(key))
+        line = {k: json.loads(key).get(k, "") for k in setting_keys}
         line["seeds"] = len(group)
         line["diverged"] = sum(r["status"] == "diverged" for r in group)
         line["crashed"] = sum(r["status"] == "crashed" for r in group)
@@ -162,17 +231,16 @@ def summarize(rows, sweep_dir):
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
-    setting_keys = [k for k in table[0] if k not in ("seeds", "diverged", "crashed", "seen",
-                                                      "state_bytes", "train_s", "train_s_sd")
-                    and not k.endswith("_sd") and k not in metric_names]
     head = setting_keys + metric_names + ["seen", "train s", "state MiB", "seeds", "diverged"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in table:
         cells = [str(t[k]) for k in setting_keys]
+        no_result = ("diverged" if t["diverged"] == t["seeds"] else
+                     "crashed" if t["crashed"] == t["seeds"] else "no finished run")
         for m in metric_names:
             scale = 100 if "acc" in m else 1
             cells.append(f"{scale * t[m]:.4g} ± {scale * t[m + '_sd']:.2g}"
-                         if not math.isnan(t[m]) else "diverged")
+                         if not math.isnan(t[m]) else no_result)
         cells += [f"{t['seen']:,}", f"{t['train_s']:.1f}", f"{t['state_bytes'] / 2**20:.2f}",
                   str(t["seeds"]), f"{t['diverged']}" + (f" (+{t['crashed']} crashed)"
                                                          if t["crashed"] else "")]
@@ -222,37 +290,60 @@ def main(argv):
             seeds = [int(s) for s in cfg.seeds.split(",")]
         except ValueError:
             raise ConfigError(f"--seeds must be comma-separated ints, got {cfg.seeds!r}")
-        fixed = [f"--{item}" for item in cfg.set.split()]
         check_positive(cfg, "jobs")
+        sweep_dir = cfg.sweep_dir or os.path.join("out", f"sweep-{cfg.study or 'custom'}")
+        trainer = TRAINERS[cfg.trainer]
+        runs = plan_runs(trainer, settings, seeds, [f"--{item}" for item in cfg.set.split()],
+                         sweep_dir)
+        changed = [(run, config_changes(run)) for run in runs if config_changes(run)]
+        if changed:
+            run, changes = changed[0]
+            raise ConfigError(
+                f"--sweep_dir={sweep_dir} already holds {len(changed)} of these runs made with "
+                f"other options (e.g. {os.path.basename(run.run_dir)}: {'; '.join(changes[:3])}"
+                f"); their results are not this sweep's: give another --sweep_dir, or delete "
+                "those run directories to re-run them")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    sweep_dir = cfg.sweep_dir or os.path.join("out", f"sweep-{cfg.study or 'custom'}")
     os.makedirs(sweep_dir, exist_ok=True)
     with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
-    runs = [(s, seed) for s in settings for seed in seeds]
     threads = max(1, (os.cpu_count() or 1) // cfg.jobs) if cfg.jobs > 1 else None
+    bar = tqdm(total=len(runs), unit="run", disable=None, dynamic_ncols=True, leave=False)
     t0, done = time.time(), []
 
     def one(run):
-        setting, seed = run
-        run_dir = os.path.join(sweep_dir, run_name(setting, seed))
-        argv_run = fixed + [f"--{k}={v}" for k, v in setting.items()] + [f"--seed={seed}"]
-        status, how = run_one(TRAINERS[cfg.trainer], run_dir, argv_run, threads)
+        status, how = run_one(trainer, run, threads, cfg.keep_checkpoints)
         done.append(run)
-        print(f"[{len(done)}/{len(runs)} {time.time() - t0:.0f}s] {os.path.basename(run_dir)}: "
-              f"{status} ({how})", flush=True)
-        return run_result(run_dir, setting, seed, status)
+        bar.update(1)
+        bar.write(f"[{len(done)}/{len(runs)} {time.time() - t0:.0f}s] "
+                  f"{os.path.basename(run.run_dir)}: {status} ({how})")
+        return run_result(run.run_dir, run.setting, run.seed, status)
 
-    with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:   # threads only wait on processes
+    pool = ThreadPoolExecutor(max_workers=cfg.jobs)   # its threads only wait on processes
+    try:
         rows = list(pool.map(one, runs))
+    except KeyboardInterrupt:   # the runs got the Ctrl-C too: they stop and save a checkpoint
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        print(f"\nstopped after {len(done)} of {len(runs)} runs; the same command resumes the "
+              "sweep", file=sys.stderr)
+        return 130
+    pool.shutdown()
+    bar.close()
     with open(os.path.join(sweep_dir, "runs.jsonl"), "w") as f:       # rewritten: no repeats
         f.writelines(json.dumps(row) + "\n" for row in rows)
     print(summarize(rows, sweep_dir))
     for path in studies.draw(cfg.study, rows, sweep_dir):
         print(f"wrote {path}")
-    return 0
+    crashed = [row for row in rows if row["status"] == "crashed"]
+    if crashed:
+        print(f"{len(crashed)} of {len(rows)} runs crashed; the end of each one's log.txt says "
+              f"why (first: {crashed[0]['run_dir']})", file=sys.stderr)
+    elif not any(row["status"] == "finished" for row in rows):
+        print(f"no run finished ({len(rows)} ended otherwise: see the summary)", file=sys.stderr)
+    return 1 if crashed or not any(row["status"] == "finished" for row in rows) else 0
 
 
 if __name__ == "__main__":

@@ -99,6 +99,54 @@ def test_study_options_add_to_the_studys_own(tmp_path, text, monkeypatch):
     assert config["data_path"] == text.split()[0].split("=", 1)[1]
 
 
+def test_sweep_refuses_to_report_runs_made_with_other_options(tmp_path, text, capsys):
+    """A re-run with a changed --set must not call the old runs its own: refused, nothing
+    touched; the same options again are skipped; checkpoints kept unless told."""
+    out = tmp_path / "sweep"
+    args = ["--grid=optimizer=adamw", "--seeds=1,2", f"--sweep_dir={out}"]
+    assert sweep.main(args + [f"--set={TINY_GPT} {text}", "--keep_checkpoints=False"]) == 0
+    assert not list(out.glob("*/ckpt.pt")) and len(list(out.glob("*/metrics.jsonl"))) == 2
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert sweep.main(args + [f"--set={TINY_GPT} {text} max_iters=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds 2 of these runs made with other options" in err
+    assert "max_iters: 6 -> 3" in err
+    assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert sweep.main(args + [f"--set={TINY_GPT} {text}"]) == 0
+    assert capsys.readouterr().out.count("(skipped)") == 2
+
+
+@pytest.mark.parametrize("grid,message", [
+    ("optimiser=adamw", "'optimiser=adamw' with --set: unknown option --optimiser; did you mean "
+                        "--optimizer?"),
+    ("optimizer=adamw lr=fast", "--lr expects float, got 'fast'"),
+    ("optimizer=adamw,sgdsai", "unknown optimizer 'sgdsai'"),
+    ("optimizer=adamw out_dir=x", "--out_dir is the sweep's to set"),
+])
+def test_sweep_checks_every_run_before_starting_any(grid, message, tmp_path, text, capsys):
+    out = tmp_path / "sweep"
+    assert sweep.main([f"--grid={grid}", "--seeds=1", f"--set={TINY_GPT} {text}",
+                       f"--sweep_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not out.exists()
+
+
+def test_a_crashed_run_is_not_called_diverged(tmp_path, text, capsys):
+    """A run that fails (its data file vanished) is 'crashed' in the summary, with the reason
+    from its log, and the sweep exits 1."""
+    out = tmp_path / "sweep"
+    assert sweep.main(["--grid=optimizer=adamw", "--seeds=1", f"--sweep_dir={out}",
+                       f"--set={TINY_GPT} data_path={tmp_path / 'gone.txt'} "
+                       f"data_dir={tmp_path / 'cache'}"]) == 1
+    captured = capsys.readouterr()
+    assert "crashed (exit 2: error: --data_path" in captured.out
+    assert "1 of 1 runs crashed" in captured.err
+    row = (out / "summary.md").read_text().splitlines()[2]
+    assert "| crashed | crashed |" in row and "diverged" not in row
+
+
 def test_bad_sweep_arguments(capsys):
     assert sweep.main(["--study=everything"]) == 2
     assert "--study must be one of lr, sai_rule, batch" in capsys.readouterr().err

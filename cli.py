@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -106,7 +107,7 @@ class RunOptions:
     beta2: float = option(0.99, "AdamW/Adam-mini/APOLLO beta2")
     sai_rule: str = option("gsnr", f"SGD-SaI scale rule: {', '.join(optim.SAI_RULES)}")
     grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 = off")
-    warmup_iters: int = option(100, "linear warmup steps")
+    warmup_iters: int = option(-1, "linear warmup steps; -1 = 5% of the run's steps")
     # system
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = option("auto", "autocast dtype: auto (bf16, else fp16 on CUDA; fp32 "
@@ -129,13 +130,26 @@ def read_config(config_cls, argv, usage):
         if not os.path.exists(path):
             raise ConfigError(f"--resume={cfg.resume}: no config.json there; pass a run "
                               "directory this trainer wrote")
-        with open(path) as f:
-            return dataclasses.replace(config_cls(**json.load(f)), resume=cfg.resume), given
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"--resume={cfg.resume}: its config.json is damaged ({err}); "
+                              "the run cannot be resumed") from None
+        unknown = sorted(set(saved) - set(config_cls.__dataclass_fields__))
+        if unknown:   # e.g. a vit_sai.py run given to nanogpt_sai.py
+            raise ConfigError(f"--resume={cfg.resume}: its config has options this trainer "
+                              f"does not know ({', '.join(unknown[:3])}): it is another "
+                              "trainer's run (resume it with that script) or an older version's")
+        return dataclasses.replace(config_cls(**saved), resume=cfg.resume), given
     optimizer_names(cfg.optimizer)
     check_positive(cfg, "batch_size", "log_interval")
-    for key in ("lr", "weight_decay", "grad_clip", "warmup_iters"):
+    for key in ("lr", "weight_decay", "grad_clip"):
         if not getattr(cfg, key) >= 0:
             raise ConfigError(f"--{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.warmup_iters < -1:
+        raise ConfigError(f"--warmup_iters must be >= 0 (or -1: 5% of the run), got "
+                          f"{cfg.warmup_iters}")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise ConfigError(f"--min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     for key in ("beta1", "beta2"):
@@ -149,6 +163,31 @@ def read_config(config_cls, argv, usage):
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
     return cfg, given
+
+
+def warmup_steps(warmup_iters, total_steps):
+    """--warmup_iters, where -1 is 5% of the run (nanoGPT's CPU run: 100 of 2000 steps), so a
+    short run reaches its peak lr; a warning when an explicit warmup is the whole run."""
+    if warmup_iters == -1:
+        return round(0.05 * total_steps)
+    if warmup_iters >= total_steps:
+        print(f"warning: --warmup_iters={warmup_iters} >= the run's {total_steps} steps: the lr "
+              "never reaches its peak --lr (leave --warmup_iters out: 5% of the run)",
+              file=sys.stderr)
+    return warmup_iters
+
+
+def data_error(err, data_dir):
+    """The ConfigError for data that cannot be loaded or prepared: a file the cache could not
+    write is --data_dir's fault, anything else (missing, not UTF-8, malformed) --data_path's."""
+    filename = os.path.abspath(getattr(err, "filename", None) or os.sep)
+    if isinstance(err, OSError) and filename.startswith(os.path.abspath(data_dir) + os.sep):
+        return ConfigError(f"--data_dir={data_dir}: the prepared data cannot be written there "
+                           f"({err.strerror}: {err.filename}); give a writable --data_dir")
+    if isinstance(err, UnicodeDecodeError):
+        return ConfigError(f"--data_path: the text is not UTF-8 ({err.reason} at byte "
+                           f"{err.start}); convert it, e.g. iconv -t utf-8")
+    return ConfigError(f"--data_path: {err}")
 
 
 def pick_device(name):
@@ -199,23 +238,71 @@ def new_run_dir(out_root, name):
     return path
 
 
-def compare(script, names, argv, out_dir, name):
+def last_status(run_dir):
+    """How a run directory's run ended: 'finished', 'diverged', 'stopped', or None (never
+    ended, or never started)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path, errors="replace") as f:
+        ends = [json.loads(line) for line in f if '"event": "end"' in line]
+    return ends[-1]["status"] if ends else None
+
+
+def config_changes(run_dir, config):
+    """How the config a run directory already holds differs from `config` (a trainer's resolved
+    config as a dict): ['max_iters: 400 -> 300', ...]; empty when the same or never started."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        before = json.load(f)
+    return [f"{k}: {before.get(k, '(none)')} -> {config.get(k, '(none)')}"
+            for k in sorted(set(before) | set(config)) if before.get(k) != config.get(k)]
+
+
+def compare(script, resolve_config, names, argv, out_dir, name):
     """Train each optimizer in its own process (same seed and batches) into out_dir/<optimizer>
     (out_dir "": out/<time>-<name>), then draw them in one figure (a diverged run too, up to
-    where it stopped). Returns 0 when every run finished, else 1."""
+    where it stopped). Given an existing --out_dir, finished and diverged runs are kept, stopped
+    ones resumed, and runs made with other options refused. A Ctrl-C stops the running
+    optimizer (it saves a checkpoint) and the ones after it. Returns 0 when every run finished,
+    130 when stopped, else 1."""
     out_dir = out_dir or new_run_dir("out", name)
-    finished, runs = 0, []
+    plan = []
     for optimizer in names:
         run_dir = os.path.join(out_dir, optimizer)
         rest = [a for a in argv if not a.startswith(("--optimizer=", "--out_dir="))]
         run_argv = [f"--optimizer={optimizer}", f"--out_dir={run_dir}", *rest]
-        print(f"=== {optimizer}: {os.path.basename(script)} {' '.join(run_argv)}", flush=True)
-        if run_in_process(script, run_argv) == 0:
-            finished += 1
-        else:
-            print(f"=== {optimizer} did not finish; see {run_dir}", flush=True)
-        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-            runs.append(run_dir)
+        changes = config_changes(run_dir, dataclasses.asdict(resolve_config(run_argv)))
+        if changes:
+            raise ConfigError(f"--out_dir={out_dir} holds a {optimizer} run made with other "
+                              f"options ({'; '.join(changes[:3])}); choose another --out_dir")
+        plan.append((optimizer, run_dir, run_argv))
+
+    stop = []
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.append(True))   # the child stops
+    try:
+        for optimizer, run_dir, run_argv in plan:
+            if stop:
+                break
+            status = last_status(run_dir)
+            if status in ("finished", "diverged"):
+                print(f"=== {optimizer}: {status} before, kept ({run_dir})", flush=True)
+                continue
+            if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+                run_argv = [f"--resume={run_dir}"]
+            print(f"=== {optimizer}: {os.path.basename(script)} {' '.join(run_argv)}", flush=True)
+            if run_in_process(script, run_argv) not in (0, 3, 130):
+                print(f"=== {optimizer} did not finish; see {run_dir}", flush=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stop:
+        print(f"stopped; the same command with --out_dir={out_dir} resumes the comparison",
+              file=sys.stderr)
+        return 130
+    runs = [run_dir for _, run_dir, _ in plan
+            if os.path.exists(os.path.join(run_dir, "metrics.jsonl"))]
     for path in draw_all(runs, out_dir):
         print(f"wrote {path}")
-    return 0 if finished == len(names) else 1
+    return 0 if all(last_status(run_dir) == "finished" for _, run_dir, _ in plan) else 1

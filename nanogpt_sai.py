@@ -26,8 +26,8 @@ from torch import nn
 from tqdm import tqdm
 
 import optim
-from cli import (ConfigError, RunOptions, check_positive, compare, option, optimizer_names,
-                 pick_device, pick_dtype, read_config)
+from cli import (ConfigError, RunOptions, check_positive, compare, data_error, option,
+                 optimizer_names, pick_device, pick_dtype, read_config, warmup_steps)
 from data.text import DATASETS, load_text, sample_batch
 from train_helpers import (MetricsLog, StopOnCtrlC, TrainClock, load_checkpoint, lr_at,
                            maybe_compile, memory_fields, open_run_dir, report_end,
@@ -54,7 +54,8 @@ class Config(RunOptions):
     batch_size: int = option(12, "sequences per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     max_iters: int = option(2000, "optimizer steps")
-    eval_interval: int = option(250, "evaluate and checkpoint every this many steps")
+    eval_interval: int = option(0, "evaluate and checkpoint every this many steps; 0 = every "
+                                   "eighth of max_iters")
     eval_iters: int = option(20, "batches per split in each evaluation")
     log_interval: int = option(50, "console and metrics line every this many steps")
     seed: int = option(1337, "seed of weights, batches and dropout")
@@ -66,7 +67,8 @@ class Config(RunOptions):
 PRESETS = {
     "cpu": {},
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
-                max_iters=5000, eval_iters=200, log_interval=100),
+                max_iters=5000, eval_interval=250, eval_iters=200, warmup_iters=100,
+                log_interval=100),
 }
 # Peak learning rates: cpu, the best of the README's sweep at the cpu preset (5-6 values each);
 # gpu, not tuned: the cpu values times nanoGPT's own AdamW ratio between the two (1e-3 / 4e-3).
@@ -92,10 +94,11 @@ def resolve_config(argv):
     cfg = dataclasses.replace(cfg, **{k: v for k, v in PRESETS[preset].items() if k not in given})
     if cfg.dataset not in DATASETS:
         raise ConfigError(f"--dataset must be {' or '.join(DATASETS)}, got {cfg.dataset!r}")
-    check_positive(cfg, "n_layer", "n_head", "n_embd", "block_size", "max_iters",
-                   "eval_interval", "eval_iters", "grad_accum")
-    if cfg.lr_decay_iters < 0:
-        raise ConfigError(f"--lr_decay_iters must be >= 0, got {cfg.lr_decay_iters}")
+    check_positive(cfg, "n_layer", "n_head", "n_embd", "block_size", "max_iters", "eval_iters",
+                   "grad_accum")
+    for key in ("lr_decay_iters", "eval_interval", "sample_tokens"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"--{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"--n_embd={cfg.n_embd} must be divisible by --n_head={cfg.n_head}")
     if not 0 <= cfg.dropout < 1:
@@ -103,7 +106,9 @@ def resolve_config(argv):
     return dataclasses.replace(cfg, preset=preset, device=device,
                                dtype=pick_dtype(cfg.dtype, device),
                                lr=cfg.lr or DEFAULT_LR[preset][cfg.optimizer],
-                               lr_decay_iters=cfg.lr_decay_iters or cfg.max_iters)
+                               lr_decay_iters=cfg.lr_decay_iters or cfg.max_iters,
+                               warmup_iters=warmup_steps(cfg.warmup_iters, cfg.max_iters),
+                               eval_interval=cfg.eval_interval or max(1, cfg.max_iters // 8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,13 +219,19 @@ class GPT(nn.Module):
 def train(cfg):
     """One run; returns its exit status (0 finished, 130 stopped by Ctrl-C, 3 diverged)."""
     device = cfg.device
+    # the run directory first (a bad --out_dir is found before the data is loaded): a fresh one,
+    # or the one we resume (its checkpoint, loaded below, restores everything)
+    run_dir = open_run_dir(cfg, f"{cfg.dataset}-{cfg.optimizer}")
     try:
         data = load_text(cfg.dataset, data_dir=cfg.data_dir, text_path=cfg.data_path)
     except (OSError, ValueError) as err:   # a --data_path that is missing or unreadable
-        raise ConfigError(f"--data_path: {err}") from None
+        raise data_error(err, cfg.data_dir) from None
     splits = {"train": torch.from_numpy(data.train.astype("int64")),
               "val": torch.from_numpy(data.val.astype("int64"))}
     shortest = min(len(s) for s in splits.values())
+    if shortest < 2 * cfg.batch_size:   # e.g. a 10-byte file: no --block_size would help
+        raise ConfigError(f"--data_path: {data.source} gives only {shortest} tokens in its "
+                          "smaller split (train 90%, val 10%); give a longer text")
     if cfg.block_size >= shortest:
         raise ConfigError(f"--block_size={cfg.block_size} needs more tokens than the "
                           f"{shortest} of the smallest split; use --block_size < {shortest}")
@@ -243,18 +254,17 @@ def train(cfg):
         device_type="cuda", dtype=getattr(torch, cfg.dtype))
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # training batch order
 
-    # run directory: a fresh one, or the one we resume (its checkpoint restores everything)
-    run_dir = open_run_dir(cfg, f"{cfg.dataset}-{cfg.optimizer}")
+    # resume: everything is checked (checkpoint, data, model, log) before anything is rewritten
     it, train_s, best_val = 0, 0.0, float("inf")
+    data_facts = dict(data_source=data.source, vocab_size=data.vocab_size)
     if cfg.resume:
-        ckpt = load_checkpoint(run_dir, model, opt, scaler)
+        ckpt = load_checkpoint(run_dir, model, opt, scaler, **data_facts)
         batch_gen.set_state(ckpt["batch_gen"])
         it, train_s, best_val = ckpt["step"], ckpt["train_s"], ckpt["best_val"]
-    n_params = write_run_info(run_dir, cfg, model, data_source=data.source,
-                              vocab_size=data.vocab_size)
+    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), resume_step=it if cfg.resume else None)
+    n_params = write_run_info(run_dir, cfg, model, **data_facts)
     print(f"{n_params / 1e6:.2f}M parameters | {cfg.optimizer} lr {cfg.lr:g} | {device} "
           f"{cfg.dtype} | run dir {run_dir}")
-    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), resume_step=it if cfg.resume else None)
 
     def trial(m):  # one throw-away step through the compiled model, on a copied batch stream
         x, y = get_batch("train", torch.Generator().manual_seed(0))
@@ -380,7 +390,8 @@ def main(argv):
         cfg = resolve_config(argv)
         names = optimizer_names(cfg.optimizer)
         if len(names) > 1:   # compare: each optimizer in its own process, then one figure
-            return compare(__file__, names, argv, cfg.out_dir, f"compare-{cfg.dataset}")
+            return compare(__file__, resolve_config, names, argv, cfg.out_dir,
+                           f"compare-{cfg.dataset}")
         return train(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -36,7 +36,16 @@ from tqdm import tqdm
 
 import nanogpt_sai
 import vit_sai
-from cli import ConfigError, check_positive, optimizer_names, option, parse_args, run_in_process
+from cli import (
+    ConfigError,
+    check_positive,
+    config_changes,
+    last_status,
+    optimizer_names,
+    option,
+    parse_args,
+    run_in_process,
+)
 from nanogpt_sai import DEFAULT_LR
 from plots import studies
 
@@ -146,28 +155,6 @@ def plan_runs(trainer, settings, seeds, fixed, sweep_dir):
                 raise ConfigError(f"--grid setting '{where}' with --set: {err}") from None
             runs.append(Run(setting, seed, run_dir, argv, dataclasses.asdict(cfg)))
     return runs
-
-
-def config_changes(run):
-    """How the config a run directory already holds differs from the run's config now:
-    ['max_iters: 400 -> 300', ...] (empty when the same, or when nothing was started)."""
-    path = os.path.join(run.run_dir, "config.json")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        before = json.load(f)
-    return [f"{k}: {before.get(k, '(none)')} -> {run.config.get(k, '(none)')}"
-            for k in sorted(set(before) | set(run.config)) if before.get(k) != run.config.get(k)]
-
-
-def last_status(run_dir):
-    """'finished', 'diverged', 'stopped', or None if the run never ended."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        ends = [json.loads(line) for line in f if '"event": "end"' in line]
-    return ends[-1]["status"] if ends else None
 
 
 def last_line(path):
@@ -295,7 +282,8 @@ def main(argv):
         trainer = TRAINERS[cfg.trainer]
         runs = plan_runs(trainer, settings, seeds, [f"--{item}" for item in cfg.set.split()],
                          sweep_dir)
-        changed = [(run, config_changes(run)) for run in runs if config_changes(run)]
+        changed = [(run, config_changes(run.run_dir, run.config)) for run in runs
+                   if config_changes(run.run_dir, run.config)]
         if changed:
             run, changes = changed[0]
             raise ConfigError(

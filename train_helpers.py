@@ -104,13 +104,32 @@ def save_checkpoint(run_dir, model, optimizer, scaler, cfg, **entries):
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(run_dir, model, optimizer, scaler):
+def load_checkpoint(run_dir, model, optimizer, scaler, **data_facts):
     """Restore what save_checkpoint saved (SGD-SaI's frozen scales travel in the optimizer's
-    state); returns the checkpoint, for the trainer's own entries."""
+    state); returns the checkpoint, for the trainer's own entries. Anything that makes the run
+    unresumable (no or a damaged checkpoint, other data than it trained on, a model of another
+    shape) is a ConfigError naming it, raised before anything in run_dir is written.
+    `data_facts` (data_source=..., vocab_size=...) are checked against the run's run.json."""
+    check_same_data(run_dir, data_facts)
+    path = os.path.join(run_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        raise ConfigError(f"--resume={run_dir}: no ckpt.pt there (the run stopped before its "
+                          f"first evaluation); start it again with --out_dir={run_dir}")
     # loaded on the CPU: RNG and generator states must be CPU tensors; the model's and the
     # optimizer's load_state_dict copy theirs to the parameters' device
-    ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu")
-    model.load_state_dict(ckpt["model"])
+    try:
+        ckpt = torch.load(path, map_location="cpu")
+    except Exception as err:   # empty, truncated or overwritten: torch's reader says which
+        raise ConfigError(f"--resume={run_dir}: ckpt.pt cannot be read ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else 'empty'}); it is damaged, "
+                          "and the run cannot go on from it: start a new run") from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:   # size mismatches: the model code changed since the save
+        first = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln
+                      or "Missing" in ln or "Unexpected" in ln), str(err).splitlines()[0])
+        raise ConfigError(f"--resume={run_dir}: the checkpoint's model is not this model "
+                          f"({first}); it was saved by other code: start a new run") from None
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
     except KeyError as err:     # e.g. sai_rule, which older versions called scale_rule
@@ -120,6 +139,21 @@ def load_checkpoint(run_dir, model, optimizer, scaler):
     set_rng_state(ckpt["rng"])
     print(f"resuming {run_dir} at step {ckpt['step']}")
     return ckpt
+
+
+def check_same_data(run_dir, data_facts):
+    """A resumed run must see the data it trained on (offline, a run started on tiny shakespeare
+    would silently go on with the fallback corpus)."""
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        before = json.load(f)
+    for key, now in data_facts.items():
+        if key in before and before[key] != now:
+            raise ConfigError(f"--resume={run_dir}: the run trained on {key} {before[key]!r}, "
+                              f"and here it is {now!r}; resume where that data is found (e.g. "
+                              "online, or with the same file in the data cache)")
 
 
 class StopOnCtrlC:
@@ -150,13 +184,21 @@ class StopOnCtrlC:
 class MetricsLog:
     """Append-only JSONL, one object per line, flushed each write so `plots/` can read it live.
     On resume, lines past the checkpoint's step and the old end line are dropped: the run goes on
-    from the checkpoint and recomputes them."""
+    from the checkpoint and recomputes them. A damaged log is a ConfigError, the file untouched."""
 
     def __init__(self, path, resume_step=None):
         if resume_step is not None and os.path.exists(path):
             with open(path) as f:
                 # a line without its newline was torn by a crash; it is past the checkpoint anyway
-                records = [(line, json.loads(line)) for line in f if line.endswith("\n")]
+                lines = [line for line in f if line.endswith("\n")]
+            records = []
+            for number, line in enumerate(lines, 1):
+                try:
+                    records.append((line, json.loads(line)))
+                except json.JSONDecodeError:
+                    raise ConfigError(f"{path}: line {number} is not JSON; the log is damaged, "
+                                      "so the resumed run's figures would be wrong: repair or "
+                                      "remove that line, or start a new run") from None
             with open(path + ".tmp", "w") as f:
                 f.writelines(line for line, r in records
                              if r["step"] <= resume_step and r["event"] != "end")
@@ -191,16 +233,30 @@ def memory_fields(model, optimizer, device):
 
 def open_run_dir(cfg, name):
     """The resumed run's directory, or a new one (--out_dir, else out/<time>-<name>) holding
-    config.json. An existing run is never overwritten: it is resumed, or left alone."""
+    config.json; called before the data is loaded, so a bad --out_dir is found at once. An
+    existing run is never overwritten: it is resumed, or left alone (one stopped before its first
+    checkpoint has nothing to resume, and starts over)."""
     if cfg.resume:
         return cfg.resume
     run_dir = cfg.out_dir or new_run_dir("out", name)
-    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-        raise ConfigError(f"--out_dir={run_dir} already holds a run; resume it with "
-                          f"--resume={run_dir} or choose another --out_dir")
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(f"--out_dir={run_dir} is a file; give a directory")
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(metrics):
+        with open(metrics, errors="replace") as f:
+            ended = any('"event": "end"' in line for line in f)
+        if ended or os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+            raise ConfigError(f"--out_dir={run_dir} already holds a run; resume it with "
+                              f"--resume={run_dir} or choose another --out_dir")
+        print(f"{run_dir} holds a run aborted before its first checkpoint; starting it over")
+        os.remove(metrics)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    except OSError as err:
+        raise ConfigError(f"--out_dir={run_dir} cannot be written ({err.strerror}); choose a "
+                          "directory you can write to") from None
     return run_dir
 
 

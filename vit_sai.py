@@ -27,8 +27,8 @@ from torch import nn
 from tqdm import tqdm
 
 import optim
-from cli import (ConfigError, RunOptions, check_positive, compare, option, optimizer_names,
-                 pick_device, pick_dtype, read_config)
+from cli import (ConfigError, RunOptions, check_positive, compare, data_error, option,
+                 optimizer_names, pick_device, pick_dtype, read_config, warmup_steps)
 from data.images import DATASETS, load_images, random_crop_flip
 from train_helpers import (MetricsLog, StopOnCtrlC, TrainClock, load_checkpoint, lr_at,
                            maybe_compile, memory_fields, open_run_dir, report_end,
@@ -38,7 +38,7 @@ from train_helpers import (MetricsLog, StopOnCtrlC, TrainClock, load_checkpoint,
 @dataclass
 class Config(RunOptions):
     """The options both trainers share (--optimizer, --lr, --beta1, ..., --device, --dtype,
-    --resume) are cli.RunOptions; three of their defaults are the ViT's own."""
+    --resume) are cli.RunOptions; two of their defaults are the ViT's own."""
     # data
     dataset: str = option("fashion_mnist", "fashion_mnist, cifar10 or digits (rendered)")
     data_path: str = option("", "folder with the data set's files (default: cache, "
@@ -54,7 +54,6 @@ class Config(RunOptions):
     # optimizer: the ViT's defaults of shared options
     min_lr_ratio: float = option(0.01, "cosine decays the lr to lr * min_lr_ratio")
     weight_decay: float = option(0.05, "decoupled weight decay of matrices and embeddings")
-    warmup_iters: int = option(200, "linear warmup steps")
     # training
     label_smoothing: float = option(0.1, "cross-entropy label smoothing")
     batch_size: int = option(128, "images per step")
@@ -177,11 +176,12 @@ class ViT(nn.Module):
 def train(cfg):
     """One run; returns its exit status (0 finished, 130 stopped by Ctrl-C, 3 diverged)."""
     device = cfg.device
+    run_dir = open_run_dir(cfg, f"{cfg.dataset}-{cfg.optimizer}")   # before the data, as nanogpt
     try:
         # seed 0, not cfg.seed: the rendered digits' test fonts stay the same across seeds
         data = load_images(cfg.dataset, data_dir=cfg.data_dir, data_path=cfg.data_path, seed=0)
     except (OSError, ValueError) as err:   # a --data_path that is missing or malformed
-        raise ConfigError(f"--data_path: {err}") from None
+        raise data_error(err, cfg.data_dir) from None
     channels, image_size = data.train_x.shape[1], data.train_x.shape[-1]
     if image_size % cfg.patch_size:
         raise ConfigError(f"--patch_size={cfg.patch_size} must divide the image side "
@@ -205,22 +205,22 @@ def train(cfg):
     n_train = len(data.train_y)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
+    warmup_iters = warmup_steps(cfg.warmup_iters, total_steps)   # known once the data is
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)      # epoch order and augmentation
     order = torch.randperm(n_train, generator=shuffle_gen)
 
-    # run directory: a fresh one, or the one we resume (its checkpoint restores everything)
-    run_dir = open_run_dir(cfg, f"{cfg.dataset}-{cfg.optimizer}")
+    # resume: everything is checked (checkpoint, data, model, log) before anything is rewritten
     it, train_s, best_acc = 0, 0.0, 0.0
+    data_facts = dict(data_source=data.source, n_train=n_train, n_test=len(data.test_y))
     if cfg.resume:
-        ckpt = load_checkpoint(run_dir, model, opt, scaler)
+        ckpt = load_checkpoint(run_dir, model, opt, scaler, **data_facts)
         shuffle_gen.set_state(ckpt["shuffle_gen"])
         order = ckpt["order"]
         it, train_s, best_acc = ckpt["step"], ckpt["train_s"], ckpt["best_acc"]
-    n_params = write_run_info(run_dir, cfg, model, data_source=data.source, n_train=n_train,
-                              n_test=len(data.test_y))
+    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), resume_step=it if cfg.resume else None)
+    n_params = write_run_info(run_dir, cfg, model, warmup_iters=warmup_iters, **data_facts)
     print(f"{n_params / 1e6:.2f}M parameters | {data.source} {n_train} train images | "
           f"{cfg.optimizer} lr {cfg.lr:g} | {device} {cfg.dtype} | run dir {run_dir}")
-    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), resume_step=it if cfg.resume else None)
 
     def get_batch(step):
         """Batch `step` of the current epoch's order; cifar10 gets crop + flip."""
@@ -266,7 +266,7 @@ def train(cfg):
     t_start = time.time()
     with StopOnCtrlC() as stop:
         while True:
-            lr = lr_at(it, cfg.lr, cfg.warmup_iters, total_steps, cfg.min_lr_ratio)
+            lr = lr_at(it, cfg.lr, warmup_iters, total_steps, cfg.min_lr_ratio)
             for group in opt.param_groups:
                 group["lr"] = lr
 
@@ -343,8 +343,9 @@ def main(argv):
     try:
         cfg = resolve_config(argv)
         names = optimizer_names(cfg.optimizer)   # several: compare, each in its own process
-        return train(cfg) if len(names) == 1 else compare(__file__, names, argv, cfg.out_dir,
-                                                          f"compare-{cfg.dataset}")
+        if len(names) == 1:
+            return train(cfg)
+        return compare(__file__, resolve_config, names, argv, cfg.out_dir, f"compare-{cfg.dataset}")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

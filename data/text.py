@@ -92,10 +92,16 @@ def read_corpus(data_dir, text_path, log):
     """(text, source): the named file, else the cached or downloaded tiny shakespeare, else
     the offline fallback."""
     if text_path:
+        if os.path.isdir(text_path):
+            raise ValueError(f"{text_path!r} is a directory; give the text file itself (e.g. "
+                             f"{os.path.join(text_path, 'input.txt')})")
         if not os.path.isfile(text_path):
             raise FileNotFoundError(f"text file {text_path!r} does not exist (leave it empty to "
                                     f"find or download tiny shakespeare)")
-        return read_utf8(text_path), text_path
+        text = read_utf8(text_path)
+        if not text.strip():   # checked before the prepared cache is replaced by it
+            raise ValueError(f"text file {text_path!r} is empty")
+        return text, text_path
 
     cached = os.path.join(data_dir, "tinyshakespeare", "input.txt")
     if not os.path.isfile(cached):

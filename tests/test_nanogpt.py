@@ -9,6 +9,7 @@ import urllib.request
 import pytest
 import torch
 
+import cli
 import nanogpt_sai
 import optim
 from fake_data import write_corpus
@@ -188,6 +189,44 @@ def test_compare_runs_each_optimizer_and_draws_one_figure(corpus, tmp_path):
     first = [records(out / name)[0] for name in ("sgd_sai", "adam_mini")]
     assert first[0]["val_loss"] == first[1]["val_loss"]       # same initial weights and batches
     assert is_png(out / "loss.png") and is_png(out / "memory.png")
+
+
+def test_compare_rerun_keeps_finished_runs_resumes_stopped_and_refuses_changes(
+        corpus, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cmp"
+    common = TINY + corpus + ["--max_iters=6", "--eval_interval=3", "--log_interval=1"]
+    ctrl_c_after_step(monkeypatch, 4)          # sgd_sai's run, stopped by Ctrl-C at step 4
+    assert run(common + ["--optimizer=sgd_sai", f"--out_dir={out / 'sgd_sai'}"]) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run(common + ["--optimizer=sgd_sai,adamw", f"--out_dir={out}"]) == 0
+    assert f"=== sgd_sai: nanogpt_sai.py --resume={out / 'sgd_sai'}" in capsys.readouterr().out
+    assert [r["step"] for r in records(out / "sgd_sai") if r["event"] == "train"] == [
+        1, 2, 3, 4, 5, 6]                      # resumed, not restarted or refused
+    adamw_log = (out / "adamw" / "metrics.jsonl").read_bytes()
+    assert run(common + ["--optimizer=sgd_sai,adamw", f"--out_dir={out}"]) == 0
+    assert capsys.readouterr().out.count("finished before, kept") == 2
+    assert (out / "adamw" / "metrics.jsonl").read_bytes() == adamw_log
+    assert run(common + ["--optimizer=sgd_sai,adamw", "--max_iters=8", f"--out_dir={out}"]) == 2
+    assert "holds a sgd_sai run made with other options (lr_decay_iters: 6 -> 8; max_iters: " \
+        "6 -> 8)" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_compare_stops_after_the_running_optimizer(corpus, tmp_path, monkeypatch,
+                                                             capsys):
+    """The Ctrl-C reaches the running optimizer's process (it saves and exits 130); compare waits
+    for it, starts no other optimizer and draws no figure of unfinished runs."""
+    started = []
+
+    def child_stopped_by_ctrl_c(script, argv, *rest):
+        started.append(argv[0])
+        os.kill(os.getpid(), signal.SIGINT)     # what the terminal sends the parent too
+        return 130
+    monkeypatch.setattr(cli, "run_in_process", child_stopped_by_ctrl_c)
+    out = tmp_path / "cmp"
+    assert run(TINY + corpus + ["--optimizer=sgd_sai,adamw", f"--out_dir={out}"]) == 130
+    assert started == ["--optimizer=sgd_sai"] and not (out / "loss.png").exists()
+    assert f"the same command with --out_dir={out} resumes" in capsys.readouterr().err
 
 
 def test_plots_redraw_from_logs(corpus, tmp_path):

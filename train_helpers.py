@@ -228,6 +228,17 @@ def memory_fields(model, optimizer, device):
             "peak_bytes": peak, "peak_kind": peak_kind}
 
 
+def loss_far_above_chance(loss, n_classes):
+    """The warning for a finite loss 1.5x above a uniform guess's ln(n_classes) (where training
+    starts): the run is diverging though not (yet) NaN. None when the loss is below that."""
+    chance = math.log(n_classes)
+    if not loss > 1.5 * chance:
+        return None
+    return (f"warning: the training loss {loss:.2f} is far above a uniform guess's "
+            f"ln({n_classes:,}) = {chance:.2f}, where training starts: the lr is probably too "
+            "high for this setup (try a lower --lr)")
+
+
 # ---------------------------------------------------------------------------------------------
 # the run directory and how the run ended
 

@@ -30,9 +30,9 @@ import optim
 from cli import (ConfigError, RunOptions, check_positive, compare, data_error, option,
                  optimizer_names, pick_device, pick_dtype, read_config, warmup_steps)
 from data.images import DATASETS, load_images, random_crop_flip
-from train_helpers import (MetricsLog, StopOnCtrlC, TrainClock, load_checkpoint, lr_at,
-                           maybe_compile, memory_fields, open_run_dir, report_end,
-                           save_checkpoint, write_run_info)
+from train_helpers import (MetricsLog, StopOnCtrlC, TrainClock, load_checkpoint,
+                           loss_far_above_chance, lr_at, maybe_compile, memory_fields,
+                           open_run_dir, report_end, save_checkpoint, write_run_info)
 
 
 @dataclass
@@ -262,7 +262,7 @@ def train(cfg):
     clock = TrainClock(device, seconds=train_s)   # training time: evaluations excluded
     all_finite = torch.ones((), dtype=torch.bool, device=device)
     epoch_loss, epoch_steps = torch.zeros((), device=device), 0
-    logged_s, logged_it = train_s, it
+    logged_s, logged_it, warned = train_s, it, False
     t_start = time.time()
     with StopOnCtrlC() as stop:
         while True:
@@ -317,6 +317,10 @@ def train(cfg):
                 if not all_finite.item():
                     status = "diverged"
                     break
+                warning = loss_far_above_chance(step_loss, len(data.classes))
+                if warning and not warned:
+                    bar.write(warning, file=sys.stderr)
+                    warned = True
                 ms = 1000 * (train_s - logged_s) / (it - logged_it)
                 logged_s, logged_it = train_s, it
                 mem = memory_fields(model, opt, device)

@@ -22,7 +22,7 @@ from fake_data import CIFAR_CLASSES, idx_bytes, write_cifar10, write_fashion_mni
 
 SAMPLE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
           "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than "
-          "to famish?\n\nAll:\nResolved. resolved.\n") * 3
+          "to famish?\n\nAll:\nResolved. resolved.\n") * 8   # >= MIN_CHARACTERS
 
 
 @pytest.fixture(autouse=True)

@@ -313,3 +313,24 @@ def test_resume_of_a_checkpoint_from_an_older_optim_is_a_clear_error(corpus, tmp
     err = capsys.readouterr().err.strip()
     assert "has no hyperparameter 'sai_rule'" in err and len(err.splitlines()) == 1
     assert before == {name: (out / name).read_bytes() for name in before}
+
+
+def test_default_lr_depends_on_the_dataset_and_scaled_defaults_follow_the_run_length():
+    """SGD-SaI's table lr blows GPT-2 BPE up: its BPE default is an eighth of it; warmup is 5%
+    of the run and evaluations every eighth of it unless given (a warning if warmup >= run)."""
+    resolve = nanogpt_sai.resolve_config
+    assert resolve(["--optimizer=sgd_sai", "--device=cpu"]).lr == 2e-2
+    assert resolve(["--optimizer=sgd_sai", "--device=cpu", "--dataset=shakespeare"]).lr == 2.5e-3
+    assert resolve(["--optimizer=adamw", "--device=cpu", "--dataset=shakespeare"]).lr == 4e-3
+    short = resolve(["--max_iters=200", "--device=cpu"])
+    assert (short.warmup_iters, short.eval_interval) == (10, 25)
+    default = resolve(["--device=cpu"])
+    assert (default.warmup_iters, default.eval_interval) == (100, 250)   # nanoGPT's CPU run
+    assert resolve(["--max_iters=50", "--warmup_iters=0", "--device=cpu"]).warmup_iters == 0
+
+
+def test_a_warmup_as_long_as_the_run_gets_a_warning(capsys):
+    assert nanogpt_sai.resolve_config(["--max_iters=50", "--warmup_iters=100",
+                                       "--device=cpu"]).warmup_iters == 100
+    assert "--warmup_iters=100 >= the run's 50 steps: the lr never reaches its peak" in \
+        capsys.readouterr().err

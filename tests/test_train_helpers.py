@@ -26,3 +26,11 @@ def test_clock_never_syncs_off_cuda(monkeypatch):
     clock = TrainClock("cpu")
     clock.start()
     assert clock.pause() >= 0.0
+
+
+def test_loss_far_above_a_uniform_guess_is_a_warning():
+    assert train_helpers.loss_far_above_chance(10.8, 50257) is None      # where BPE starts
+    warning = train_helpers.loss_far_above_chance(35.7, 50257)           # the blow-up
+    assert warning.startswith("warning: the training loss 35.70 is far above") and \
+        "ln(50,257) = 10.82" in warning and "lower --lr" in warning
+    assert train_helpers.loss_far_above_chance(float("nan"), 10) is None  # divergence's own path

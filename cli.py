@@ -18,7 +18,7 @@ import torch
 
 import optim
 from data.files import CACHE_DIR
-from plots.figures import draw_all
+from plots.figures import compare_table, draw_all
 
 
 class ConfigError(ValueError):
@@ -306,4 +306,9 @@ def compare(script, resolve_config, names, argv, out_dir, name):
             if os.path.exists(os.path.join(run_dir, "metrics.jsonl"))]
     for path in draw_all(runs, out_dir):
         print(f"wrote {path}")
+    if runs:
+        table = compare_table(runs)
+        with open(os.path.join(out_dir, "summary.md"), "w") as f:
+            f.write(table + "\n")
+        print(table)
     return 0 if all(last_status(run_dir) == "finished" for _, run_dir, _ in plan) else 1

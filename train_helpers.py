@@ -18,7 +18,7 @@ import torch
 
 import optim
 from cli import ConfigError, new_run_dir
-from plots.figures import draw_all
+from plots.figures import draw_all, run_summary
 
 # How a trainer's run ended -> its exit status (2 is a bad command line, 1 a failed compare).
 EXIT_STATUS = {"finished": 0, "stopped": 130, "diverged": 3}
@@ -292,6 +292,7 @@ def report_end(status, step, run_dir, script):
     else:
         for path in draw_all([run_dir], run_dir):
             print(f"wrote {path}")
+        print(run_summary(run_dir))
     return EXIT_STATUS[status]
 
 

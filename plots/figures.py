@@ -12,6 +12,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optim  # noqa: E402
 
 MIB = 2 ** 20
+# sizes that stay readable on a classroom projector
+matplotlib.rcParams.update({"font.size": 12, "axes.titlesize": 13, "legend.fontsize": 10,
+                            "xtick.labelsize": 11, "ytick.labelsize": 11})
+# what the trainers' data sources are, in words; the fallbacks say so
+DATA_NAMES = {"tinyshakespeare": "tiny shakespeare",
+              "pydoc_topics": "Python's reference manual (offline fallback: not tiny shakespeare)",
+              "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "digits": "rendered digits"}
 
 
 @dataclass
@@ -19,6 +26,36 @@ class Run:
     path: str
     config: dict
     records: list
+    info: dict    # run.json: parameters, data source, machine
+
+    @property
+    def is_vit(self):
+        return "patch_size" in self.config
+
+    @property
+    def data_name(self):
+        source = self.info.get("data_source", "")
+        name = DATA_NAMES.get(source, os.path.basename(source) or "?")
+        if self.is_vit and source == "digits" and self.config["dataset"] != "digits":
+            name += f" (offline fallback: not {DATA_NAMES[self.config['dataset']]})"
+        if not self.is_vit:
+            name += " (GPT-2 BPE)" if self.config["dataset"] == "shakespeare" else " (characters)"
+        return name
+
+    @property
+    def regime(self):
+        """Model size and training budget, e.g. 'GPT 0.83M parameters, 2,000 steps of 768
+        tokens (1.5M tokens, 1.8 per parameter)'."""
+        n = self.info.get("n_params", 0)
+        c = self.config
+        if self.is_vit:
+            length = (f"{c['max_iters']:,} steps" if c["max_iters"] else
+                      f"{c['epochs']} epochs of {self.info.get('n_train', 0):,} images")
+            return f"ViT {n / 1e6:.2f}M parameters, {length}, batch {c['batch_size']}"
+        per_step = c["batch_size"] * c["block_size"] * c["grad_accum"]
+        tokens = c["max_iters"] * per_step
+        return (f"GPT {n / 1e6:.2f}M parameters, {c['max_iters']:,} steps of {per_step:,} tokens "
+                f"({tokens / 1e6:.2g}M tokens, {tokens / max(n, 1):.2g} per parameter)")
 
     @property
     def label(self):
@@ -35,6 +72,10 @@ class Run:
 def read_run(path):
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
+    info = {}
+    if os.path.exists(os.path.join(path, "run.json")):
+        with open(os.path.join(path, "run.json")) as f:
+            info = json.load(f)
     records = []
     with open(os.path.join(path, "metrics.jsonl")) as f:
         for number, line in enumerate(f, 1):
@@ -44,7 +85,7 @@ def read_run(path):
                 if line.endswith("\n"):   # else a line being written by a live run: skipped
                     raise ValueError(f"{path}/metrics.jsonl: line {number} is not JSON (the "
                                      "log is damaged)") from None
-    return Run(path, config, records)
+    return Run(path, config, records, info)
 
 
 def save_figure(fig, path):
@@ -55,49 +96,69 @@ def save_figure(fig, path):
     return path
 
 
-def loss_curves(runs, path, val_key="val_loss", title=""):
-    """Train loss (thin) and evaluation loss (markers) vs step and vs training seconds."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+def figure_title(runs, what):
+    """'what: GPT 0.83M parameters, ... on tiny shakespeare (characters) | sgd_sai lr=0.02'."""
+    first = runs[0]
+    who = runs[0].label if len(runs) == 1 else f"{len(runs)} runs"
+    return f"{what}: {first.regime}\non {first.data_name} | {who}"
+
+
+WALL_CLOCK_NOTE = "training seconds (evaluation excluded; slower when the machine is shared)"
+
+
+def loss_curves(runs, path, val_key="val_loss"):
+    """Training loss (thin line, each log line) and evaluation loss (markers) vs step and vs
+    training seconds, one color per run."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    split = "test" if val_key == "test_loss" else "val"
     for i, run in enumerate(runs):
         color = f"C{i}"
         train, evals = run.events("train"), run.events("eval")
         for ax, x in zip(axes, ("step", "train_s")):
-            ax.plot([r[x] for r in train], [r["loss"] for r in train], color=color, alpha=0.3,
-                    lw=0.8)
+            ax.plot([r[x] for r in train], [r["loss"] for r in train], color=color, alpha=0.35,
+                    lw=1)
             ax.plot([r[x] for r in evals], [r[val_key] for r in evals], "o-", color=color,
-                    ms=3, label=f"{run.label} ({val_key} {evals[-1][val_key]:.3f})"
+                    ms=4, label=f"{run.label}: {split} {evals[-1][val_key]:.3f}"
                     if evals else run.label)
-    axes[0].set(xlabel="step", ylabel="loss", title=title or "loss vs step")
-    axes[1].set(xlabel="training seconds (eval excluded)", title="loss vs wall-clock")
-    axes[0].legend(fontsize=8)
+    # the two line styles, explained once
+    axes[1].plot([], [], color="gray", alpha=0.5, lw=1, label="training loss (log lines)")
+    axes[1].plot([], [], "o-", color="gray", ms=4, label=f"{split} loss (evaluations)")
+    axes[0].set(xlabel="step", ylabel="loss", title="loss vs step")
+    axes[1].set(xlabel=WALL_CLOCK_NOTE, title="loss vs training time")
+    axes[0].legend(title="final evaluation")
+    handles, labels = axes[1].get_legend_handles_labels()
+    axes[1].legend(handles[-2:], labels[-2:])
     for ax in axes:
         ax.grid(alpha=0.3)
+    fig.suptitle(figure_title(runs, "Loss"))
     return save_figure(fig, path)
 
 
 def accuracy_curves(runs, path):
     """Test accuracy vs epoch and vs training seconds."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     for i, run in enumerate(runs):
         evals = run.events("eval")
         for ax, x in zip(axes, ("epoch", "train_s")):
             ax.plot([r[x] for r in evals], [100 * r["test_acc"] for r in evals], "o-",
-                    color=f"C{i}", ms=3,
-                    label=f"{run.label} ({100 * evals[-1]['test_acc']:.2f}%)" if evals else "")
+                    color=f"C{i}", ms=4,
+                    label=f"{run.label}: {100 * evals[-1]['test_acc']:.2f}%" if evals else "")
     axes[0].set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy vs epoch")
-    axes[1].set(xlabel="training seconds (eval excluded)", title="test accuracy vs wall-clock")
-    axes[0].legend(fontsize=8)
+    axes[1].set(xlabel=WALL_CLOCK_NOTE, title="test accuracy vs training time")
+    axes[0].legend(title="final test accuracy")
     for ax in axes:
         ax.grid(alpha=0.3)
+    fig.suptitle(figure_title(runs, "Test accuracy"))
     return save_figure(fig, path)
 
 
 def memory_bars(runs, path):
-    """Parameters, gradients and optimizer state per optimizer (left); the measured peak (right:
-    CUDA max allocated, or the process's peak RSS on CPU, which includes PyTorch itself)."""
+    """Parameters, gradients and optimizer state per optimizer (left), with AdamW's state (two
+    floats per parameter) as the reference line; the measured peak (right: CUDA max allocated,
+    or the process's peak RSS on CPU, which includes PyTorch itself)."""
     last = [next(r for r in reversed(run.records) if "state_bytes" in r) for run in runs]
-    labels = [run.label for run in runs]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4),
+    labels = [run.label.replace(" lr=", "\nlr=") for run in runs]   # two short lines each
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(13, 1.6 * len(runs) + 6), 5.5),
                                       gridspec_kw={"width_ratios": [3, 1.4]})
     parts = [("param_bytes", "parameters"), ("grad_bytes", "gradients"),
              ("state_bytes", "optimizer state")]
@@ -105,16 +166,72 @@ def memory_bars(runs, path):
     for j, (key, name) in enumerate(parts):
         xs = [i + (j - 1) * width for i in range(len(runs))]
         bars = left.bar(xs, [r[key] / MIB for r in last], width, label=name)
-        left.bar_label(bars, fmt="%.2f", fontsize=7)
-    left.set_xticks(range(len(runs)), labels, rotation=15, fontsize=8)
-    left.set(ylabel="MiB", title="model and optimizer memory")
-    left.legend(fontsize=8)
+        left.bar_label(bars, fmt="%.2f", fontsize=9)
+    adamw_state = 2 * last[0]["param_bytes"] / MIB
+    left.axhline(adamw_state, color="k", ls="--", lw=1,
+                 label=f"AdamW's state (2 floats per parameter): {adamw_state:.2f} MiB")
+    left.set_xticks(range(len(runs)), labels, fontsize=10)
+    left.set(ylabel="MiB", title="model and optimizer memory", ylim=(0, 1.6 * max(
+        adamw_state, *(r[key] / MIB for r in last for key, _ in parts))))
+    left.legend(fontsize=9, loc="upper left", ncol=2)   # above the bars: ylim leaves room
     kind = last[0]["peak_kind"].replace("_", " ")
     bars = right.bar(range(len(runs)), [r["peak_bytes"] / MIB for r in last], color="C3")
-    right.bar_label(bars, fmt="%.0f", fontsize=7)
-    right.set_xticks(range(len(runs)), labels, rotation=15, fontsize=8)
-    right.set(ylabel="MiB", title=f"peak ({kind})")
+    right.bar_label(bars, fmt="%.0f", fontsize=9)
+    right.set_xticks(range(len(runs)), labels, fontsize=10)
+    right.set(ylabel="MiB", title=f"measured peak ({kind})" + (
+        "\nthe process, PyTorch included" if kind == "cpu peak rss" else ""))
+    fig.suptitle(figure_title(runs, "Memory"))
     return save_figure(fig, path)
+
+
+def outcome(run):
+    """The numbers a run ended with: {status, metric name: value, ...} from its log."""
+    evals, end = run.events("eval"), (run.events("end") or [{}])[-1]
+    out = {"status": end.get("status", "running or crashed"), "step": end.get("step"),
+           "train_s": end.get("train_s"), "wall_s": max((r["wall_s"] for r in run.records
+                                                         if "wall_s" in r), default=None)}
+    if evals:
+        last = evals[-1]
+        if run.is_vit:
+            out.update(final=f"test accuracy {100 * last['test_acc']:.2f}%",
+                       best=f"{100 * last['best_test_acc']:.2f}%")
+        else:
+            best = min(evals, key=lambda r: r["val_loss"])
+            out.update(final=f"val loss {last['val_loss']:.4f}",
+                       best=f"{best['val_loss']:.4f} (step {best['step']})")
+        out.update(state=last["state_bytes"], params=last["param_bytes"])
+    return out
+
+
+def run_summary(run_dir):
+    """The end-of-run block a trainer prints: where, on what, how good, how long, how big."""
+    run = read_run(run_dir)
+    o = outcome(run)
+    lines = [f"run dir    {run_dir} ({o['status']} at step {o['step']})",
+             f"regime     {run.regime}",
+             f"data       {run.data_name}",
+             f"optimizer  {run.label}"]
+    if "final" in o:
+        lines += [f"result     {o['final']}, best {o['best']}",
+                  f"state      {o['state'] / MIB:.2f} MiB = {o['state'] / (2 * o['params']):.2f}x "
+                  "AdamW's"]
+    if o["train_s"] is not None:
+        lines.append(f"time       {o['train_s']:.1f} s training, {o['wall_s']:.1f} s wall")
+    return "\n".join(["--- summary ---", *lines, "---------------"])
+
+
+def compare_table(run_dirs):
+    """A markdown table of compared runs, one row each."""
+    rows = ["| optimizer | status | final | best | state MiB (x AdamW) | training s |",
+            "|---|---|---|---|---:|---:|"]
+    for run in (read_run(d) for d in run_dirs):
+        o = outcome(run)
+        state = (f"{o['state'] / MIB:.2f} ({o['state'] / (2 * o['params']):.2f}x)"
+                 if "state" in o else "")
+        train_s = f"{o['train_s']:.1f}" if o["train_s"] is not None else ""
+        rows.append(f"| {run.label} | {o['status']} | {o.get('final', '')} | "
+                    f"{o.get('best', '')} | {state} | {train_s} |")
+    return "\n".join(rows)
 
 
 def draw_all(run_dirs, out_dir):
@@ -124,7 +241,7 @@ def draw_all(run_dirs, out_dir):
     runs = [r for r in runs if r.records]
     if not runs:
         return []
-    image_runs = "test_acc" in str(runs[0].events("eval")[:1])
+    image_runs = runs[0].is_vit
     paths = [loss_curves(runs, os.path.join(out_dir, "loss.png"),
                          val_key="test_loss" if image_runs else "val_loss"),
              memory_bars(runs, os.path.join(out_dir, "memory.png"))]

@@ -82,8 +82,12 @@ def test_few_iterations_of_each_optimizer(optimizer, corpus, tmp_path, capsys):
     assert train[-1]["param_bytes"] == 4 * sum(math.prod(s) for s in shapes.values())
     assert train[-1]["state_bytes"] == 4 * expected_state_floats(optimizer, shapes)
     assert is_png(out / "loss.png") and is_png(out / "memory.png")
-    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("iter 6 |")][0]
+    console = capsys.readouterr().out
+    line = [ln for ln in console.splitlines() if ln.startswith("iter 6 |")][0]
     assert " | lr " in line and " ms | " in line and "tok/s" in line and "x AdamW" in line
+    summary = console[console.index("--- summary ---"):]          # the end-of-run block
+    assert f"run dir    {out} (finished at step 6)" in summary and "(characters)" in summary
+    assert f"result     val loss {evals[-1]['val_loss']:.4f}" in summary
 
 
 def test_resume_is_exact(corpus, tmp_path, monkeypatch):
@@ -189,6 +193,8 @@ def test_compare_runs_each_optimizer_and_draws_one_figure(corpus, tmp_path):
     first = [records(out / name)[0] for name in ("sgd_sai", "adam_mini")]
     assert first[0]["val_loss"] == first[1]["val_loss"]       # same initial weights and batches
     assert is_png(out / "loss.png") and is_png(out / "memory.png")
+    table = (out / "summary.md").read_text().splitlines()     # one row per optimizer
+    assert len(table) == 4 and table[2].startswith("| sgd_sai lr=0.02 | finished | val loss ")
 
 
 def test_compare_rerun_keeps_finished_runs_resumes_stopped_and_refuses_changes(

@@ -29,9 +29,10 @@ import optim
 from cli import (ConfigError, RunOptions, check_positive, compare, data_error, option,
                  optimizer_names, pick_device, pick_dtype, read_config, warmup_steps)
 from data.text import DATASETS, load_text, sample_batch
-from train_helpers import (MetricsLog, StopOnCtrlC, TrainClock, load_checkpoint,
-                           loss_far_above_chance, lr_at, maybe_compile, memory_fields,
-                           open_run_dir, report_end, save_checkpoint, write_run_info)
+from train_helpers import (MetricsLog, StopOnCtrlC, TrainClock, check_out_dir, data_name,
+                           load_checkpoint, loss_far_above_chance, lr_at, maybe_compile,
+                           memory_fields, open_run_dir, report_end, save_checkpoint,
+                           write_run_info)
 
 
 @dataclass
@@ -230,9 +231,7 @@ class GPT(nn.Module):
 def train(cfg):
     """One run; returns its exit status (0 finished, 130 stopped by Ctrl-C, 3 diverged)."""
     device = cfg.device
-    # the run directory first (a bad --out_dir is found before the data is loaded): a fresh one,
-    # or the one we resume (its checkpoint, loaded below, restores everything)
-    run_dir = open_run_dir(cfg, f"{cfg.dataset}-{cfg.optimizer}")
+    check_out_dir(cfg)   # before the data is loaded: a bad --out_dir is found at once
     try:
         data = load_text(cfg.dataset, data_dir=cfg.data_dir, text_path=cfg.data_path)
     except (OSError, ValueError) as err:   # a --data_path that is missing or unreadable
@@ -265,7 +264,10 @@ def train(cfg):
         device_type="cuda", dtype=getattr(torch, cfg.dtype))
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # training batch order
 
-    # resume: everything is checked (checkpoint, data, model, log) before anything is rewritten
+    # the run directory: a fresh one (named after the data it really has: an offline fallback
+    # says so), or the one we resume, whose checkpoint restores everything. Everything a resume
+    # needs is checked (checkpoint, data, model, log) before anything in it is rewritten.
+    run_dir = open_run_dir(cfg, f"{data_name(cfg.dataset, data.source)}-{cfg.optimizer}")
     it, train_s, best_val = 0, 0.0, float("inf")
     data_facts = dict(data_source=data.source, vocab_size=data.vocab_size)
     if cfg.resume:

@@ -242,14 +242,20 @@ def loss_far_above_chance(loss, n_classes):
 # ---------------------------------------------------------------------------------------------
 # the run directory and how the run ended
 
-def open_run_dir(cfg, name):
-    """The resumed run's directory, or a new one (--out_dir, else out/<time>-<name>) holding
-    config.json; called before the data is loaded, so a bad --out_dir is found at once. An
-    existing run is never overwritten: it is resumed, or left alone (one stopped before its first
-    checkpoint has nothing to resume, and starts over)."""
-    if cfg.resume:
-        return cfg.resume
-    run_dir = cfg.out_dir or new_run_dir("out", name)
+def data_name(dataset, source):
+    """A run directory's data part: the dataset, or the offline fallback it fell back to
+    ('pydoc_topics-fallback', 'digits-fallback')."""
+    fallbacks = {"pydoc_topics", "digits"}
+    return f"{source}-fallback" if source in fallbacks and dataset != source else dataset
+
+
+def check_out_dir(cfg):
+    """Called before the data is loaded, so a bad --out_dir is found at once: it must be a
+    directory that can be written and holds no run (one aborted before its first checkpoint has
+    nothing to resume, and starts over). An existing run is never overwritten."""
+    run_dir = cfg.out_dir
+    if cfg.resume or not run_dir:
+        return
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ConfigError(f"--out_dir={run_dir} is a file; give a directory")
     metrics = os.path.join(run_dir, "metrics.jsonl")
@@ -263,6 +269,18 @@ def open_run_dir(cfg, name):
         os.remove(metrics)
     try:
         os.makedirs(run_dir, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out_dir={run_dir} cannot be written ({err.strerror}); choose a "
+                          "directory you can write to") from None
+
+
+def open_run_dir(cfg, name):
+    """The resumed run's directory, or the new one (--out_dir, checked by check_out_dir, else
+    out/<time>-<name>) with the run's config.json written in it."""
+    if cfg.resume:
+        return cfg.resume
+    run_dir = cfg.out_dir or new_run_dir("out", name)
+    try:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
     except OSError as err:

@@ -30,9 +30,10 @@ import optim
 from cli import (ConfigError, RunOptions, check_positive, compare, data_error, option,
                  optimizer_names, pick_device, pick_dtype, read_config, warmup_steps)
 from data.images import DATASETS, load_images, random_crop_flip
-from train_helpers import (MetricsLog, StopOnCtrlC, TrainClock, load_checkpoint,
-                           loss_far_above_chance, lr_at, maybe_compile, memory_fields,
-                           open_run_dir, report_end, save_checkpoint, write_run_info)
+from train_helpers import (MetricsLog, StopOnCtrlC, TrainClock, check_out_dir, data_name,
+                           load_checkpoint, loss_far_above_chance, lr_at, maybe_compile,
+                           memory_fields, open_run_dir, report_end, save_checkpoint,
+                           write_run_info)
 
 
 @dataclass
@@ -176,7 +177,7 @@ class ViT(nn.Module):
 def train(cfg):
     """One run; returns its exit status (0 finished, 130 stopped by Ctrl-C, 3 diverged)."""
     device = cfg.device
-    run_dir = open_run_dir(cfg, f"{cfg.dataset}-{cfg.optimizer}")   # before the data, as nanogpt
+    check_out_dir(cfg)   # before the data is loaded: a bad --out_dir is found at once
     try:
         # seed 0, not cfg.seed: the rendered digits' test fonts stay the same across seeds
         data = load_images(cfg.dataset, data_dir=cfg.data_dir, data_path=cfg.data_path, seed=0)
@@ -209,7 +210,8 @@ def train(cfg):
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)      # epoch order and augmentation
     order = torch.randperm(n_train, generator=shuffle_gen)
 
-    # resume: everything is checked (checkpoint, data, model, log) before anything is rewritten
+    # the run directory, named after the data it really has (see nanogpt_sai.py)
+    run_dir = open_run_dir(cfg, f"{data_name(cfg.dataset, data.source)}-{cfg.optimizer}")
     it, train_s, best_acc = 0, 0.0, 0.0
     data_facts = dict(data_source=data.source, n_train=n_train, n_test=len(data.test_y))
     if cfg.resume:

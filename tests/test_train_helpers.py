@@ -34,3 +34,11 @@ def test_loss_far_above_a_uniform_guess_is_a_warning():
     assert warning.startswith("warning: the training loss 35.70 is far above") and \
         "ln(50,257) = 10.82" in warning and "lower --lr" in warning
     assert train_helpers.loss_far_above_chance(float("nan"), 10) is None  # divergence's own path
+
+
+def test_a_fallback_run_is_named_after_the_data_it_has():
+    assert train_helpers.data_name("shakespeare_char", "tinyshakespeare") == "shakespeare_char"
+    assert train_helpers.data_name("shakespeare_char", "pydoc_topics") == \
+        "pydoc_topics-fallback"
+    assert train_helpers.data_name("fashion_mnist", "digits") == "digits-fallback"
+    assert train_helpers.data_name("digits", "digits") == "digits"       # asked for by name

@@ -61,6 +61,8 @@ class Config(RunOptions):
     log_interval: int = option(50, "console and metrics line every this many steps")
     seed: int = option(1337, "seed of weights, batches and dropout")
     sample_tokens: int = option(300, "tokens sampled at the end; 0 = none")
+    eval_sample_tokens: int = option(100, "tokens sampled into the metrics log at each "
+                                          "evaluation (same seed each time); 0 = none")
     preset: str = option("auto", "cpu (nanoGPT's CPU run), gpu (6x384, block 256, batch 64) "
                                  "or auto (gpu on CUDA)")
 
@@ -102,7 +104,7 @@ def resolve_config(argv):
         raise ConfigError(f"--dataset must be {' or '.join(DATASETS)}, got {cfg.dataset!r}")
     check_positive(cfg, "n_layer", "n_head", "n_embd", "block_size", "max_iters", "eval_iters",
                    "grad_accum")
-    for key in ("lr_decay_iters", "eval_interval", "sample_tokens"):
+    for key in ("lr_decay_iters", "eval_interval", "sample_tokens", "eval_sample_tokens"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"--{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.n_embd % cfg.n_head:
@@ -215,13 +217,14 @@ class GPT(nn.Module):
         return kinds
 
     @torch.no_grad()
-    def generate(self, idx, new_tokens, temperature=0.8, top_k=200):
+    def generate(self, idx, new_tokens, temperature=0.8, top_k=200, generator=None):
         for _ in range(new_tokens):
             logits, _ = self(idx[:, -self.block_size:])
             logits = logits[:, -1, :] / temperature
             kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
             logits[logits < kth] = -float("inf")
-            idx = torch.cat([idx, torch.multinomial(F.softmax(logits, dim=-1), 1)], dim=1)
+            next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, next_id], dim=1)
         return idx
 
 
@@ -288,7 +291,7 @@ def train(cfg):
 
     @torch.no_grad()
     def evaluate():
-        """Mean loss on the same eval_iters batches of each split every time."""
+        """Mean loss on the same eval_iters batches of each split every time, and a sample."""
         fast_model.eval()
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         out = {}
@@ -298,8 +301,17 @@ def train(cfg):
                 with ctx:
                     losses.append(fast_model(*get_batch(split, gen))[1].item())
             out[split] = sum(losses) / len(losses)
+        if cfg.eval_sample_tokens:   # its own generator: training's RNG stream is untouched
+            out["sample"] = sample(cfg.eval_sample_tokens,
+                                   torch.Generator(device).manual_seed(cfg.seed))
         fast_model.train()
         return out
+
+    def sample(n_tokens, generator=None):
+        """n_tokens of text after a newline, as the model writes it now."""
+        start = torch.tensor([data.encode("\n")], device=device)
+        with ctx:
+            return data.decode(model.generate(start, n_tokens, generator=generator)[0].tolist())
 
     def save():   # everything a resume needs, the batch stream's position included
         save_checkpoint(run_dir, model, opt, scaler, cfg, batch_gen=batch_gen.get_state(),
@@ -325,17 +337,19 @@ def train(cfg):
             # evaluate and checkpoint (the step we resumed at was evaluated before the stop)
             if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != resumed_at:
                 train_s = clock.pause()
-                losses = evaluate()
-                if not (all_finite.item() and all(math.isfinite(v) for v in losses.values())):
+                result = evaluate()
+                if not (all_finite.item() and math.isfinite(result["train"] + result["val"])):
                     status = "diverged"
                     break
-                best_val = min(best_val, losses["val"])
-                log.write(event="eval", step=it, train_loss=losses["train"],
-                          val_loss=losses["val"], best_val_loss=best_val, lr=lr,
+                best_val = min(best_val, result["val"])
+                log.write(event="eval", step=it, train_loss=result["train"],
+                          val_loss=result["val"], best_val_loss=best_val, lr=lr,
                           tokens=it * tokens_per_step, train_s=train_s,
-                          wall_s=time.time() - t_start, **memory_fields(model, opt, device))
-                bar.write(f"step {it}: train loss {losses['train']:.4f}, val loss "
-                          f"{losses['val']:.4f}")
+                          wall_s=time.time() - t_start, sample=result.get("sample"),
+                          **memory_fields(model, opt, device))
+                bar.write(f"step {it}: train loss {result['train']:.4f}, val loss "
+                          f"{result['val']:.4f}" + (f", sample {result['sample'][:60]!r}"
+                                                    if "sample" in result else ""))
                 save()
             if it == cfg.max_iters:
                 break
@@ -391,9 +405,7 @@ def train(cfg):
     log.close()
     if status == "finished" and cfg.sample_tokens:
         model.eval()
-        start = torch.tensor([data.encode("\n")], device=device)
-        with ctx:
-            text = data.decode(model.generate(start, cfg.sample_tokens)[0].tolist())
+        text = sample(cfg.sample_tokens)
         print(f"--- sample ---\n{text}\n--------------")
         with open(os.path.join(run_dir, "sample.txt"), "w") as f:
             f.write(text)

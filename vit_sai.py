@@ -220,7 +220,8 @@ def train(cfg):
         order = ckpt["order"]
         it, train_s, best_acc = ckpt["step"], ckpt["train_s"], ckpt["best_acc"]
     log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), resume_step=it if cfg.resume else None)
-    n_params = write_run_info(run_dir, cfg, model, warmup_iters=warmup_iters, **data_facts)
+    n_params = write_run_info(run_dir, cfg, model, warmup_iters=warmup_iters,
+                              classes=data.classes, **data_facts)
     print(f"{n_params / 1e6:.2f}M parameters | {data.source} {n_train} train images | "
           f"{cfg.optimizer} lr {cfg.lr:g} | {device} {cfg.dtype} | run dir {run_dir}")
 
@@ -241,17 +242,22 @@ def train(cfg):
 
     @torch.no_grad()
     def evaluate():
-        """Loss and accuracy on the whole test set."""
+        """Loss, accuracy and the confusion matrix (rows: true class, columns: predicted) on
+        the whole test set."""
         fast_model.eval()
-        loss_sum, correct = 0.0, 0
+        n_classes = len(data.classes)
+        loss_sum, confusion = 0.0, torch.zeros(n_classes * n_classes, dtype=torch.long)
         for i in range(0, len(data.test_y), 1000):
             y = data.test_y[i:i + 1000].to(device)
             with ctx:
                 logits = fast_model(to_input(data.test_x[i:i + 1000])).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
+            pairs = (y * n_classes + logits.argmax(1)).cpu()
+            confusion += torch.bincount(pairs, minlength=n_classes * n_classes)
         fast_model.train()
-        return loss_sum / len(data.test_y), correct / len(data.test_y)
+        confusion = confusion.view(n_classes, n_classes)
+        return (loss_sum / len(data.test_y), confusion.trace().item() / len(data.test_y),
+                confusion.tolist())
 
     def save():
         save_checkpoint(run_dir, model, opt, scaler, cfg, shuffle_gen=shuffle_gen.get_state(),
@@ -275,7 +281,7 @@ def train(cfg):
             # evaluate and checkpoint at each epoch's end (the resumed step was evaluated)
             if (it % steps_per_epoch == 0 or it == total_steps) and it != resumed_at:
                 train_s = clock.pause()
-                test_loss, test_acc = evaluate()
+                test_loss, test_acc, confusion = evaluate()
                 if not (all_finite.item() and math.isfinite(test_loss)):
                     status = "diverged"
                     break
@@ -283,7 +289,7 @@ def train(cfg):
                 log.write(event="eval", step=it, epoch=it / steps_per_epoch,
                           train_loss=epoch_loss.item() / epoch_steps if epoch_steps else None,
                           test_loss=test_loss, test_acc=test_acc, best_test_acc=best_acc, lr=lr,
-                          samples=it * cfg.batch_size, train_s=train_s,
+                          samples=it * cfg.batch_size, train_s=train_s, confusion=confusion,
                           wall_s=time.time() - t_start, **memory_fields(model, opt, device))
                 bar.write(f"epoch {it / steps_per_epoch:.2f}: test loss {test_loss:.4f}, "
                           f"test accuracy {100 * test_acc:.2f}%")

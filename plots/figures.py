@@ -184,6 +184,27 @@ def memory_bars(runs, path):
     return save_figure(fig, path)
 
 
+def confusion_matrix(run, path):
+    """The last evaluation's confusion matrix (rows: true class, columns: predicted), as
+    fractions of each true class, the counts written in the cells."""
+    last = run.events("eval")[-1]
+    counts = last["confusion"]
+    classes = run.info.get("classes") or [str(i) for i in range(len(counts))]
+    fractions = [[c / max(1, sum(row)) for c in row] for row in counts]
+    fig, ax = plt.subplots(figsize=(9, 8))
+    ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+    for i, row in enumerate(counts):
+        for j, count in enumerate(row):
+            ax.text(j, i, count, ha="center", va="center", fontsize=9,
+                    color="white" if fractions[i][j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="true class",
+           title=f"{run.label}, epoch {last['epoch']:.2f}: {100 * last['test_acc']:.2f}% correct")
+    fig.suptitle(f"Test set confusion: {run.regime}\non {run.data_name}")
+    return save_figure(fig, path)
+
+
 def outcome(run):
     """The numbers a run ended with: {status, metric name: value, ...} from its log."""
     evals, end = run.events("eval"), (run.events("end") or [{}])[-1]
@@ -247,4 +268,6 @@ def draw_all(run_dirs, out_dir):
              memory_bars(runs, os.path.join(out_dir, "memory.png"))]
     if image_runs:
         paths.append(accuracy_curves(runs, os.path.join(out_dir, "accuracy.png")))
+        if len(runs) == 1 and "confusion" in (runs[0].events("eval") or [{}])[-1]:
+            paths.append(confusion_matrix(runs[0], os.path.join(out_dir, "confusion.png")))
     return paths

@@ -61,7 +61,11 @@ def test_few_iterations_of_each_optimizer(optimizer, fmnist, tmp_path):
         assert set(r) >= {"test_loss", "train_loss", "state_bytes", "param_bytes", "grad_bytes",
                           "peak_bytes", "train_s", "best_test_acc"}
     assert [r["step"] for r in recs if r["event"] == "train"] == [2, 4, 6, 8]
-    for name in ("loss.png", "memory.png", "accuracy.png"):
+    for r in evals:              # rows: the 32 test images by true class; the diagonal: correct
+        confusion = torch.tensor(r["confusion"])
+        assert confusion.shape == (10, 10) and confusion.sum() == 32
+        assert confusion.trace() / 32 == pytest.approx(r["test_acc"])
+    for name in ("loss.png", "memory.png", "accuracy.png", "confusion.png"):
         assert is_png(out / name)
 
 

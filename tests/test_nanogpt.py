@@ -340,3 +340,20 @@ def test_a_warmup_as_long_as_the_run_gets_a_warning(capsys):
                                        "--device=cpu"]).warmup_iters == 100
     assert "--warmup_iters=100 >= the run's 50 steps: the lr never reaches its peak" in \
         capsys.readouterr().err
+
+
+def test_the_cheat_sheet_states_the_learning_rates_the_trainers_use():
+    import vit_sai
+    names = {"AdamW": "adamw", "SGD-SaI": "sgd_sai", "Adam-mini": "adam_mini",
+             "APOLLO": "apollo", "APOLLO-Mini": "apollo_mini", "Muon": "muon",
+             "Adafactor": "adafactor"}
+    with open(os.path.join(os.path.dirname(nanogpt_sai.__file__), "docs", "optimizers.md")) as f:
+        table = f.read().split("## Learning rates the trainers use by default")[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip() in names]
+    assert len(rows) == len(optim.OPTIMIZERS)
+    for name, char, bpe, vit in rows:
+        opt = names[name]
+        assert float(char) == nanogpt_sai.default_lr("cpu", "shakespeare_char", opt)
+        assert float(bpe) == nanogpt_sai.default_lr("cpu", "shakespeare", opt)
+        assert float(vit) == vit_sai.DEFAULT_LR[opt]

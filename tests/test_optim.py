@@ -399,3 +399,20 @@ def test_build_optimizer_logs_the_partition_or_projection_it_uses(name):
             assert rows[param_name] == (by if flags.get(p) else "AdamW")
     else:
         assert lines == []
+
+
+def test_partition_figure_colors_every_block_of_the_gpt(tmp_path):
+    """plots/partition.py's block ids: as many as Adam-mini keeps second moments, each a
+    contiguous run (Q and K per head, V per row of a fused QKV)."""
+    from nanogpt_sai import GPT, Config
+    from plots import partition
+    model = GPT(Config(), vocab_size=65)
+    rules = optim.block_rules(model)
+    for name, p in model.named_parameters():
+        ids = partition.block_ids(rules[p], tuple(p.shape)).flatten()
+        n_blocks = sum(n for n, _ in optim.block_layout(rules[p], tuple(p.shape)))
+        assert ids.unique().numel() == n_blocks and bool((ids.diff() >= 0).all())
+    qkv = partition.block_ids(("qkv", 4), (384, 128))
+    assert qkv[:32].unique().tolist() == [0] and qkv[352:].unique().numel() == 32
+    assert partition.main([f"--out={tmp_path}"]) == 0
+    assert (tmp_path / "adam_mini_partition.png").stat().st_size > 10_000

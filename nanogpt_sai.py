@@ -301,7 +301,9 @@ def train(cfg):
                 with ctx:
                     losses.append(fast_model(*get_batch(split, gen))[1].item())
             out[split] = sum(losses) / len(losses)
-        if cfg.eval_sample_tokens:   # its own generator: training's RNG stream is untouched
+        # a sample from its own generator (training's RNG stream is untouched); none from a
+        # model whose loss is not finite (its probabilities are not)
+        if cfg.eval_sample_tokens and math.isfinite(out["train"] + out["val"]):
             out["sample"] = sample(cfg.eval_sample_tokens,
                                    torch.Generator(device).manual_seed(cfg.seed))
         fast_model.train()

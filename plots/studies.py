@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from plots.figures import save_figure  # noqa: E402
+from plots.figures import read_run, save_figure  # noqa: E402
 
 
 def _label(setting, skip=("lr",)):
@@ -37,10 +37,22 @@ def _by(rows, key):
     return out
 
 
+def study_context(rows, same_regime=True):
+    """A figure's suptitle: what was trained, on what, how long (when every run is as long) and
+    over how many seeds, read from the first run that has a log."""
+    first = next((read_run(r["run_dir"]) for r in rows
+                  if os.path.exists(os.path.join(r["run_dir"], "metrics.jsonl"))), None)
+    if first is None:
+        return ""
+    seeds = len({r["seed"] for r in rows})
+    what = first.regime if same_regime else first.regime.split(",")[0]
+    return f"{what}\non {first.data_name}; {seeds} seed{'s' if seeds > 1 else ''}"
+
+
 def lr_sensitivity(rows, path):
     """Final validation loss vs LR (log axis), mean and sd over seeds, a line per setting;
     an x at the top marks an LR at which a seed diverged."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 6))
     finite = [_final(r) for r in rows if r["status"] == "finished" and _final(r) is not None]
     top = max(finite) if finite else 1.0
     for i, (label, by_lr) in enumerate(_by(rows, "lr").items()):
@@ -59,13 +71,14 @@ def lr_sensitivity(rows, path):
     ax.set(xlabel="peak learning rate", ylabel="final validation loss",
            title="LR sensitivity (mean ± sd over seeds; x = a seed diverged)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend()
+    fig.suptitle(study_context(rows))
     return save_figure(fig, path)
 
 
 def best_lr_curves(rows, path, x="step"):
     """Validation loss vs `x` for each setting at its best LR (lowest mean final loss)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 6))
     for i, (label, by_lr) in enumerate(_by(rows, "lr").items()):
         scored = [(statistics.mean(_final(r) for r in rs), lr) for lr, rs in by_lr.items()
                   if all(r["status"] == "finished" for r in rs)]
@@ -80,7 +93,8 @@ def best_lr_curves(rows, path, x="step"):
     ax.set(xlabel="tokens seen" if x == "tokens" else x, ylabel="validation loss (mean of seeds)",
            title="each at its best learning rate")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend()
+    fig.suptitle(study_context(rows))
     return save_figure(fig, path)
 
 
@@ -114,6 +128,7 @@ def batch_rule_curves(rows, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("validation loss (mean of seeds)")
+    fig.suptitle(study_context(rows, same_regime=False) + "; every run sees the same tokens")
     return save_figure(fig, path)
 
 

@@ -664,6 +664,7 @@ def adam_mini_update(param, grad, m, v, layout, *, lr, bias_correction1, bias_co
     denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)          # sqrt(v_hat) + eps, per block
     step_size = (lr / bias_correction1) / denom                   # one lr per block
     param.sub_(m * _spread(step_size, layout, param.shape))       # theta -= lr_b * m_hat
+    return step_size   # for the fused path: computed once per block (see _update_each)
 
 
 def adam_mini_update_foreach(params, grads, ms, vs, layouts, *, lr, bias_correction1,

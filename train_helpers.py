@@ -141,19 +141,26 @@ def load_checkpoint(run_dir, model, optimizer, scaler, **data_facts):
     return ckpt
 
 
+FALLBACK_SOURCES = ("pydoc_topics", "digits")   # what data.text / data.images use offline
+
+
 def check_same_data(run_dir, data_facts):
-    """A resumed run must see the data it trained on (offline, a run started on tiny shakespeare
-    would silently go on with the fallback corpus)."""
+    """A resumed run must see the data it trained on: the same sizes (vocabulary, images), and
+    no swap between the real data and an offline fallback (offline, a run started on tiny
+    shakespeare would otherwise go on with the Python manual)."""
     path = os.path.join(run_dir, "run.json")
     if not os.path.exists(path):
         return
     with open(path) as f:
         before = json.load(f)
     for key, now in data_facts.items():
-        if key in before and before[key] != now:
-            raise ConfigError(f"--resume={run_dir}: the run trained on {key} {before[key]!r}, "
-                              f"and here it is {now!r}; resume where that data is found (e.g. "
-                              "online, or with the same file in the data cache)")
+        if key not in before or before[key] == now:
+            continue
+        if key == "data_source" and not {before[key], now} & set(FALLBACK_SOURCES):
+            continue   # the same data named two ways (a path, or the file's known name)
+        raise ConfigError(f"--resume={run_dir}: the run trained on {key} {before[key]!r}, "
+                          f"and here it is {now!r}; resume where that data is found (e.g. "
+                          "online, or with the same file in the data cache)")
 
 
 class StopOnCtrlC:
@@ -245,8 +252,7 @@ def loss_far_above_chance(loss, n_classes):
 def data_name(dataset, source):
     """A run directory's data part: the dataset, or the offline fallback it fell back to
     ('pydoc_topics-fallback', 'digits-fallback')."""
-    fallbacks = {"pydoc_topics", "digits"}
-    return f"{source}-fallback" if source in fallbacks and dataset != source else dataset
+    return f"{source}-fallback" if source in FALLBACK_SOURCES and dataset != source else dataset
 
 
 def check_out_dir(cfg):

@@ -4,6 +4,8 @@ on stderr starting 'error: ', no traceback, and every file of the runs already t
 import json
 import os
 import shutil
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -62,6 +64,11 @@ def other_text(root):   # the run's data file, as if replaced by another text si
     edit_json(root / "gpt" / "config.json", data_path=str(root / "other.txt"))
 
 
+def offline_now(root):   # a tiny shakespeare run resumed offline: the manual would replace it
+    edit_json(root / "gpt" / "config.json", data_path="", data_dir=str(root / "cache"))
+    edit_json(root / "gpt" / "run.json", data_source="tinyshakespeare")
+
+
 def other_images(root):
     write_fashion_mnist(root / "other", n_train=48, n_test=32)
     edit_json(root / "vit" / "config.json", data_path=str(root / "other"))
@@ -84,7 +91,10 @@ FAULTS = [
     ("model changed since the save", lambda r: edit_json(r / "gpt" / "config.json", n_embd=32),
      nanogpt_sai.main, ["--resume={gpt}"], "the checkpoint's model is not this model"),
     ("data changed since the save", other_text,
-     nanogpt_sai.main, ["--resume={gpt}"], "the run trained on data_source"),
+     nanogpt_sai.main, ["--resume={gpt}"], "the run trained on vocab_size"),
+    ("offline fallback instead of the data", offline_now,
+     nanogpt_sai.main, ["--resume={gpt}"], "the run trained on data_source 'tinyshakespeare', "
+                                          "and here it is 'pydoc_topics'"),
     ("image data changed since the save", other_images, vit_sai.main, ["--resume={vit}"],
      "the run trained on n_train 64, and here it is 48"),
     ("out_dir is a file", lambda r: write_bytes(r / "file", b"x"),
@@ -126,7 +136,10 @@ FAULTS = [
 @pytest.mark.parametrize("name,breakage,command,args,words", FAULTS,
                          ids=[fault[0] for fault in FAULTS])
 def test_fault_gets_a_one_line_error_and_loses_nothing(name, breakage, command, args, words,
-                                                       finished, tmp_path, capsys):
+                                                       finished, tmp_path, capsys, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network in these tests")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     root = tmp_path / "root"
     shutil.copytree(finished, root)
     breakage(root)

@@ -65,7 +65,7 @@ def other_text(root):   # the run's data file, as if replaced by another text si
 
 
 def offline_now(root):   # a tiny shakespeare run resumed offline: the manual would replace it
-    edit_json(root / "gpt" / "config.json", data_path="", data_dir=str(root / "cache"))
+    edit_json(root / "gpt" / "config.json", data_path="", data_dir=str(root / "offline_cache"))
     edit_json(root / "gpt" / "run.json", data_source="tinyshakespeare")
 
 

@@ -820,15 +820,18 @@ def apollo_update(param, grad, proj, m, v, update_norm, *, lr, bias_correction1,
     v.mul_(beta2).addcmul_(r_grad, r_grad, value=1 - beta2)        # v_t = b2 v + (1 - b2) R_t^2
     denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)           # sqrt(v_hat) + eps
     r_adam = (m / bias_correction1).div_(denom)                    # R~_t = m_hat / denom
+    # ||G||^2 per channel (along the projected dimension), summed for APOLLO-Mini: compiled, this
+    # reduction shares its pass over G with the projection's, where a whole-tensor norm would
+    # read G once more
+    dim = 1 if rows_are_channels else 0
+    grad_norm_sq = torch.linalg.vector_norm(grad, dim=dim, keepdim=True).square_()
     if granularity == "channel":                # norms along the projected dimension
-        dim = 1 if rows_are_channels else 0
         r_adam_norm = torch.linalg.vector_norm(r_adam, dim=dim, keepdim=True)
         r_norm = torch.linalg.vector_norm(r_grad, dim=dim, keepdim=True)
-        grad_norm_sq = torch.linalg.vector_norm(grad, dim=dim, keepdim=True).square_()
     else:
         r_adam_norm = torch.linalg.vector_norm(r_adam)
         r_norm = torch.linalg.vector_norm(r_grad)
-        grad_norm_sq = torch.linalg.vector_norm(grad).square_()
+        grad_norm_sq = grad_norm_sq.sum()
     # s = ||R~|| / ||R||; a channel whose projected gradient is exactly 0 gets s = 0
     s = torch.where(r_norm > 0, r_adam_norm / r_norm, 0.0)
     coeff = s * math.sqrt(alpha)                                   # U = sqrt(alpha) G_t diag(s)

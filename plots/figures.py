@@ -15,10 +15,11 @@ MIB = 2 ** 20
 # sizes that stay readable on a classroom projector
 matplotlib.rcParams.update({"font.size": 12, "axes.titlesize": 13, "legend.fontsize": 10,
                             "xtick.labelsize": 11, "ytick.labelsize": 11})
-# what the trainers' data sources are, in words; the fallbacks say so
-DATA_NAMES = {"tinyshakespeare": "tiny shakespeare",
-              "pydoc_topics": "Python's reference manual (offline fallback: not tiny shakespeare)",
-              "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "digits": "rendered digits"}
+# what the trainers' data sources are, in words (a fallback's note is added where it stood in)
+DATA_NAMES = {"tinyshakespeare": "tiny shakespeare", "pydoc_topics": "Python's reference manual",
+              "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "digits": "rendered digits",
+              "shakespeare_char": "tiny shakespeare", "shakespeare": "tiny shakespeare"}
+FALLBACKS = ("pydoc_topics", "digits")
 
 
 @dataclass
@@ -34,12 +35,14 @@ class Run:
 
     @property
     def data_name(self):
-        source = self.info.get("data_source", "")
+        """'tiny shakespeare, characters', or 'Python's reference manual, characters (offline
+        fallback: not tiny shakespeare)'."""
+        source, dataset = self.info.get("data_source", ""), self.config["dataset"]
         name = DATA_NAMES.get(source, os.path.basename(source) or "?")
-        if self.is_vit and source == "digits" and self.config["dataset"] != "digits":
-            name += f" (offline fallback: not {DATA_NAMES[self.config['dataset']]})"
         if not self.is_vit:
-            name += " (GPT-2 BPE)" if self.config["dataset"] == "shakespeare" else " (characters)"
+            name += ", GPT-2 BPE" if dataset == "shakespeare" else ", characters"
+        if source in FALLBACKS and source != dataset:
+            name += f" (offline fallback: not {DATA_NAMES[dataset]})"
         return name
 
     @property

@@ -86,7 +86,8 @@ def test_few_iterations_of_each_optimizer(optimizer, corpus, tmp_path, capsys):
     line = [ln for ln in console.splitlines() if ln.startswith("iter 6 |")][0]
     assert " | lr " in line and " ms | " in line and "tok/s" in line and "x AdamW" in line
     summary = console[console.index("--- summary ---"):]          # the end-of-run block
-    assert f"run dir    {out} (finished at step 6)" in summary and "(characters)" in summary
+    assert f"run dir    {out} (finished at step 6)" in summary
+    assert "data       input.txt, characters" in summary
     assert f"result     val loss {evals[-1]['val_loss']:.4f}" in summary
 
 

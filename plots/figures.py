@@ -180,7 +180,11 @@ def memory_bars(runs, path):
     kind = last[0]["peak_kind"].replace("_", " ")
     bars = right.bar(range(len(runs)), [r["peak_bytes"] / MIB for r in last], color="C3")
     right.bar_label(bars, fmt="%.0f", fontsize=9)
-    right.set_xticks(range(len(runs)), labels, fontsize=10)
+    if len(runs) > 3:   # the narrow panel: slanted labels do not run into each other
+        right.set_xticks(range(len(runs)), [run.config["optimizer"] for run in runs],
+                         fontsize=10, rotation=40, ha="right")
+    else:
+        right.set_xticks(range(len(runs)), labels, fontsize=10)
     right.set(ylabel="MiB", title=f"measured peak ({kind})" + (
         "\nthe process, PyTorch included" if kind == "cpu peak rss" else ""))
     fig.suptitle(figure_title(runs, "Memory"))

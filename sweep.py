@@ -282,8 +282,8 @@ def main(argv):
         trainer = TRAINERS[cfg.trainer]
         runs = plan_runs(trainer, settings, seeds, [f"--{item}" for item in cfg.set.split()],
                          sweep_dir)
-        changed = [(run, config_changes(run.run_dir, run.config)) for run in runs
-                   if config_changes(run.run_dir, run.config)]
+        changed = [(run, changes) for run in runs
+                   if (changes := config_changes(run.run_dir, run.config))]
         if changed:
             run, changes = changed[0]
             raise ConfigError(

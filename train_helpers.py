@@ -17,8 +17,8 @@ import time
 import torch
 
 import optim
-from cli import ConfigError, new_run_dir
-from plots.figures import draw_all, run_summary
+from cli import ConfigError, last_status, new_run_dir
+from plots.figures import FALLBACK_SOURCES, draw_all, run_summary
 
 # How a trainer's run ended -> its exit status (2 is a bad command line, 1 a failed compare).
 EXIT_STATUS = {"finished": 0, "stopped": 130, "diverged": 3}
@@ -139,9 +139,6 @@ def load_checkpoint(run_dir, model, optimizer, scaler, **data_facts):
     set_rng_state(ckpt["rng"])
     print(f"resuming {run_dir} at step {ckpt['step']}")
     return ckpt
-
-
-FALLBACK_SOURCES = ("pydoc_topics", "digits")   # what data.text / data.images use offline
 
 
 def check_same_data(run_dir, data_facts):
@@ -266,9 +263,7 @@ def check_out_dir(cfg):
         raise ConfigError(f"--out_dir={run_dir} is a file; give a directory")
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if os.path.exists(metrics):
-        with open(metrics, errors="replace") as f:
-            ended = any('"event": "end"' in line for line in f)
-        if ended or os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+        if last_status(run_dir) or os.path.exists(os.path.join(run_dir, "ckpt.pt")):
             raise ConfigError(f"--out_dir={run_dir} already holds a run; resume it with "
                               f"--resume={run_dir} or choose another --out_dir")
         print(f"{run_dir} holds a run aborted before its first checkpoint; starting it over")
@@ -276,8 +271,7 @@ def check_out_dir(cfg):
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as err:
-        raise ConfigError(f"--out_dir={run_dir} cannot be written ({err.strerror}); choose a "
-                          "directory you can write to") from None
+        raise unwritable(run_dir, err) from None
 
 
 def open_run_dir(cfg, name):
@@ -290,9 +284,13 @@ def open_run_dir(cfg, name):
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
     except OSError as err:
-        raise ConfigError(f"--out_dir={run_dir} cannot be written ({err.strerror}); choose a "
-                          "directory you can write to") from None
+        raise unwritable(run_dir, err) from None
     return run_dir
+
+
+def unwritable(run_dir, err):
+    return ConfigError(f"--out_dir={run_dir} cannot be written ({err.strerror}); choose a "
+                       "directory you can write to")
 
 
 def write_run_info(run_dir, cfg, model, **facts):

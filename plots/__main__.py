@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from plots.figures import draw_all
+from plots.figures import draw_all, is_vit_config
 
 
 def run_dirs(path):
@@ -28,7 +28,7 @@ def run_dirs(path):
 
 def trainer_of(run_dir):
     with open(os.path.join(run_dir, "config.json")) as f:
-        return "vit_sai.py" if "patch_size" in json.load(f) else "nanogpt_sai.py"
+        return "vit_sai.py" if is_vit_config(json.load(f)) else "nanogpt_sai.py"
 
 
 def main(argv):

@@ -19,7 +19,12 @@ matplotlib.rcParams.update({"font.size": 12, "axes.titlesize": 13, "legend.fonts
 DATA_NAMES = {"tinyshakespeare": "tiny shakespeare", "pydoc_topics": "Python's reference manual",
               "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "digits": "rendered digits",
               "shakespeare_char": "tiny shakespeare", "shakespeare": "tiny shakespeare"}
-FALLBACKS = ("pydoc_topics", "digits")
+FALLBACK_SOURCES = ("pydoc_topics", "digits")   # what data.text / data.images use offline
+
+
+def is_vit_config(config):
+    """Whether a run's config.json is vit_sai.py's (else nanogpt_sai.py's)."""
+    return "patch_size" in config
 
 
 @dataclass
@@ -31,7 +36,7 @@ class Run:
 
     @property
     def is_vit(self):
-        return "patch_size" in self.config
+        return is_vit_config(self.config)
 
     @property
     def data_name(self):
@@ -41,7 +46,7 @@ class Run:
         name = DATA_NAMES.get(source, os.path.basename(source) or "?")
         if not self.is_vit:
             name += ", GPT-2 BPE" if dataset == "shakespeare" else ", characters"
-        if source in FALLBACKS and source != dataset:
+        if source in FALLBACK_SOURCES and source != dataset:
             name += f" (offline fallback: not {DATA_NAMES[dataset]})"
         return name
 

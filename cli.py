@@ -113,6 +113,8 @@ class RunOptions:
     dtype: str = option("auto", "autocast dtype: auto (bf16, else fp16 on CUDA; fp32 "
                                 "elsewhere), float32, bfloat16, float16")
     compile: bool = option(False, "torch.compile the model (falls back if it fails)")
+    parallel: str = option("auto", "under torchrun: ddp or fsdp (FSDP2: parameters and optimizer "
+                                   "state sliced across ranks); auto = ddp there, none elsewhere")
     out_dir: str = option("", "run directory; default out/<time>-<dataset>-<optimizer>")
     resume: str = option("", "run directory to resume from its checkpoint")
     data_dir: str = option(CACHE_DIR, "where downloads and prepared data are cached")
@@ -123,9 +125,10 @@ def read_config(config_cls, argv, usage):
     (no other option may change it); otherwise the options both trainers share are checked."""
     cfg, given = parse_args(config_cls(), argv, usage)
     if cfg.resume:
-        if given != {"resume"}:
+        if given - {"resume", "parallel"}:   # a run may go on at another world size
             raise ConfigError("--resume continues a run with its saved config; drop "
-                              + ", ".join(f"--{k}" for k in sorted(given - {"resume"})))
+                              + ", ".join(f"--{k}" for k in sorted(given - {"resume",
+                                                                            "parallel"})))
         path = os.path.join(cfg.resume, "config.json")
         if not os.path.exists(path):
             raise ConfigError(f"--resume={cfg.resume}: no config.json there; pass a run "
@@ -141,7 +144,8 @@ def read_config(config_cls, argv, usage):
             raise ConfigError(f"--resume={cfg.resume}: its config has options this trainer "
                               f"does not know ({', '.join(unknown[:3])}): it is another "
                               "trainer's run (resume it with that script) or an older version's")
-        return dataclasses.replace(config_cls(**saved), resume=cfg.resume), given
+        return dataclasses.replace(config_cls(**saved), resume=cfg.resume,
+                                   parallel=cfg.parallel), given
     optimizer_names(cfg.optimizer)
     check_positive(cfg, "batch_size", "log_interval")
     for key in ("lr", "weight_decay", "grad_clip"):
@@ -258,8 +262,11 @@ def config_changes(run_dir, config):
         return []
     with open(path) as f:
         before = json.load(f)
+    # --parallel says how a run is launched, not what it computes (it may go on at another
+    # world size)
     return [f"{k}: {before.get(k, '(none)')} -> {config.get(k, '(none)')}"
-            for k in sorted(set(before) | set(config)) if before.get(k) != config.get(k)]
+            for k in sorted((set(before) | set(config)) - {"parallel"})
+            if before.get(k) != config.get(k)]
 
 
 def compare(script, resolve_config, names, argv, out_dir, name):

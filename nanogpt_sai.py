@@ -26,11 +26,12 @@ from torch import nn
 from tqdm import tqdm
 
 import optim
+import parallel
 from cli import (ConfigError, RunOptions, check_positive, compare, data_error, option,
                  optimizer_names, pick_device, pick_dtype, read_config, warmup_steps)
 from data.text import DATASETS, load_text, sample_batch
-from train_helpers import (MetricsLog, StopOnCtrlC, TrainClock, check_out_dir, data_name,
-                           load_checkpoint, loss_far_above_chance, lr_at, maybe_compile,
+from train_helpers import (EXIT_STATUS, MetricsLog, StopOnCtrlC, TrainClock, check_out_dir,
+                           data_name, load_checkpoint, loss_far_above_chance, lr_at, maybe_compile,
                            memory_fields, open_run_dir, report_end, save_checkpoint,
                            write_run_info)
 
@@ -233,11 +234,14 @@ class GPT(nn.Module):
 # training
 
 def train(cfg):
-    """One run; returns its exit status (0 finished, 130 stopped by Ctrl-C, 3 diverged)."""
-    device = cfg.device
-    check_out_dir(cfg)   # before the data is loaded: a bad --out_dir is found at once
+    """One run (of this rank, under torchrun); returns its exit status (0 finished, 130 stopped
+    by Ctrl-C, 3 diverged)."""
+    par, device = parallel.start(cfg.parallel, cfg.device)   # one process: nothing to start
+    if par.main:
+        check_out_dir(cfg)   # before the data is loaded: a bad --out_dir is found at once
     try:
-        data = load_text(cfg.dataset, data_dir=cfg.data_dir, text_path=cfg.data_path)
+        with parallel.main_first(par):   # rank 0 fills the data cache, the others read it
+            data = load_text(cfg.dataset, data_dir=cfg.data_dir, text_path=cfg.data_path)
     except (OSError, ValueError) as err:   # a --data_path that is missing or unreadable
         raise data_error(err, cfg.data_dir) from None
     splits = {"train": torch.from_numpy(data.train.astype("int64")),
@@ -259,9 +263,11 @@ def train(cfg):
 
     # model, optimizer, and mixed precision: bf16/fp16 autocast on CUDA (parameters and optimizer
     # state stay float32), a GradScaler only under fp16
+    # (under torchrun: DDP, or FSDP2 slicing each parameter where its optimizer is exact)
     torch.manual_seed(cfg.seed)  # same initial weights for every optimizer
     model = GPT(cfg, data.vocab_size).to(device)
-    opt = optim.build_optimizer(cfg.optimizer, model, log=print,   # log: Adam-mini's partition
+    net = parallel.wrap(model, par, model.transformer.h, optim.shard_dims(cfg.optimizer, model))
+    opt = optim.build_optimizer(cfg.optimizer, model, log=print if par.main else None,
                                 **optim.trainer_hparams(cfg.optimizer, cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.dtype == "float16")
     ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(
@@ -271,37 +277,50 @@ def train(cfg):
     # the run directory: a fresh one (named after the data it really has: an offline fallback
     # says so), or the one we resume, whose checkpoint restores everything. Everything a resume
     # needs is checked (checkpoint, data, model, log) before anything in it is rewritten.
-    run_dir = open_run_dir(cfg, f"{data_name(cfg.dataset, data.source)}-{cfg.optimizer}")
+    # Rank 0 alone writes files and prints.
+    run_dir = open_run_dir(cfg, f"{data_name(cfg.dataset, data.source)}-{cfg.optimizer}") \
+        if par.main or cfg.resume else None
     it, train_s, best_val = 0, 0.0, float("inf")
     data_facts = dict(data_source=data.source, vocab_size=data.vocab_size)
     if cfg.resume:
-        ckpt = load_checkpoint(run_dir, model, opt, scaler, **data_facts)
+        ckpt = load_checkpoint(run_dir, net, opt, scaler, par, **data_facts)
         batch_gen.set_state(ckpt["batch_gen"])
         it, train_s, best_val = ckpt["step"], ckpt["train_s"], ckpt["best_val"]
-    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), resume_step=it if cfg.resume else None)
-    n_params = write_run_info(run_dir, cfg, model, **data_facts)
-    print(f"{n_params / 1e6:.2f}M parameters | {cfg.optimizer} lr {cfg.lr:g} | {device} "
-          f"{cfg.dtype} | run dir {run_dir}")
+    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"),
+                     resume_step=it if cfg.resume else None) if par.main else None
+    if par.main:
+        n_params = write_run_info(run_dir, cfg, model, **data_facts, world_size=par.world,
+                                  backend=par.backend)
+        print(f"{n_params / 1e6:.2f}M parameters | {cfg.optimizer} lr {cfg.lr:g} | {device} "
+              f"{cfg.dtype} | " + (f"{cfg.parallel} x {par.world} | " if par.world > 1 else "")
+              + f"run dir {run_dir}")
 
     def trial(m):  # one throw-away step through the compiled model, on a copied batch stream
         x, y = get_batch("train", torch.Generator().manual_seed(0))
         with ctx:
             m(x, y)[1].backward()
 
-    fast_model = maybe_compile(model, cfg.compile, trial)
+    fast_model = maybe_compile(net, cfg.compile, trial)
 
     @torch.no_grad()
     def evaluate():
-        """Mean loss on the same eval_iters batches of each split every time, and a sample."""
+        """Mean loss on the same eval_iters batches of each split every time (each rank takes
+        its share; all draw them all), and a sample."""
         fast_model.eval()
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         out = {}
         for split in ("train", "val"):
             losses = []
-            for _ in range(cfg.eval_iters):
-                with ctx:
-                    losses.append(fast_model(*get_batch(split, gen))[1].item())
-            out[split] = sum(losses) / len(losses)
+            # every rank runs as many forwards (each gathers FSDP2's slices), the last discarded
+            for i in range(-(-cfg.eval_iters // par.world) * par.world):
+                if i < cfg.eval_iters:
+                    batch = get_batch(split, gen)
+                if i % par.world == par.rank:
+                    with ctx:
+                        loss = fast_model(*batch)[1].item()
+                    losses += [loss] if i < cfg.eval_iters else []
+            out[split] = parallel.sum_over_ranks(torch.tensor(sum(losses), dtype=torch.float64),
+                                                 par).item() / cfg.eval_iters
         # a sample from its own generator (training's RNG stream is untouched); none from a
         # model whose loss is not finite (its probabilities are not)
         if cfg.eval_sample_tokens and math.isfinite(out["train"] + out["val"]):
@@ -317,12 +336,22 @@ def train(cfg):
             return data.decode(model.generate(start, n_tokens, generator=generator)[0].tolist())
 
     def save():   # everything a resume needs, the batch stream's position included
-        save_checkpoint(run_dir, model, opt, scaler, cfg, batch_gen=batch_gen.get_state(),
+        save_checkpoint(run_dir, net, opt, scaler, cfg, par, batch_gen=batch_gen.get_state(),
                         step=it, train_s=clock.pause(), best_val=best_val)
+
+    def record(**fields):   # a metrics line (rank 0)
+        if log:
+            log.write(**fields)
+
+    def say(text, **kwargs):   # a console line (rank 0)
+        if par.main:
+            bar.write(text, **kwargs)
 
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     status, resumed_at = "finished", it if cfg.resume else None
-    bar = tqdm(total=cfg.max_iters, initial=it, disable=None, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=cfg.max_iters, initial=it, disable=None if par.main else True,
+               dynamic_ncols=True, leave=False)
+    mine = parallel.my_micro_batches(cfg.grad_accum, par)   # which micro-batches this rank trains
     # The loop reads nothing back from the GPU between log lines: the loss stays a device tensor
     # (read at the log interval, as nanoGPT does), a non-finite one is remembered on the device
     # (checked at each log line, evaluation and checkpoint), and the clock syncs only there.
@@ -330,7 +359,7 @@ def train(cfg):
     all_finite = torch.ones((), dtype=torch.bool, device=device)
     logged_s, logged_it, warned = train_s, it, False
     t_start = time.time()
-    with StopOnCtrlC() as stop:
+    with StopOnCtrlC(second_aborts=par.world == 1) as stop:   # torchrun sends Ctrl-C twice
         while True:
             # the learning rate of this step
             lr = lr_at(it, cfg.lr, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr_ratio)
@@ -341,32 +370,37 @@ def train(cfg):
             if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != resumed_at:
                 train_s = clock.pause()
                 result = evaluate()
-                if not (all_finite.item() and math.isfinite(result["train"] + result["val"])):
+                if parallel.any_rank(not all_finite.item(), par) or not math.isfinite(
+                        result["train"] + result["val"]):
                     status = "diverged"
                     break
                 best_val = min(best_val, result["val"])
-                log.write(event="eval", step=it, train_loss=result["train"],
+                record(event="eval", step=it, train_loss=result["train"],
                           val_loss=result["val"], best_val_loss=best_val, lr=lr,
                           tokens=it * tokens_per_step, train_s=train_s,
                           wall_s=time.time() - t_start, sample=result.get("sample"),
-                          **memory_fields(model, opt, device))
-                bar.write(f"step {it}: train loss {result['train']:.4f}, val loss "
+                       **memory_fields(model, opt, device, par))
+                say(f"step {it}: train loss {result['train']:.4f}, val loss "
                           f"{result['val']:.4f}" + (f", sample {result['sample'][:60]!r}"
                                                     if "sample" in result else ""))
                 save()
             if it == cfg.max_iters:
                 break
 
-            # forward and backward over grad_accum micro-batches (the loss scaled under fp16)
+            # forward and backward over grad_accum micro-batches (the loss scaled under fp16);
+            # under torchrun each rank takes its share, and the last backward averages gradients
             clock.start()
             loss = torch.zeros((), device=device)
-            for _ in range(cfg.grad_accum):
-                x, y = get_batch("train", batch_gen)
-                with ctx:
+            share = cfg.grad_accum // par.world
+            for micro in range(cfg.grad_accum):
+                x, y = get_batch("train", batch_gen)   # every rank draws every micro-batch
+                if not mine[micro]:
+                    continue
+                with parallel.grad_sync(net, par, last=micro >= cfg.grad_accum - par.world), ctx:
                     _, micro_loss = fast_model(x, y)
-                scaler.scale(micro_loss / cfg.grad_accum).backward()
+                scaler.scale(micro_loss / share).backward()
                 loss += micro_loss.detach()
-            loss /= cfg.grad_accum
+            loss /= share
             all_finite &= torch.isfinite(loss)
             # the optimizer step: unscale (fp16 only), clip the global norm, step, clear grads
             if cfg.grad_clip > 0:
@@ -381,38 +415,43 @@ def train(cfg):
             # log: the metrics line and the console line (memory is probed here only)
             if it % cfg.log_interval == 0 or it == cfg.max_iters:
                 train_s = clock.pause()
-                loss = loss.item()
-                if not all_finite.item():
+                loss = parallel.mean_over_ranks(loss, par).item()
+                if parallel.any_rank(not all_finite.item(), par):
                     status = "diverged"
                     break
                 warning = loss_far_above_chance(loss, data.vocab_size)
                 if warning and not warned:
-                    bar.write(warning, file=sys.stderr)
+                    say(warning, file=sys.stderr)
                     warned = True
                 ms = 1000 * (train_s - logged_s) / (it - logged_it)
                 logged_s, logged_it = train_s, it
-                mem = memory_fields(model, opt, device)
-                log.write(event="train", step=it, loss=loss, lr=lr, ms=ms,
+                mem = memory_fields(model, opt, device, par)
+                record(event="train", step=it, loss=loss, lr=lr, ms=ms,
                           tokens=it * tokens_per_step, train_s=train_s,
                           wall_s=time.time() - t_start, **mem)
-                bar.write(f"iter {it} | loss {loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
+                say(f"iter {it} | loss {loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
                           f"{tokens_per_step * 1000 / ms:,.0f} tok/s | state "
                           f"{mem['state_bytes'] / (2 * mem['param_bytes']):.2f}x AdamW")
-            if stop.requested:   # checkpoint a model whose losses were all finite, only
-                status = "stopped" if all_finite.item() else "diverged"
+            if parallel.any_rank(stop.requested, par):   # all ranks stop at the same step
+                # checkpoint a model whose losses were all finite, only
+                status = "diverged" if parallel.any_rank(not all_finite.item(), par) \
+                    else "stopped"
                 if status == "stopped":
                     save()
                 break
     bar.close()
-    log.write(event="end", step=it, status=status, train_s=clock.pause())
-    log.close()
+    record(event="end", step=it, status=status, train_s=clock.pause())
     if status == "finished" and cfg.sample_tokens:
         model.eval()
-        text = sample(cfg.sample_tokens)
-        print(f"--- sample ---\n{text}\n--------------")
-        with open(os.path.join(run_dir, "sample.txt"), "w") as f:
-            f.write(text)
-    return report_end(status, it, run_dir, "nanogpt_sai.py")
+        text = sample(cfg.sample_tokens)   # on every rank: FSDP2 gathers in each forward
+        if par.main:
+            print(f"--- sample ---\n{text}\n--------------")
+            with open(os.path.join(run_dir, "sample.txt"), "w") as f:
+                f.write(text)
+    if not par.main:
+        return parallel.finish(EXIT_STATUS[status], par)
+    log.close()
+    return parallel.finish(report_end(status, it, run_dir, "nanogpt_sai.py"), par)
 
 
 def main(argv):
@@ -420,6 +459,7 @@ def main(argv):
     line on stderr), 1 a compared run that did not finish."""
     try:
         cfg = resolve_config(argv)
+        cfg = dataclasses.replace(cfg, parallel=parallel.check_mode(cfg, "nanogpt_sai.py"))
         names = optimizer_names(cfg.optimizer)
         if len(names) > 1:   # compare: each optimizer in its own process, then one figure
             return compare(__file__, resolve_config, names, argv, cfg.out_dir,

@@ -46,7 +46,9 @@ import warnings
 from itertools import chain
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate
 from torch.optim import Optimizer
 
 
@@ -111,6 +113,75 @@ def _columns(rows):
     """[(a1, b1, ...), (a2, b2, ...)] -> [a1, a2], [b1, b2], ...: one tuple per tensor, as the
     optimizers gather them, turned into the lists a foreach update takes."""
     return [list(column) for column in zip(*rows)]
+
+
+# Sharded parameters: under FSDP2 (torch.distributed.fsdp.fully_shard) a parameter, its gradient
+# and the state made with zeros_like are DTensors, of which each rank holds a slice along one
+# dimension. The update functions run on those slices (`_local`), which is exact for elementwise
+# math; a statistic over a whole tensor or block (SGD-SaI's g-SNR, Adam-mini's block means,
+# APOLLO's norms, Muon's orthogonalisation, Adafactor's factors) is summed over the ranks with
+# an explicit all-reduce, named where it happens. Without FSDP every such step is skipped.
+
+class Shard:
+    """Where this rank's slice of a sharded tensor lies: indices start ... stop of dimension
+    `dim` of the whole tensor (of shape `shape`, placed like `like`); `ranks` is the process
+    group that holds the other slices."""
+
+    def __init__(self, like):
+        (placement,) = like.placements
+        self.like, self.dim, self.shape = like, placement.dim, like.shape
+        self.ranks = like.device_mesh.get_group()
+        size = -(-self.shape[self.dim] // like.device_mesh.size())   # torch.chunk's split
+        self.start = min(like.device_mesh.get_local_rank() * size, self.shape[self.dim])
+        self.stop = self.start + like.to_local().shape[self.dim]
+
+    def sum(self, x):
+        """x (this rank's partial sums), summed over the ranks, in place."""
+        dist.all_reduce(x, group=self.ranks)
+        return x
+
+    def whole(self, part):
+        """The whole tensor of which `part` is this rank's slice (every rank gets it)."""
+        return DTensor.from_local(part, self.like.device_mesh, self.like.placements,
+                                  shape=self.shape, stride=self.like.stride()).full_tensor()
+
+
+def shard_of(p):
+    """p's Shard if p is a DTensor sliced along one dimension (FSDP2), else None (a plain
+    tensor, or a DTensor every rank holds whole)."""
+    if not isinstance(p, DTensor) or all(isinstance(q, Replicate) for q in p.placements):
+        return None
+    if len(p.placements) != 1 or not p.placements[0].is_shard():
+        raise ValueError(f"a DTensor placed {p.placements} is not supported: the optimizers "
+                         "here take FSDP2's one-dimensional sharding (Shard(dim) on a 1-D mesh)")
+    return Shard(p)
+
+
+def _local(t):
+    """A DTensor's slice on this rank (a view: writing it writes the DTensor); others as they
+    are."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _sharded_state(p, part):
+    """A state tensor of p, given as this rank's `part`, sliced along p's sharded dimension as p
+    is: a DTensor placed like p, so that torch.distributed.checkpoint's helpers gather and place
+    it whole; `part` itself for a p that is not sharded."""
+    shard = shard_of(p)
+    if shard is None:
+        return part
+    shape = list(part.shape)
+    shape[shard.dim] = p.shape[shard.dim]
+    return DTensor.from_local(part, p.device_mesh, p.placements, shape=torch.Size(shape),
+                              stride=torch.empty(shape, device="meta").stride())
+
+
+def _replicated_state(p, t):
+    """A state tensor every rank keeps whole and equal (a replicated DTensor for a DTensor p)."""
+    if not isinstance(p, DTensor):
+        return t
+    return DTensor.from_local(t, p.device_mesh, [Replicate()] * p.device_mesh.ndim,
+                              run_check=False)
 
 
 # The fused path: each optimizer's update function, as written, compiled by torch.compile into
@@ -238,10 +309,10 @@ class _SandboxOptimizer(Optimizer):
     def fused(self):
         """Whether steps run compiled: group["fused"] True or False, or None for "where it pays"
         (FUSED_MIN_NUMEL parameters or more, all on FUSED_DEVICES); False for good once a
-        compile has failed here."""
-        if self.fused_error is not None:
-            return False
+        compile has failed here, and for sharded (DTensor) parameters, which step eagerly."""
         params = [p for group in self.param_groups for p in group["params"]]
+        if self.fused_error is not None or any(isinstance(p, DTensor) for p in params):
+            return False
         wanted = {group.get("fused", False) for group in self.param_groups}
         if wanted == {None}:
             return (sum(p.numel() for p in params) >= FUSED_MIN_NUMEL
@@ -253,10 +324,12 @@ class _SandboxOptimizer(Optimizer):
         `update` takes first, that tensor's step numbers: a dict of what changes every step);
         `constants` holds the group's other hyperparameters. Compiled if self.fused(), else all
         at once with update_foreach if group["foreach"], else row by row. If the compile fails
-        (no C++ compiler, an unsupported device), one warning, and eager from then on."""
+        (no C++ compiler, an unsupported device), one warning, and eager from then on. Sharded
+        tensors are stepped through their local slices."""
         if not rows:
             return
         tensors, numbers = _columns(rows)
+        tensors = [[_local(t) for t in row] for row in tensors]
         if self.fused():
             try:
                 _compiled()(update, tensors, _number_tensors(numbers, tensors[0][0].device),
@@ -429,16 +502,33 @@ def sai_scale(grad, rule, eps=1e-8):
     zero-mean gradients (scale 1 for a scalar).
     """
     _check_one_of("sai_rule", rule, SAI_RULES)
-    sqrt_numel = torch.tensor(math.sqrt(grad.numel()), dtype=torch.float32, device=grad.device)
+    n = grad.numel()                        # of the whole tensor, also when it is sharded
+    sqrt_numel = torch.tensor(math.sqrt(n), dtype=torch.float32, device=grad.device)
     if rule == "none":
         return torch.ones_like(sqrt_numel)
-    if rule == "sqrt_numel" or grad.numel() == 1:
+    if rule == "sqrt_numel" or n == 1:
         return sqrt_numel
     # float64 where the device has it (MPS does not: there the once-per-block work is on the CPU)
-    g = grad.detach().to("cpu" if grad.device.type == "mps" else grad.device, torch.float64)
-    norm, std = g.norm(), g.std()
-    no_spread = std <= ZERO_SPREAD_EPS * torch.finfo(grad.dtype).eps * norm / math.sqrt(g.numel())
-    return torch.where(no_spread, math.sqrt(g.numel()), norm / (std + eps)).float().to(grad.device)
+    g = _local(grad).detach().to("cpu" if grad.device.type == "mps" else grad.device,
+                                 torch.float64)
+    shard = shard_of(grad)
+    if shard is None:
+        norm, std = g.norm(), g.std()
+    else:   # sums over the ranks' slices: sum g first (for the mean), then sum g^2, (g - mean)^2
+        mean = shard.sum(g.sum()) / n
+        sums = shard.sum(torch.stack([g.square().sum(), (g - mean).square().sum()]))
+        norm, std = sums[0].sqrt(), (sums[1] / (n - 1)).sqrt()
+    no_spread = std <= ZERO_SPREAD_EPS * torch.finfo(grad.dtype).eps * norm / math.sqrt(n)
+    return torch.where(no_spread, math.sqrt(n), norm / (std + eps)).float().to(grad.device)
+
+
+def _all_finite(t):
+    """Whether every element of t is finite (of every rank's slice, for a sharded t)."""
+    shard = shard_of(t)
+    if shard is None:
+        return bool(torch.isfinite(t).all())
+    # a float64 sum of float32 (or narrower) values is finite exactly when they all are
+    return bool(torch.isfinite(shard.sum(_local(t).detach().sum(dtype=torch.float64))))
 
 
 def sgd_sai_update(param, grad, m, scale, *, lr, momentum, weight_decay):
@@ -522,7 +612,7 @@ class SGDSaI(_SandboxOptimizer):
             for _, name, p, grad in _params_with_grad(self, gi, group):
                 if "scale" in self.state[p]:
                     continue
-                if not torch.isfinite(grad).all():
+                if not _all_finite(grad):
                     raise FloatingPointError(
                         f"SGD-SaI: the gradient of {name} (shape {tuple(p.shape)}) contains NaN "
                         "or Inf at the step its learning-rate scale is computed; freezing it would "
@@ -651,20 +741,64 @@ def _step_blocks(param, m, step_size, layout):
         p.addcmul_(m_chunk, s[:, None], value=-1)
 
 
+def adam_mini_block_lrs(v, block_mean, *, lr, bias_correction1, bias_correction2_sqrt, beta2,
+                        eps):
+    """v updated in place with this step's mean(g^2) per block; returns each block's step size
+    lr / (1 - b1^t) / (sqrt(v_hat) + eps)."""
+    v.mul_(beta2).add_(block_mean, alpha=1 - beta2)               # v_t = b2 v + (1 - b2) mean(g^2)
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)          # sqrt(v_hat) + eps, per block
+    return (lr / bias_correction1) / denom                        # one lr per block
+
+
 def adam_mini_update(param, grad, m, v, layout, *, lr, bias_correction1, bias_correction2_sqrt,
                      beta1, beta2, eps, weight_decay):
     """One Adam-mini step for one tensor, in place, with step t's `adam_step_numbers`; v holds
     one value per block of `layout`."""
     grad = grad.contiguous()
-    block_mean = block_mean_sq(grad, layout)
-    v.mul_(beta2).add_(block_mean, alpha=1 - beta2)               # v_t = b2 v + (1 - b2) mean(g^2)
+    step_size = adam_mini_block_lrs(v, block_mean_sq(grad, layout), lr=lr, beta2=beta2, eps=eps,
+                                    bias_correction1=bias_correction1,
+                                    bias_correction2_sqrt=bias_correction2_sqrt)
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)                         # theta <- theta - lr*wd*theta
     m.lerp_(grad, 1 - beta1)                                      # m_t = b1 m + (1 - b1) g
-    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)          # sqrt(v_hat) + eps, per block
-    step_size = (lr / bias_correction1) / denom                   # one lr per block
     param.sub_(m * _spread(step_size, layout, param.shape))       # theta -= lr_b * m_hat
     return step_size   # for the fused path: computed once per block (see _update_each)
+
+
+def shard_blocks(layout, shape, start, stop):
+    """The blocks of `layout` (of a tensor of `shape`) that rows start ... stop meet, for a rank
+    that holds only those rows: (local layout, ids). The local layout tiles the rank's slice in
+    order, a block cut by the slice's edge counted with the elements it has here; ids are the
+    blocks' indices among the whole tensor's (a LongTensor, one per local block)."""
+    cols = math.prod(shape[1:])
+    lo, hi = start * cols, stop * cols          # the slice's elements in the flattened tensor
+    local, ids, offset, first_id = [], [], 0, 0
+    for n, k in layout:
+        pos, end = max(lo, offset), min(hi, offset + n * k)
+        while pos < end:
+            block, into = divmod(pos - offset, k)
+            count = 1 if into or end - pos < k else (end - pos) // k   # cut block, or whole ones
+            size = min(k - into, end - pos) if count == 1 else k
+            local.append((count, size))
+            ids.append(torch.arange(first_id + block, first_id + block + count))
+            pos += count * size
+        offset, first_id = offset + n * k, first_id + n
+    return local, torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
+
+
+def adam_mini_update_shard(param, grad, m, v, local_layout, ids, block_mean, *, lr,
+                           bias_correction1, bias_correction2_sqrt, beta1, beta2, eps,
+                           weight_decay):
+    """adam_mini_update for a rank's slice of a sharded tensor (its rows: param, grad, m):
+    block_mean and v cover every block of the whole tensor (block_mean summed over the ranks, so
+    v stays the same on each); local_layout and ids are `shard_blocks`'."""
+    step_size = adam_mini_block_lrs(v, block_mean, lr=lr, beta2=beta2, eps=eps,
+                                    bias_correction1=bias_correction1,
+                                    bias_correction2_sqrt=bias_correction2_sqrt)[ids]
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    m.lerp_(grad, 1 - beta1)
+    _step_blocks(param, m, step_size, local_layout)
 
 
 def adam_mini_update_foreach(params, grads, ms, vs, layouts, *, lr, bias_correction1,
@@ -759,18 +893,49 @@ class AdamMini(_SandboxOptimizer):
     def _update(self):
         for gi, group in enumerate(self.param_groups):
             rows = []        # ((param, grad, m, v, layout), step numbers) per param with a grad
-            for i, _, p, grad in _params_with_grad(self, gi, group):
+            sharded = []     # the same, for the params FSDP2 shards
+            for i, name, p, grad in _params_with_grad(self, gi, group):
                 layout = block_layout(group["block_rules"][i], tuple(p.shape))
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = p.new_zeros(sum(n for n, _ in layout))  # one per block
+                    state["exp_avg_sq"] = _replicated_state(p, torch.zeros(   # one per block
+                        sum(n for n, _ in layout), dtype=p.dtype, device=p.device))
                 state["step"] += 1
-                rows.append(((p, grad, state["exp_avg"], state["exp_avg_sq"], layout),
-                             adam_step_numbers(state["step"], group["lr"], *group["betas"])))
-            self._step_rows(group, rows, _adam_constants(group), adam_mini_update,
-                            adam_mini_update_foreach)
+                row = ((p, grad, state["exp_avg"], state["exp_avg_sq"], layout),
+                       adam_step_numbers(state["step"], group["lr"], *group["betas"]))
+                (rows if shard_of(p) is None else sharded).append((name, row))
+            self._step_rows(group, [row for _, row in rows], _adam_constants(group),
+                            adam_mini_update, adam_mini_update_foreach)
+            self._step_sharded(group, sharded)
+
+    def _step_sharded(self, group, named_rows):
+        """The step of sharded tensors: each rank sums g^2 over its part of every block, one
+        all-reduce per param group adds the parts, and each rank steps its rows."""
+        if not named_rows:
+            return
+        parts, sums, shards = [], [], []
+        for name, ((p, grad, m, v, layout), numbers) in named_rows:
+            shard = shard_of(p)
+            if shard.dim != 0:
+                raise ValueError(f"AdamMini: {name} is sharded along dim {shard.dim}; Adam-mini's "
+                                 "blocks are rows, so shard it along dim 0 (FSDP2's default)")
+            local_layout, ids = shard_blocks(layout, p.shape, shard.start, shard.stop)
+            grad = _local(grad).contiguous()
+            local_sums = torch.cat([grad.new_zeros(0)] + [
+                torch.linalg.vector_norm(g, dim=1).square_() for g in
+                _chunk_views(grad, local_layout)])   # sum g^2 of each local (part of a) block
+            sums.append(torch.zeros(v.shape, dtype=v.dtype, device=grad.device)
+                        .index_add_(0, ids.to(grad.device), local_sums))
+            parts.append((p, grad, m, v, local_layout, ids.to(grad.device), layout, numbers))
+            shards.append(shard)
+        total = shards[0].sum(torch.cat(sums)).split([s.numel() for s in sums])
+        for (p, grad, m, v, local_layout, ids, layout, numbers), block_sum in zip(parts, total):
+            block_numel = torch.cat([torch.full((n,), k, dtype=v.dtype, device=grad.device)
+                                     for n, k in layout])
+            adam_mini_update_shard(_local(p), grad, _local(m), _local(v), local_layout, ids,
+                                   block_sum / block_numel, **numbers, **_adam_constants(group))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -798,18 +963,21 @@ def random_projection(rank, dim, seed, regeneration):
     return torch.randn(rank, dim, generator=generator) / math.sqrt(rank)
 
 
-def apollo_update(param, grad, proj, m, v, update_norm, *, lr, bias_correction1,
-                  bias_correction2_sqrt, beta1, beta2, eps, weight_decay, granularity, alpha):
+def apollo_update(param, grad, proj, m, v, update_norm, channel_dim, shard, *, lr,
+                  bias_correction1, bias_correction2_sqrt, beta1, beta2, eps, weight_decay,
+                  granularity, alpha):
     """One APOLLO step for one matrix, in place, with step t's `adam_step_numbers`.
 
-    proj is P (r x k) for k the smaller dimension of the matrix: its columns if it has at least
-    as many rows as columns (R = G P^T, one channel per row), else its rows (R = P G, one channel
-    per column). m, v have R's shape. update_norm is the norm of the previous step's update U
-    (a 0-d tensor, 0 before the first step); it is overwritten with this step's. Returns the
-    gradient's scale sqrt(alpha) diag(s) / limiter (compiled, a result of the graph is computed
-    once, where an intermediate would be recomputed for every element of the update).
+    channel_dim (`channel_dim`) is 0 if the matrix has at least as many rows as columns (one
+    channel per row: R = G P^T), else 1 (one channel per column: R = P G); proj is P (r x k), k
+    the other dimension. m, v have R's shape. update_norm is the norm of the previous step's
+    update U (a 0-d tensor, 0 before the first step); it is overwritten with this step's.
+    `shard` is None, or the Shard of a matrix sharded along its channels (the tensors are then
+    this rank's channels, and the norms that span channels are summed over the ranks). Returns
+    the gradient's scale sqrt(alpha) diag(s) / limiter (compiled, a result of the graph is
+    computed once, where an intermediate would be recomputed for every element of the update).
     """
-    rows_are_channels = grad.shape[0] >= grad.shape[1]
+    rows_are_channels = channel_dim == 0
     if proj.shape[0] == 1 and torch.compiler.is_compiling():
         # rank 1, compiled: R_t as a reduction, which shares its pass over G with ||G|| below
         r_grad = ((grad * proj).sum(1, keepdim=True) if rows_are_channels
@@ -823,19 +991,26 @@ def apollo_update(param, grad, proj, m, v, update_norm, *, lr, bias_correction1,
     # ||G||^2 per channel (along the projected dimension), summed for APOLLO-Mini: compiled, this
     # reduction shares its pass over G with the projection's, where a whole-tensor norm would
     # read G once more
-    dim = 1 if rows_are_channels else 0
+    dim = 1 - channel_dim
     grad_norm_sq = torch.linalg.vector_norm(grad, dim=dim, keepdim=True).square_()
     if granularity == "channel":                # norms along the projected dimension
         r_adam_norm = torch.linalg.vector_norm(r_adam, dim=dim, keepdim=True)
         r_norm = torch.linalg.vector_norm(r_grad, dim=dim, keepdim=True)
-    else:
+    elif shard is None:
         r_adam_norm = torch.linalg.vector_norm(r_adam)
         r_norm = torch.linalg.vector_norm(r_grad)
         grad_norm_sq = grad_norm_sq.sum()
+    else:                                       # the three sums over every rank's channels
+        sums = shard.sum(torch.stack([r_adam.square().sum(), r_grad.square().sum(),
+                                      grad_norm_sq.sum()]))
+        r_adam_norm, r_norm, grad_norm_sq = sums[0].sqrt(), sums[1].sqrt(), sums[2]
     # s = ||R~|| / ||R||; a channel whose projected gradient is exactly 0 gets s = 0
     s = torch.where(r_norm > 0, r_adam_norm / r_norm, 0.0)
     coeff = s * math.sqrt(alpha)                                   # U = sqrt(alpha) G_t diag(s)
-    norm = (coeff.square() * grad_norm_sq).sum().sqrt()            # ||U||, without forming U
+    norm_sq = (coeff.square() * grad_norm_sq).sum()                # ||U||^2, without forming U
+    if shard is not None and granularity == "channel":
+        norm_sq = shard.sum(norm_sq)                               # over every rank's channels
+    norm = norm_sq.sqrt()
     limiter = torch.where(update_norm > 0,                         # growth over gamma, >= 1
                           (norm / (MAX_NORM_GROWTH * update_norm)).clamp_(min=1.0), 1.0)
     coeff = coeff / limiter                                        # U <- U / limiter
@@ -951,17 +1126,27 @@ class Apollo(_SandboxOptimizer):
         for gi, group in enumerate(self.param_groups):
             rows = []
             for i, p, grad, state in _matrices_then_adamw(self, gi, group, "projected"):
+                channel_dim = 0 if p.shape[0] >= p.shape[1] else 1
+                shard = shard_of(p)
+                if shard is not None and shard.dim != channel_dim:
+                    raise ValueError(
+                        f"Apollo: {_param_name(group, gi, i)} (shape {tuple(p.shape)}) is sharded "
+                        f"along dim {shard.dim}, which APOLLO projects; shard it along its "
+                        f"channels, dim {channel_dim} (optim.shard_dims gives FSDP2 each "
+                        "parameter's dim)")
                 if not state:
                     rank = projection_rank(group["rank"], p.shape)
-                    shape = (p.shape[0], rank) if p.shape[0] >= p.shape[1] else (rank, p.shape[1])
+                    local = _local(p).shape                     # this rank's channels
+                    shape = (local[0], rank) if channel_dim == 0 else (rank, local[1])
                     state["step"] = 0
                     state["seed"] = group["proj_seed"] + first_index + i
-                    state["exp_avg"] = p.new_zeros(shape)       # m, first moment of R
-                    state["exp_avg_sq"] = p.new_zeros(shape)    # v, second moment of R
-                    state["update_norm"] = p.new_zeros(())      # ||U_{t-1}||, for the limiter
+                    zeros = dict(dtype=p.dtype, device=p.device)
+                    state["exp_avg"] = _sharded_state(p, torch.zeros(shape, **zeros))   # m of R
+                    state["exp_avg_sq"] = _sharded_state(p, torch.zeros(shape, **zeros))  # v of R
+                    state["update_norm"] = _replicated_state(p, torch.zeros((), **zeros))  # limiter
                 state["step"] += 1
                 rows.append(((p, grad, self.projection(p, group), state["exp_avg"],
-                              state["exp_avg_sq"], state["update_norm"]),
+                              state["exp_avg_sq"], state["update_norm"], channel_dim, shard),
                              adam_step_numbers(state["step"], group["lr"], *group["betas"])))
             constants = dict(_adam_constants(group), alpha=group["alpha"],
                              granularity=group["granularity"])
@@ -1022,15 +1207,22 @@ def muon_lr_ratio(shape, rule):
     return 0.2 * math.sqrt(max(rows, cols))
 
 
-def muon_update(param, grad, buf, *, lr, momentum, nesterov, weight_decay, ns_steps,
+def muon_update(param, grad, buf, shard, *, lr, momentum, nesterov, weight_decay, ns_steps,
                 ns_coefficients, ns_eps, lr_rule):
-    """One Muon step for one matrix, in place; buf is the momentum B."""
+    """One Muon step for one matrix, in place; buf is the momentum B. `shard` is None, or the
+    Shard of a sharded matrix (the tensors are this rank's slice): every rank orthogonalises the
+    whole update matrix, gathered, and keeps its slice."""
     buf.lerp_(grad, 1 - momentum)                                # B_t = mu B + (1 - mu) g_t
     update = grad.lerp(buf, momentum) if nesterov else buf       # (1 - mu) g_t + mu B_t, or B_t
-    ortho = newton_schulz(update, ns_steps, ns_coefficients, ns_eps)   # O_t = NS(update)
+    if shard is None:
+        ortho = newton_schulz(update, ns_steps, ns_coefficients, ns_eps)   # O_t = NS(update)
+    else:
+        ortho = newton_schulz(shard.whole(update), ns_steps, ns_coefficients, ns_eps).narrow(
+            shard.dim, shard.start, shard.stop - shard.start)
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)                        # theta <- theta (1 - lr wd)
-    param.add_(ortho, alpha=-lr * muon_lr_ratio(param.shape, lr_rule))   # theta -= lr r O_t
+    shape = param.shape if shard is None else shard.shape       # the whole matrix's
+    param.add_(ortho, alpha=-lr * muon_lr_ratio(shape, lr_rule))   # theta -= lr r O_t
 
 
 def _matrix_flag(selected, p, given, what):
@@ -1121,7 +1313,8 @@ class Muon(_SandboxOptimizer):
             for _, p, grad, state in _matrices_then_adamw(self, gi, group, "orthogonalized"):
                 if not state:
                     state["momentum_buffer"] = torch.zeros_like(p)   # B, momentum
-                muon_update(p, grad, state["momentum_buffer"], lr=group["lr"],
+                muon_update(_local(p), _local(grad), _local(state["momentum_buffer"]),
+                            shard_of(p), lr=group["lr"],
                             momentum=group["momentum"], nesterov=group["nesterov"],
                             weight_decay=group["weight_decay"], ns_steps=group["ns_steps"],
                             ns_coefficients=group["ns_coefficients"], ns_eps=group["ns_eps"],
@@ -1137,30 +1330,47 @@ def adafactor_step_numbers(step, lr, beta2_decay):
     return dict(lr=lr, beta2_complement=step ** beta2_decay, rho=min(lr, 1 / math.sqrt(step)))
 
 
-def adafactor_update(param, grad, row_v, col_v, v, *, lr, beta2_complement, rho, eps1, eps2, d,
-                     weight_decay):
+def adafactor_update(param, grad, row_v, col_v, v, shard, *, lr, beta2_complement, rho, eps1,
+                     eps2, d, weight_decay):
     """One Adafactor step for one tensor, in place, with step t's `adafactor_step_numbers`. A
     matrix (or a stack of them: the last two dimensions) keeps row_v (..., R, 1) and col_v
-    (..., 1, C), v is None; a vector keeps v. Returns the step alpha_t / clip (compiled, a result
-    of the graph is computed once, not for every element)."""
-    rms = param.norm() / math.sqrt(param.numel())
+    (..., 1, C), v is None; a vector keeps v. `shard` is None, or the Shard of a sharded tensor
+    (the tensors are this rank's slices; row_v or col_v whole where the slice cuts its rows or
+    columns): the norms, and the means along the sliced dimension, are summed over the ranks.
+    Returns the step alpha_t / clip (compiled, a result of the graph is computed once, not for
+    every element)."""
+    n = param.numel() if shard is None else math.prod(shard.shape)
+    rms = _norm(param, shard) / math.sqrt(n)
     alpha = rms.clamp(min=eps2) * rho                            # max(eps2, RMS(theta)) rho
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)                        # theta <- theta (1 - lr wd)
     if v is None:                                                # factored second moment
-        row_v.lerp_(torch.linalg.vector_norm(grad, dim=-1, keepdim=True).square_()
-                    .div_(grad.shape[-1]), beta2_complement)     # R_t: mean over columns of g^2
-        col_v.lerp_(torch.linalg.vector_norm(grad, dim=-2, keepdim=True).square_()
-                    .div_(grad.shape[-2]), beta2_complement)     # C_t: mean over rows of g^2
-        v_hat = (row_v @ col_v).div_(row_v.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+        rows_sq = torch.linalg.vector_norm(grad, dim=-1, keepdim=True).square_()
+        cols_sq = torch.linalg.vector_norm(grad, dim=-2, keepdim=True).square_()
+        n_rows, n_cols = grad.shape[-2:] if shard is None else shard.shape[-2:]
+        sliced = None if shard is None else shard.dim - grad.dim()   # -1 columns, -2 rows
+        if sliced == -1:
+            shard.sum(rows_sq)
+        if sliced == -2:
+            shard.sum(cols_sq)
+        row_v.lerp_(rows_sq.div_(n_cols), beta2_complement)      # R_t: mean over columns of g^2
+        col_v.lerp_(cols_sq.div_(n_rows), beta2_complement)      # C_t: mean over rows of g^2
+        row_mean = (row_v.mean(dim=-2, keepdim=True) if sliced != -2 else
+                    shard.sum(row_v.sum(dim=-2, keepdim=True)) / n_rows)
+        v_hat = (row_v @ col_v).div_(row_mean.clamp_(min=eps1))
     else:
         v.lerp_(grad * grad, beta2_complement)                   # v_t, unfactored
         v_hat = v.clone()
     update = v_hat.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)   # U = g / sqrt(v_hat)
-    clip = (update.norm() / (math.sqrt(update.numel()) * d)).clamp(min=1.0)   # max(1, RMS(U) / d)
+    clip = (_norm(update, shard) / (math.sqrt(n) * d)).clamp(min=1.0)   # max(1, RMS(U) / d)
     step_size = alpha / clip
     param.sub_(update * step_size)                               # theta_t <- theta - alpha U / clip
     return step_size
+
+
+def _norm(t, shard):
+    """||t||_2 of a tensor, or of the whole tensor of which t is a rank's slice."""
+    return t.norm() if shard is None else shard.sum(t.square().sum()).sqrt()
 
 
 class Adafactor(_SandboxOptimizer):
@@ -1222,24 +1432,37 @@ class Adafactor(_SandboxOptimizer):
         _check_range("eps[1]", eps2, 0.0)
         _check_range("d", group["d"], 1.0)
 
+    @staticmethod
+    def _factor(p, shard, dim):
+        """Zeros shaped like p with dimension `dim` (-1: R, -2: C) reduced to 1: a sharded p's
+        factor is sliced like p, unless p is sliced along `dim` (then every rank keeps it whole)."""
+        if shard is not None and shard.dim == p.dim() + dim:
+            shape = list(p.shape)
+            shape[dim] = 1
+            return _replicated_state(p, torch.zeros(shape, dtype=p.dtype, device=p.device))
+        shape = list(_local(p).shape)
+        shape[dim] = 1
+        return _sharded_state(p, torch.zeros(shape, dtype=p.dtype, device=p.device))
+
     def _update(self):
         for gi, group in enumerate(self.param_groups):
             eps1, eps2 = group["eps"]
             rows = []
             for _, _, p, grad in _params_with_grad(self, gi, group):
                 state = self.state[p]
+                shard = shard_of(p)
                 if not state:
                     state["step"] = 0
                     if p.dim() >= 2:
-                        state["row_var"] = p.new_zeros(p.shape[:-1] + (1,))        # R
-                        state["col_var"] = p.new_zeros(p.shape[:-2] + (1, p.shape[-1]))   # C
+                        state["row_var"] = self._factor(p, shard, -1)     # R
+                        state["col_var"] = self._factor(p, shard, -2)     # C
                     else:
-                        state["variance"] = torch.zeros_like(p)                    # v
+                        state["variance"] = torch.zeros_like(p)           # v
                 state["step"] += 1
                 numbers = adafactor_step_numbers(state["step"], group["lr"], group["beta2_decay"])
                 numbers["eps1"] = torch.finfo(p.dtype).eps if eps1 is None else eps1
                 rows.append(((p, grad, state.get("row_var"), state.get("col_var"),
-                              state.get("variance")), numbers))
+                              state.get("variance"), shard), numbers))
             self._step_rows(group, rows, dict(eps2=eps2, d=group["d"],
                                               weight_decay=group["weight_decay"]),
                             adafactor_update)
@@ -1503,12 +1726,22 @@ def build_optimizer(name, model, log=None, **hparams):
     return optimizer
 
 
+def shard_dims(name, model):
+    """{parameter: dim} along which FSDP2 should slice each parameter (fully_shard's
+    shard_placement_fn) so that optimizer `name` steps it exactly without gathering it: dim 0,
+    except APOLLO's projected matrices with more columns than rows, whose channels are columns."""
+    dims = {p: 0 for p in model.parameters()}
+    if name in ("apollo", "apollo_mini"):
+        dims.update({p: 1 for p in projected_params(model) if p.shape[0] < p.shape[1]})
+    return dims
+
+
 def state_bytes(optimizer, params=None):
     """Bytes of every tensor in the optimizer's state (not parameters or gradients), or only in
-    the state of `params`."""
+    the state of `params`; of a sharded (DTensor) tensor, the bytes this rank holds."""
     def tensor_bytes(value):
         if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
+            return _local(value).numel() * value.element_size()
         if isinstance(value, dict):
             return sum(tensor_bytes(v) for v in value.values())
         if isinstance(value, (list, tuple)):

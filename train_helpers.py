@@ -17,6 +17,7 @@ import time
 import torch
 
 import optim
+import parallel
 from cli import ConfigError, last_status, new_run_dir
 from plots.figures import FALLBACK_SOURCES, draw_all, run_summary
 
@@ -93,23 +94,30 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir, model, optimizer, scaler, cfg, **entries):
+def save_checkpoint(run_dir, model, optimizer, scaler, cfg, par, **entries):
     """run_dir/ckpt.pt: everything a resume needs (the trainer adds its data position and loop
-    counters in `entries`), written to a temp file and renamed, so a crash or Ctrl-C never
-    leaves half a checkpoint."""
+    counters in `entries`), written by rank 0 to a temp file and renamed, so a crash or Ctrl-C
+    never leaves half a checkpoint. Model and optimizer state are whole tensors (gathered from
+    the ranks under FSDP2), so the checkpoint loads at any world size; every rank's RNG state is
+    kept. Every rank must call it."""
+    model_state, optimizer_state = parallel.full_state(model, optimizer)
+    rngs = parallel.gather_to_main(rng_state(), par)
+    if not par.main:
+        return
     path = os.path.join(run_dir, "ckpt.pt")
-    torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                    scaler=scaler.state_dict(), rng=rng_state(), config=dataclasses.asdict(cfg),
-                    **entries), path + ".tmp")
+    torch.save(dict(model=model_state, optimizer=optimizer_state, scaler=scaler.state_dict(),
+                    rng=rngs, world_size=par.world, config=dataclasses.asdict(cfg), **entries),
+               path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(run_dir, model, optimizer, scaler, **data_facts):
+def load_checkpoint(run_dir, model, optimizer, scaler, par, **data_facts):
     """Restore what save_checkpoint saved (SGD-SaI's frozen scales travel in the optimizer's
-    state); returns the checkpoint, for the trainer's own entries. Anything that makes the run
-    unresumable (no or a damaged checkpoint, other data than it trained on, a model of another
-    shape) is a ConfigError naming it, raised before anything in run_dir is written.
-    `data_facts` (data_source=..., vocab_size=...) are checked against the run's run.json."""
+    state) into `model`, the module trained through (plain, DDP or FSDP2), on every rank; returns
+    the checkpoint, for the trainer's own entries. Anything that makes the run unresumable (no or
+    a damaged checkpoint, other data than it trained on, a model of another shape) is a
+    ConfigError naming it, raised before anything in run_dir is written. `data_facts`
+    (data_source=..., vocab_size=...) are checked against the run's run.json."""
     check_same_data(run_dir, data_facts)
     path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.exists(path):
@@ -124,20 +132,26 @@ def load_checkpoint(run_dir, model, optimizer, scaler, **data_facts):
                           f"{str(err).splitlines()[0] if str(err) else 'empty'}); it is damaged, "
                           "and the run cannot go on from it: start a new run") from None
     try:
-        model.load_state_dict(ckpt["model"])
+        parallel.load_model_state(model, ckpt["model"])
     except RuntimeError as err:   # size mismatches: the model code changed since the save
         first = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln
                       or "Missing" in ln or "Unexpected" in ln), str(err).splitlines()[0])
         raise ConfigError(f"--resume={run_dir}: the checkpoint's model is not this model "
                           f"({first}); it was saved by other code: start a new run") from None
-    try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except KeyError as err:     # e.g. sai_rule, which older versions called scale_rule
-        raise ConfigError(f"--resume={run_dir}: its optimizer state has no hyperparameter {err}: "
-                          "it was written by an older optim.py; start a new run") from None
+    # a hyperparameter this optim.py takes and the checkpoint lacks (e.g. sai_rule, which older
+    # versions called scale_rule)
+    missing = sorted(set(optimizer.param_groups[0]) - set().union(
+        *ckpt["optimizer"]["param_groups"]))
+    if missing:
+        raise ConfigError(f"--resume={run_dir}: its optimizer state has no hyperparameter "
+                          f"{missing[0]!r}: it was written by an older optim.py; start a new run")
+    parallel.load_optimizer_state(model, optimizer, ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    print(f"resuming {run_dir} at step {ckpt['step']}")
+    set_rng_state(ckpt["rng"][par.rank % len(ckpt["rng"])])   # another world size: dropout's
+    if par.main:                                                # masks then differ
+        print(f"resuming {run_dir} at step {ckpt['step']}"
+              + (f" (saved by {ckpt['world_size']} processes, now {par.world})"
+                 if ckpt["world_size"] != par.world else ""))
     return ckpt
 
 
@@ -162,10 +176,11 @@ def check_same_data(run_dir, data_facts):
 
 class StopOnCtrlC:
     """The first Ctrl-C asks the loop to stop after the current iteration (so the checkpoint it
-    writes is consistent); a second one interrupts at once."""
+    writes is consistent); a second one interrupts at once, unless second_aborts is False (under
+    torchrun, whose launcher passes the terminal's Ctrl-C on to the ranks a second time)."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, second_aborts=True):
+        self.requested, self.second_aborts = False, second_aborts
 
     def __enter__(self):
         self.previous = signal.signal(signal.SIGINT, self._handle)
@@ -173,10 +188,13 @@ class StopOnCtrlC:
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            if self.second_aborts:
+                raise KeyboardInterrupt
+            return
         self.requested = True
-        print("\nCtrl-C: stopping after this iteration and saving a checkpoint "
-              "(press again to abort without saving)", file=sys.stderr)
+        print("\nCtrl-C: stopping after this iteration and saving a checkpoint"
+              + (" (press again to abort without saving)" if self.second_aborts else ""),
+              file=sys.stderr)
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
@@ -217,19 +235,28 @@ class MetricsLog:
         self.file.close()
 
 
-def memory_fields(model, optimizer, device):
-    """Bytes of parameters, gradients and optimizer state, and the peak so far: CUDA max
-    allocated on a GPU, the process's peak RSS elsewhere (which includes PyTorch itself)."""
+def memory_fields(model, optimizer, device, par):
+    """Bytes of parameters, gradients and optimizer state this rank holds (a slice of each under
+    FSDP2), and the peak so far: CUDA max allocated on a GPU, the process's peak RSS elsewhere
+    (which includes PyTorch itself). With more than one rank, the totals over ranks too (every
+    rank must call it)."""
+    def held(t):
+        return (t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size()
+    if hasattr(model, "reshard"):   # FSDP2 keeps the root's parameters gathered after a forward
+        model.reshard()             # without backward (an evaluation): slice them again first
     params = list(model.parameters())
     if device.startswith("cuda"):
         peak, peak_kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
     else:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak, peak_kind = rss * (1 if sys.platform == "darwin" else 1024), "cpu_peak_rss"
-    return {"param_bytes": sum(p.numel() * p.element_size() for p in params),
-            "grad_bytes": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
-            "state_bytes": optim.state_bytes(optimizer),
-            "peak_bytes": peak, "peak_kind": peak_kind}
+    fields = {"param_bytes": sum(held(p) for p in params),
+              "grad_bytes": sum(held(p) for p in params if p.requires_grad),
+              "state_bytes": optim.state_bytes(optimizer), "peak_bytes": peak}
+    if par.world > 1:
+        totals = parallel.sum_over_ranks(torch.tensor(list(fields.values())), par).tolist()
+        fields |= {f"{key}_all_ranks": total for key, total in zip(list(fields), totals)}
+    return fields | {"peak_kind": peak_kind}
 
 
 def loss_far_above_chance(loss, n_classes):

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 import optim
+import parallel
 from cli import (ConfigError, RunOptions, check_positive, compare, data_error, option,
                  optimizer_names, pick_device, pick_dtype, read_config, warmup_steps)
 from data.images import DATASETS, load_images, random_crop_flip
@@ -176,7 +177,7 @@ class ViT(nn.Module):
 
 def train(cfg):
     """One run; returns its exit status (0 finished, 130 stopped by Ctrl-C, 3 diverged)."""
-    device = cfg.device
+    device, par = cfg.device, parallel.Parallel()   # one process (see main)
     check_out_dir(cfg)   # before the data is loaded: a bad --out_dir is found at once
     try:
         # seed 0, not cfg.seed: the rendered digits' test fonts stay the same across seeds
@@ -215,7 +216,7 @@ def train(cfg):
     it, train_s, best_acc = 0, 0.0, 0.0
     data_facts = dict(data_source=data.source, n_train=n_train, n_test=len(data.test_y))
     if cfg.resume:
-        ckpt = load_checkpoint(run_dir, model, opt, scaler, **data_facts)
+        ckpt = load_checkpoint(run_dir, model, opt, scaler, par, **data_facts)
         shuffle_gen.set_state(ckpt["shuffle_gen"])
         order = ckpt["order"]
         it, train_s, best_acc = ckpt["step"], ckpt["train_s"], ckpt["best_acc"]
@@ -260,7 +261,7 @@ def train(cfg):
                 confusion.tolist())
 
     def save():
-        save_checkpoint(run_dir, model, opt, scaler, cfg, shuffle_gen=shuffle_gen.get_state(),
+        save_checkpoint(run_dir, model, opt, scaler, cfg, par, shuffle_gen=shuffle_gen.get_state(),
                         order=order, step=it, train_s=clock.pause(), best_acc=best_acc)
 
     status, resumed_at = "finished", it if cfg.resume else None
@@ -290,7 +291,7 @@ def train(cfg):
                           train_loss=epoch_loss.item() / epoch_steps if epoch_steps else None,
                           test_loss=test_loss, test_acc=test_acc, best_test_acc=best_acc, lr=lr,
                           samples=it * cfg.batch_size, train_s=train_s, confusion=confusion,
-                          wall_s=time.time() - t_start, **memory_fields(model, opt, device))
+                          wall_s=time.time() - t_start, **memory_fields(model, opt, device, par))
                 bar.write(f"epoch {it / steps_per_epoch:.2f}: test loss {test_loss:.4f}, "
                           f"test accuracy {100 * test_acc:.2f}%")
                 epoch_loss, epoch_steps = torch.zeros((), device=device), 0
@@ -331,7 +332,7 @@ def train(cfg):
                     warned = True
                 ms = 1000 * (train_s - logged_s) / (it - logged_it)
                 logged_s, logged_it = train_s, it
-                mem = memory_fields(model, opt, device)
+                mem = memory_fields(model, opt, device, par)
                 log.write(event="train", step=it, loss=step_loss, lr=lr, ms=ms,
                           epoch=it / steps_per_epoch, samples=it * cfg.batch_size,
                           train_s=train_s, wall_s=time.time() - t_start, **mem)
@@ -354,6 +355,10 @@ def main(argv):
     line, 1 a compared run that did not finish)."""
     try:
         cfg = resolve_config(argv)
+        if parallel.check_mode(cfg, "vit_sai.py") != "none":
+            raise ConfigError("vit_sai.py trains in one process: under torchrun, only "
+                              "nanogpt_sai.py is verified so far (run vit_sai.py with python)")
+        cfg = dataclasses.replace(cfg, parallel="none")
         names = optimizer_names(cfg.optimizer)   # several: compare, each in its own process
         if len(names) == 1:
             return train(cfg)

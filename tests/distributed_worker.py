@@ -1,0 +1,84 @@
+"""Run by tests/test_distributed.py under torchrun (2 ranks, gloo): every optimizer trained 10
+steps with gradient accumulation on a tiny GPT in one process (each rank on its own, the
+reference), under DDP and under FSDP2; rank 0 writes the differences and state bytes as JSON.
+
+    torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py OUT.json [names...]
+"""
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import optim  # noqa: E402
+import parallel  # noqa: E402
+from nanogpt_sai import GPT, Config  # noqa: E402
+
+# 3 heads of 2 rows in each of Q, K, V: the 18 rows of c_attn split 9 | 9, inside K's second head;
+# 65 embedding rows split 33 | 32; biases (one Adam-mini block per element) split 3 | 3
+CFG = dataclasses.replace(Config(), n_layer=2, n_head=3, n_embd=6, block_size=8, bias=True)
+VOCAB, STEPS, GRAD_ACCUM, BATCH = 65, 10, 4, 3
+HPARAMS = {"sgd_sai": dict(lr=1e-2), "muon": dict(lr=1e-2)}
+
+
+def batches(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    return [torch.randint(0, VOCAB, (BATCH, CFG.block_size + 1), generator=g)
+            for _ in range(GRAD_ACCUM)]
+
+
+def train(name, par, mode):
+    torch.manual_seed(0)
+    model = GPT(CFG, VOCAB).double()   # float64: rounding is not what the test compares
+    if mode != "none":
+        par = dataclasses.replace(par, mode=mode)
+    else:
+        par = parallel.Parallel()
+    shard_dims = optim.shard_dims(name, model)
+    net = parallel.wrap(model, par, model.transformer.h, shard_dims)
+    opt = optim.build_optimizer(name, model, weight_decay=0.1,
+                                **HPARAMS.get(name, dict(lr=3e-3)))
+    mine = parallel.my_micro_batches(GRAD_ACCUM, par)
+    share = GRAD_ACCUM // par.world
+    losses = []
+    for step in range(STEPS):
+        loss = torch.zeros((), dtype=torch.float64)
+        for i, xy in enumerate(batches(step)):
+            if not mine[i]:
+                continue
+            with parallel.grad_sync(net, par, last=i >= GRAD_ACCUM - par.world):
+                micro = net(xy[:, :-1], xy[:, 1:])[1]
+                (micro / share).backward()
+            loss += micro.detach() / share
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(parallel.mean_over_ranks(loss, par).item())
+    params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+              for p in model.parameters()]
+    state = optim.state_bytes(opt)
+    return losses, params, state, parallel.sum_over_ranks(torch.tensor(state), par).item()
+
+
+def main():
+    out, names = sys.argv[1], sys.argv[2:] or list(optim.OPTIMIZERS)
+    par, _ = parallel.start("ddp", "cpu")
+    results = {}
+    for name in names:
+        ref_losses, ref_params, ref_state, _ = train(name, par, "none")
+        for mode in ("ddp", "fsdp"):
+            losses, params, state, total = train(name, par, mode)
+            results[f"{name}/{mode}"] = dict(
+                param_rel_diff=max(((a - b).norm() / b.norm()).item()
+                                   for a, b in zip(params, ref_params)),
+                loss_rel_diff=max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
+                state_bytes=state, state_bytes_total=total, state_bytes_one_process=ref_state)
+    if par.main:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+    parallel.finish(0, par)
+
+
+if __name__ == "__main__":
+    main()

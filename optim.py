@@ -968,9 +968,9 @@ def apollo_update(param, grad, proj, m, v, update_norm, channel_dim, shard, *, l
                   granularity, alpha):
     """One APOLLO step for one matrix, in place, with step t's `adam_step_numbers`.
 
-    channel_dim (`channel_dim`) is 0 if the matrix has at least as many rows as columns (one
-    channel per row: R = G P^T), else 1 (one channel per column: R = P G); proj is P (r x k), k
-    the other dimension. m, v have R's shape. update_norm is the norm of the previous step's
+    channel_dim is 0 if the matrix has at least as many rows as columns (one channel per row:
+    R = G P^T), else 1 (one channel per column: R = P G); proj is P (r x k), k the other
+    dimension. m, v have R's shape. update_norm is the norm of the previous step's
     update U (a 0-d tensor, 0 before the first step); it is overwritten with this step's.
     `shard` is None, or the Shard of a matrix sharded along its channels (the tensors are then
     this rank's channels, and the norms that span channels are summed over the ranks). Returns

@@ -31,8 +31,8 @@ import parallel
 from cli import (ConfigError, RunOptions, check_positive, compare, data_error, option,
                  optimizer_names, pick_device, pick_dtype, read_config, warmup_steps)
 from data.images import DATASETS, load_images, random_crop_flip
-from train_helpers import (MetricsLog, StopOnCtrlC, TrainClock, check_out_dir, data_name,
-                           load_checkpoint, loss_far_above_chance, lr_at, maybe_compile,
+from train_helpers import (EXIT_STATUS, MetricsLog, StopOnCtrlC, TrainClock, check_out_dir,
+                           data_name, load_checkpoint, loss_far_above_chance, lr_at, maybe_compile,
                            memory_fields, open_run_dir, report_end, save_checkpoint,
                            write_run_info)
 
@@ -176,12 +176,16 @@ class ViT(nn.Module):
 # training
 
 def train(cfg):
-    """One run; returns its exit status (0 finished, 130 stopped by Ctrl-C, 3 diverged)."""
-    device, par = cfg.device, parallel.Parallel()   # one process (see main)
-    check_out_dir(cfg)   # before the data is loaded: a bad --out_dir is found at once
+    """One run (of this rank, under torchrun); returns its exit status (0 finished, 130 stopped
+    by Ctrl-C, 3 diverged)."""
+    par, device = parallel.start(cfg.parallel, cfg.device)   # one process: nothing to start
+    if par.main:
+        check_out_dir(cfg)   # before the data is loaded: a bad --out_dir is found at once
     try:
         # seed 0, not cfg.seed: the rendered digits' test fonts stay the same across seeds
-        data = load_images(cfg.dataset, data_dir=cfg.data_dir, data_path=cfg.data_path, seed=0)
+        with parallel.main_first(par):   # rank 0 fills the data cache, the others read it
+            data = load_images(cfg.dataset, data_dir=cfg.data_dir, data_path=cfg.data_path,
+                               seed=0)
     except (OSError, ValueError) as err:   # a --data_path that is missing or malformed
         raise data_error(err, cfg.data_dir) from None
     channels, image_size = data.train_x.shape[1], data.train_x.shape[-1]
@@ -196,10 +200,13 @@ def train(cfg):
     def to_input(x_uint8):
         return (x_uint8.to(device).float() / 255 - mean) / std
 
-    # model, optimizer, and mixed precision as in nanogpt_sai.py
+    # model, optimizer, and mixed precision as in nanogpt_sai.py (and DDP or FSDP2, with each
+    # attention and MLP block sharded on its own)
     torch.manual_seed(cfg.seed)  # same initial weights for every optimizer
     model = ViT(cfg, image_size, channels, len(data.classes)).to(device)
-    opt = optim.build_optimizer(cfg.optimizer, model, log=print,   # log: Adam-mini's partition
+    net = parallel.wrap(model, par, [block for layer in model.layers for block in layer],
+                        optim.shard_dims(cfg.optimizer, model))
+    opt = optim.build_optimizer(cfg.optimizer, model, log=print if par.main else None,
                                 **optim.trainer_hparams(cfg.optimizer, cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.dtype == "float16")
     ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(
@@ -212,19 +219,25 @@ def train(cfg):
     order = torch.randperm(n_train, generator=shuffle_gen)
 
     # the run directory, named after the data it really has (see nanogpt_sai.py)
-    run_dir = open_run_dir(cfg, f"{data_name(cfg.dataset, data.source)}-{cfg.optimizer}")
+    run_dir = open_run_dir(cfg, f"{data_name(cfg.dataset, data.source)}-{cfg.optimizer}") \
+        if par.main or cfg.resume else None   # rank 0 alone writes files and prints
     it, train_s, best_acc = 0, 0.0, 0.0
     data_facts = dict(data_source=data.source, n_train=n_train, n_test=len(data.test_y))
     if cfg.resume:
-        ckpt = load_checkpoint(run_dir, model, opt, scaler, par, **data_facts)
+        ckpt = load_checkpoint(run_dir, net, opt, scaler, par, **data_facts)
         shuffle_gen.set_state(ckpt["shuffle_gen"])
         order = ckpt["order"]
         it, train_s, best_acc = ckpt["step"], ckpt["train_s"], ckpt["best_acc"]
-    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), resume_step=it if cfg.resume else None)
-    n_params = write_run_info(run_dir, cfg, model, warmup_iters=warmup_iters,
-                              classes=data.classes, **data_facts)
-    print(f"{n_params / 1e6:.2f}M parameters | {data.source} {n_train} train images | "
-          f"{cfg.optimizer} lr {cfg.lr:g} | {device} {cfg.dtype} | run dir {run_dir}")
+    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"),
+                     resume_step=it if cfg.resume else None) if par.main else None
+    if par.main:
+        n_params = write_run_info(run_dir, cfg, model, warmup_iters=warmup_iters,
+                                  classes=data.classes, **data_facts, world_size=par.world,
+                                  backend=par.backend)
+        print(f"{n_params / 1e6:.2f}M parameters | {data.source} {n_train} train images | "
+              f"{cfg.optimizer} lr {cfg.lr:g} | {device} {cfg.dtype} | "
+              + (f"{cfg.parallel} x {par.world} | " if par.world > 1 else "")
+              + f"run dir {run_dir}")
 
     def get_batch(step):
         """Batch `step` of the current epoch's order; cifar10 gets crop + flip."""
@@ -239,33 +252,50 @@ def train(cfg):
             F.cross_entropy(m(to_input(data.train_x[:cfg.batch_size])),
                             data.train_y[:cfg.batch_size].to(device)).backward()
 
-    fast_model = maybe_compile(model, cfg.compile, trial)
+    fast_model = maybe_compile(net, cfg.compile, trial)
 
     @torch.no_grad()
     def evaluate():
         """Loss, accuracy and the confusion matrix (rows: true class, columns: predicted) on
-        the whole test set."""
+        the whole test set, in chunks of 1000 images that the ranks share."""
         fast_model.eval()
         n_classes = len(data.classes)
         loss_sum, confusion = 0.0, torch.zeros(n_classes * n_classes, dtype=torch.long)
-        for i in range(0, len(data.test_y), 1000):
+        starts = range(0, len(data.test_y), 1000)
+        # every rank runs as many forwards (each gathers FSDP2's slices), the last discarded
+        for j in range(-(-len(starts) // par.world) * par.world):
+            if j % par.world != par.rank:
+                continue
+            i = starts[min(j, len(starts) - 1)]
             y = data.test_y[i:i + 1000].to(device)
             with ctx:
                 logits = fast_model(to_input(data.test_x[i:i + 1000])).float()
+            if j >= len(starts):
+                continue
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             pairs = (y * n_classes + logits.argmax(1)).cpu()
             confusion += torch.bincount(pairs, minlength=n_classes * n_classes)
         fast_model.train()
-        confusion = confusion.view(n_classes, n_classes)
+        loss_sum = parallel.sum_over_ranks(torch.tensor(loss_sum, dtype=torch.float64), par).item()
+        confusion = parallel.sum_over_ranks(confusion, par).view(n_classes, n_classes)
         return (loss_sum / len(data.test_y), confusion.trace().item() / len(data.test_y),
                 confusion.tolist())
 
     def save():
-        save_checkpoint(run_dir, model, opt, scaler, cfg, par, shuffle_gen=shuffle_gen.get_state(),
+        save_checkpoint(run_dir, net, opt, scaler, cfg, par, shuffle_gen=shuffle_gen.get_state(),
                         order=order, step=it, train_s=clock.pause(), best_acc=best_acc)
 
+    def record(**fields):   # a metrics line (rank 0)
+        if log:
+            log.write(**fields)
+
+    def say(text, **kwargs):   # a console line (rank 0)
+        if par.main:
+            bar.write(text, **kwargs)
+
     status, resumed_at = "finished", it if cfg.resume else None
-    bar = tqdm(total=total_steps, initial=it, disable=None, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=total_steps, initial=it, disable=None if par.main else True,
+               dynamic_ncols=True, leave=False)
     # Nothing is read back from the GPU between log lines (see nanogpt_sai.py): losses are summed
     # on the device, a non-finite one is remembered there, and the clock syncs only when read.
     clock = TrainClock(device, seconds=train_s)   # training time: evaluations excluded
@@ -273,7 +303,7 @@ def train(cfg):
     epoch_loss, epoch_steps = torch.zeros((), device=device), 0
     logged_s, logged_it, warned = train_s, it, False
     t_start = time.time()
-    with StopOnCtrlC() as stop:
+    with StopOnCtrlC(second_aborts=par.world == 1) as stop:   # torchrun sends Ctrl-C twice
         while True:
             lr = lr_at(it, cfg.lr, warmup_iters, total_steps, cfg.min_lr_ratio)
             for group in opt.param_groups:
@@ -283,16 +313,17 @@ def train(cfg):
             if (it % steps_per_epoch == 0 or it == total_steps) and it != resumed_at:
                 train_s = clock.pause()
                 test_loss, test_acc, confusion = evaluate()
-                if not (all_finite.item() and math.isfinite(test_loss)):
+                if parallel.any_rank(not all_finite.item(), par) or not math.isfinite(test_loss):
                     status = "diverged"
                     break
                 best_acc = max(best_acc, test_acc)
-                log.write(event="eval", step=it, epoch=it / steps_per_epoch,
-                          train_loss=epoch_loss.item() / epoch_steps if epoch_steps else None,
-                          test_loss=test_loss, test_acc=test_acc, best_test_acc=best_acc, lr=lr,
-                          samples=it * cfg.batch_size, train_s=train_s, confusion=confusion,
-                          wall_s=time.time() - t_start, **memory_fields(model, opt, device, par))
-                bar.write(f"epoch {it / steps_per_epoch:.2f}: test loss {test_loss:.4f}, "
+                epoch_mean = parallel.sum_over_ranks(epoch_loss, par).item() / max(epoch_steps, 1)
+                record(event="eval", step=it, epoch=it / steps_per_epoch,
+                       train_loss=epoch_mean if epoch_steps else None,
+                       test_loss=test_loss, test_acc=test_acc, best_test_acc=best_acc, lr=lr,
+                       samples=it * cfg.batch_size, train_s=train_s, confusion=confusion,
+                       wall_s=time.time() - t_start, **memory_fields(model, opt, device, par))
+                say(f"epoch {it / steps_per_epoch:.2f}: test loss {test_loss:.4f}, "
                           f"test accuracy {100 * test_acc:.2f}%")
                 epoch_loss, epoch_steps = torch.zeros((), device=device), 0
                 save()
@@ -300,14 +331,19 @@ def train(cfg):
                 break
 
             # clear the gradients, forward, backward (scaled under fp16), then the optimizer
-            # step: unscale (fp16 only), clip the global norm, step
+            # step: unscale (fp16 only), clip the global norm, step. Under torchrun each rank
+            # takes its share of the batch (all draw it whole) and its loss is its part of the
+            # batch's mean; backward averages the gradients over the ranks, hence * world.
             clock.start()
             opt.zero_grad(set_to_none=True)
             x, y = get_batch(it)
+            n_batch = len(y)
+            x, y = x.tensor_split(par.world)[par.rank], y.tensor_split(par.world)[par.rank]
             with ctx:
-                loss = F.cross_entropy(fast_model(x), y, label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(fast_model(x), y, label_smoothing=cfg.label_smoothing,
+                                       reduction="sum") / n_batch
             all_finite &= torch.isfinite(loss.detach())
-            scaler.scale(loss).backward()
+            scaler.scale(loss * par.world).backward()
             if cfg.grad_clip > 0:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -322,32 +358,36 @@ def train(cfg):
             # log: the metrics line and the console line (memory is probed here only)
             if it % cfg.log_interval == 0 or it == total_steps:
                 train_s = clock.pause()
-                step_loss = loss.item()
-                if not all_finite.item():
+                step_loss = parallel.sum_over_ranks(loss.detach(), par).item()
+                if parallel.any_rank(not all_finite.item(), par):
                     status = "diverged"
                     break
                 warning = loss_far_above_chance(step_loss, len(data.classes))
                 if warning and not warned:
-                    bar.write(warning, file=sys.stderr)
+                    say(warning, file=sys.stderr)
                     warned = True
                 ms = 1000 * (train_s - logged_s) / (it - logged_it)
                 logged_s, logged_it = train_s, it
                 mem = memory_fields(model, opt, device, par)
-                log.write(event="train", step=it, loss=step_loss, lr=lr, ms=ms,
-                          epoch=it / steps_per_epoch, samples=it * cfg.batch_size,
-                          train_s=train_s, wall_s=time.time() - t_start, **mem)
-                bar.write(f"iter {it} | loss {step_loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
+                record(event="train", step=it, loss=step_loss, lr=lr, ms=ms,
+                       epoch=it / steps_per_epoch, samples=it * cfg.batch_size,
+                       train_s=train_s, wall_s=time.time() - t_start, **mem)
+                say(f"iter {it} | loss {step_loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
                           f"{cfg.batch_size * 1000 / ms:,.0f} img/s | state "
                           f"{mem['state_bytes'] / (2 * mem['param_bytes']):.2f}x AdamW")
-            if stop.requested:   # checkpoint a model whose losses were all finite, only
-                status = "stopped" if all_finite.item() else "diverged"
+            if parallel.any_rank(stop.requested, par):   # all ranks stop at the same step
+                # checkpoint a model whose losses were all finite, only
+                status = "diverged" if parallel.any_rank(not all_finite.item(), par) \
+                    else "stopped"
                 if status == "stopped":
                     save()
                 break
     bar.close()
-    log.write(event="end", step=it, status=status, train_s=clock.pause())
+    record(event="end", step=it, status=status, train_s=clock.pause())
+    if not par.main:
+        return parallel.finish(EXIT_STATUS[status], par)
     log.close()
-    return report_end(status, it, run_dir, "vit_sai.py")
+    return parallel.finish(report_end(status, it, run_dir, "vit_sai.py"), par)
 
 
 def main(argv):
@@ -355,10 +395,7 @@ def main(argv):
     line, 1 a compared run that did not finish)."""
     try:
         cfg = resolve_config(argv)
-        if parallel.check_mode(cfg, "vit_sai.py") != "none":
-            raise ConfigError("vit_sai.py trains in one process: under torchrun, only "
-                              "nanogpt_sai.py is verified so far (run vit_sai.py with python)")
-        cfg = dataclasses.replace(cfg, parallel="none")
+        cfg = dataclasses.replace(cfg, parallel=parallel.check_mode(cfg, "vit_sai.py"))
         names = optimizer_names(cfg.optimizer)   # several: compare, each in its own process
         if len(names) == 1:
             return train(cfg)

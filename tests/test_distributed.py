@@ -1,8 +1,9 @@
 """More than one process: 2 ranks under torchrun (gloo, CPU, one thread each) against one process.
 
 The optimizers (tests/distributed_worker.py) train a GPT whose shard boundary falls inside an
-attention head, under DDP and FSDP2, and must end where one process does; the trainer must write
-the losses of one process, from rank 0 only, and its 2-rank checkpoint must load in one process.
+attention head, under DDP and FSDP2, and must end where one process does; both trainers must
+write the losses of one process, from rank 0 only; a Ctrl-C on one rank stops both at the same
+step and --resume goes on exactly; checkpoints move between 1 and 2 processes.
 """
 import json
 import os
@@ -15,7 +16,9 @@ import torch
 import nanogpt_sai
 import optim
 import parallel
-from fake_data import write_corpus
+import vit_sai
+from fake_data import write_corpus, write_fashion_mnist
+from run_helpers import ctrl_c_after_step, records
 from train_helpers import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,3 +132,72 @@ def test_parallel_modes_without_torchrun_are_clear_errors(capsys):
         assert nanogpt_sai.main([f"--parallel={mode}", "--device=cpu"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: --parallel") and words in err and len(err.splitlines()) == 1
+
+
+def test_ctrl_c_on_one_rank_stops_both_and_resume_equals_an_uninterrupted_run(tmp_path):
+    """FSDP2 with dropout on (every rank's RNG state must come back): Ctrl-C on rank 0 after step
+    5, then --resume under torchrun, gives the uninterrupted run's losses and final weights."""
+    corpus = write_corpus(tmp_path / "input.txt")
+    common = TINY + ["--optimizer=sgd_sai", "--max_iters=10", "--eval_interval=4",
+                     "--log_interval=1", "--dropout=0.1", "--parallel=fsdp",
+                     f"--data_path={corpus}", f"--data_dir={tmp_path / 'cache'}"]
+    straight = torchrun("nanogpt_sai.py", *common, f"--out_dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    stopped = tmp_path / "stopped"
+    done = torchrun("tests/ctrl_c_worker.py", "5", *common, f"--out_dir={stopped}")
+    assert done.returncode != 0                      # torchrun reports the ranks' exit 130
+    assert records(stopped)[-1]["status"] == "stopped"
+    assert torch.load(stopped / "ckpt.pt")["step"] == 5
+    resumed = torchrun("nanogpt_sai.py", f"--resume={stopped}", "--parallel=fsdp")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(stopped) == losses(tmp_path / "straight")
+    a, b = (torch.load(d / "ckpt.pt")["model"] for d in (tmp_path / "straight", stopped))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks(tmp_path, monkeypatch):
+    """Stopped in one process after step 3, resumed by 2 FSDP2 ranks: the losses of a run
+    that never stopped, to 1e-5."""
+    corpus = write_corpus(tmp_path / "input.txt")
+    common = TINY + ["--optimizer=apollo_mini", "--max_iters=8", "--eval_interval=4",
+                     "--log_interval=1", f"--data_path={corpus}",
+                     f"--data_dir={tmp_path / 'cache'}"]
+    assert nanogpt_sai.main(common + [f"--out_dir={tmp_path / 'straight'}"]) == 0
+    ctrl_c_after_step(monkeypatch, 3)
+    stopped = tmp_path / "stopped"
+    assert nanogpt_sai.main(common + [f"--out_dir={stopped}"]) == 130
+    monkeypatch.undo()
+    resumed = torchrun("nanogpt_sai.py", f"--resume={stopped}", "--parallel=fsdp")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "saved by 1 processes, now 2" in resumed.stdout
+    one, two = losses(tmp_path / "straight"), losses(stopped)
+    assert [r[:2] for r in one] == [r[:2] for r in two]
+    for a, b in zip(one, two):
+        for x, y in zip(a[2:], b[2:]):
+            assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-5 * abs(x))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_vit_on_two_ranks_logs_the_losses_of_one_process(tmp_path, mode):
+    """61 training images in batches of 16 (the last, 13, splits 7 | 6 between the ranks) and
+    2,100 test images in chunks of 1000 (three chunks: the ranks run two forwards each)."""
+    write_fashion_mnist(tmp_path / "fmnist", n_train=61, n_test=2100)
+    args = ["--dim=12", "--depth=1", "--heads=3", "--mlp_ratio=2", "--batch_size=16",
+            "--warmup_iters=2", "--log_interval=2", "--device=cpu", "--max_iters=8",
+            "--optimizer=adam_mini", f"--data_path={tmp_path / 'fmnist'}",
+            f"--data_dir={tmp_path / 'cache'}"]
+    assert vit_sai.main(args + [f"--out_dir={tmp_path / 'one'}"]) == 0
+    done = torchrun("vit_sai.py", *args, f"--parallel={mode}", f"--out_dir={tmp_path / mode}")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def metrics(run_dir):
+        return [(r["event"], r["step"], r.get("loss"), r.get("train_loss"), r.get("test_loss"),
+                 r.get("test_acc"), r.get("confusion")) for r in records(run_dir)
+                if r["event"] != "end"]
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / mode)
+    assert [r[:2] for r in one] == [r[:2] for r in two]
+    for a, b in zip(one, two):
+        assert a[5:] == b[5:]                                  # accuracy and confusion matrix
+        for x, y in zip(a[2:5], b[2:5]):
+            assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-5 * abs(x))
+    assert {p.name for p in tmp_path.iterdir()} <= {"cache", "fmnist", mode, "one"}   # rank 0's

@@ -289,8 +289,7 @@ def train(cfg):
     log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"),
                      resume_step=it if cfg.resume else None) if par.main else None
     if par.main:
-        n_params = write_run_info(run_dir, cfg, model, **data_facts, world_size=par.world,
-                                  backend=par.backend)
+        n_params = write_run_info(run_dir, cfg, model, par, **data_facts)
         print(f"{n_params / 1e6:.2f}M parameters | {cfg.optimizer} lr {cfg.lr:g} | {device} "
               f"{cfg.dtype} | " + (f"{cfg.parallel} x {par.world} | " if par.world > 1 else "")
               + f"run dir {run_dir}")
@@ -359,7 +358,7 @@ def train(cfg):
     all_finite = torch.ones((), dtype=torch.bool, device=device)
     logged_s, logged_it, warned = train_s, it, False
     t_start = time.time()
-    with StopOnCtrlC(second_aborts=par.world == 1) as stop:   # torchrun sends Ctrl-C twice
+    with StopOnCtrlC(par) as stop:   # under torchrun: agreed by all ranks (below)
         while True:
             # the learning rate of this step
             lr = lr_at(it, cfg.lr, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr_ratio)

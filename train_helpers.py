@@ -176,11 +176,12 @@ def check_same_data(run_dir, data_facts):
 
 class StopOnCtrlC:
     """The first Ctrl-C asks the loop to stop after the current iteration (so the checkpoint it
-    writes is consistent); a second one interrupts at once, unless second_aborts is False (under
-    torchrun, whose launcher passes the terminal's Ctrl-C on to the ranks a second time)."""
+    writes is consistent); a second one interrupts at once, in one process. Under torchrun
+    (`par`: more than one rank), whose launcher passes the terminal's Ctrl-C on to the ranks a
+    second time, a second one changes nothing, and rank 0 alone says so."""
 
-    def __init__(self, second_aborts=True):
-        self.requested, self.second_aborts = False, second_aborts
+    def __init__(self, par):
+        self.requested, self.second_aborts, self.announce = False, par.world == 1, par.main
 
     def __enter__(self):
         self.previous = signal.signal(signal.SIGINT, self._handle)
@@ -192,6 +193,8 @@ class StopOnCtrlC:
                 raise KeyboardInterrupt
             return
         self.requested = True
+        if not self.announce:
+            return
         print("\nCtrl-C: stopping after this iteration and saving a checkpoint"
               + (" (press again to abort without saving)" if self.second_aborts else ""),
               file=sys.stderr)
@@ -320,13 +323,15 @@ def unwritable(run_dir, err):
                        "directory you can write to")
 
 
-def write_run_info(run_dir, cfg, model, **facts):
-    """run.json: what the figures were measured on. Returns the parameter count."""
-    n_params = sum(p.numel() for p in model.parameters())
+def write_run_info(run_dir, cfg, model, par, **facts):
+    """run.json: what the figures were measured on (the processes too: world size, backend and
+    mode under torchrun). Returns the parameter count."""
+    n_params = sum(p.numel() for p in model.parameters())   # of the whole model, also sharded
     with open(os.path.join(run_dir, "run.json"), "w") as f:
         json.dump(dict(device=cfg.device, dtype=cfg.dtype, torch=torch.__version__,
                        python=platform.python_version(), cpus=os.cpu_count(),
                        threads=torch.get_num_threads(), n_params=n_params, argv=sys.argv,
+                       world_size=par.world, backend=par.backend, parallel=par.mode,
                        **facts), f, indent=1)
     return n_params
 

@@ -231,9 +231,8 @@ def train(cfg):
     log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"),
                      resume_step=it if cfg.resume else None) if par.main else None
     if par.main:
-        n_params = write_run_info(run_dir, cfg, model, warmup_iters=warmup_iters,
-                                  classes=data.classes, **data_facts, world_size=par.world,
-                                  backend=par.backend)
+        n_params = write_run_info(run_dir, cfg, model, par, warmup_iters=warmup_iters,
+                                  classes=data.classes, **data_facts)
         print(f"{n_params / 1e6:.2f}M parameters | {data.source} {n_train} train images | "
               f"{cfg.optimizer} lr {cfg.lr:g} | {device} {cfg.dtype} | "
               + (f"{cfg.parallel} x {par.world} | " if par.world > 1 else "")
@@ -303,7 +302,7 @@ def train(cfg):
     epoch_loss, epoch_steps = torch.zeros((), device=device), 0
     logged_s, logged_it, warned = train_s, it, False
     t_start = time.time()
-    with StopOnCtrlC(second_aborts=par.world == 1) as stop:   # torchrun sends Ctrl-C twice
+    with StopOnCtrlC(par) as stop:   # under torchrun: agreed by all ranks (below)
         while True:
             lr = lr_at(it, cfg.lr, warmup_iters, total_steps, cfg.min_lr_ratio)
             for group in opt.param_groups:

@@ -93,7 +93,7 @@ def test_trainer_on_two_ranks_logs_the_losses_of_one_process_from_rank_0(trainer
         for x, y in zip(a[2:], b[2:]):
             assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-5 * abs(x))
     info = json.loads((base / mode / "run.json").read_text())
-    assert (info["world_size"], info["backend"]) == (2, "gloo")
+    assert (info["world_size"], info["backend"], info["parallel"]) == (2, "gloo", mode)
     assert json.loads((base / mode / "config.json").read_text())["parallel"] == mode
     # rank 0 alone writes: one run directory, nothing under out/, one console summary
     assert sorted(p.name for p in base.iterdir()) == ["cache", "ddp", "fsdp", "input.txt", "one"]

@@ -87,11 +87,7 @@ def trainer_runs(tmp_path_factory):
 def test_trainer_on_two_ranks_logs_the_losses_of_one_process_from_rank_0(trainer_runs, mode):
     base, launches = trainer_runs
     assert launches[mode].returncode == 0, launches[mode].stderr[-3000:]
-    one, two = losses(base / "one"), losses(base / mode)
-    assert [r[:2] for r in one] == [r[:2] for r in two]
-    for a, b in zip(one, two):
-        for x, y in zip(a[2:], b[2:]):
-            assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-5 * abs(x))
+    assert_same_losses(base / "one", base / mode)
     info = json.loads((base / mode / "run.json").read_text())
     assert (info["world_size"], info["backend"], info["parallel"]) == (2, "gloo", mode)
     assert json.loads((base / mode / "config.json").read_text())["parallel"] == mode
@@ -155,14 +151,29 @@ def test_ctrl_c_on_one_rank_stops_both_and_resume_equals_an_uninterrupted_run(tm
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_one_process_checkpoint_resumes_on_two_ranks(tmp_path, monkeypatch):
-    """Stopped in one process after step 3, resumed by 2 FSDP2 ranks: the losses of a run
-    that never stopped, to 1e-5."""
-    corpus = write_corpus(tmp_path / "input.txt")
+def assert_same_losses(run_dir, other):
+    one, two = losses(run_dir), losses(other)
+    assert [r[:2] for r in one] == [r[:2] for r in two]
+    for a, b in zip(one, two):
+        for x, y in zip(a[2:], b[2:]):
+            assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-5 * abs(x))
+
+
+@pytest.fixture(scope="module")
+def straight_one_process(tmp_path_factory):
+    """A one-process APOLLO-Mini run that never stops, and its options."""
+    base = tmp_path_factory.mktemp("straight")
+    corpus = write_corpus(base / "input.txt")
     common = TINY + ["--optimizer=apollo_mini", "--max_iters=8", "--eval_interval=4",
-                     "--log_interval=1", f"--data_path={corpus}",
-                     f"--data_dir={tmp_path / 'cache'}"]
-    assert nanogpt_sai.main(common + [f"--out_dir={tmp_path / 'straight'}"]) == 0
+                     "--log_interval=1", f"--data_path={corpus}", f"--data_dir={base / 'cache'}"]
+    assert nanogpt_sai.main(common + [f"--out_dir={base / 'straight'}"]) == 0
+    return base / "straight", common
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks(straight_one_process, tmp_path, monkeypatch):
+    """Stopped in one process after step 3, resumed by 2 FSDP2 ranks: the losses of the run
+    that never stopped, to 1e-5."""
+    straight, common = straight_one_process
     ctrl_c_after_step(monkeypatch, 3)
     stopped = tmp_path / "stopped"
     assert nanogpt_sai.main(common + [f"--out_dir={stopped}"]) == 130
@@ -170,11 +181,19 @@ def test_one_process_checkpoint_resumes_on_two_ranks(tmp_path, monkeypatch):
     resumed = torchrun("nanogpt_sai.py", f"--resume={stopped}", "--parallel=fsdp")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "saved by 1 processes, now 2" in resumed.stdout
-    one, two = losses(tmp_path / "straight"), losses(stopped)
-    assert [r[:2] for r in one] == [r[:2] for r in two]
-    for a, b in zip(one, two):
-        for x, y in zip(a[2:], b[2:]):
-            assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-5 * abs(x))
+    assert_same_losses(straight, stopped)
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(straight_one_process, tmp_path):
+    """Stopped on 2 FSDP2 ranks after step 3 (Ctrl-C on rank 0), resumed by one process: the
+    losses of the one-process run that never stopped, to 1e-5."""
+    straight, common = straight_one_process
+    stopped = tmp_path / "stopped"
+    done = torchrun("tests/ctrl_c_worker.py", "3", *common, "--parallel=fsdp",
+                    f"--out_dir={stopped}")
+    assert records(stopped)[-1]["status"] == "stopped", done.stderr[-3000:]
+    assert nanogpt_sai.main([f"--resume={stopped}"]) == 0
+    assert_same_losses(straight, stopped)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -6,6 +6,7 @@ memory-traffic bound, at three GPT sizes; and the trainer's own overhead.
     python bench.py --sizes=6x384 --rows=adamw_fused,torch_adamw_fused
     python bench.py --threads=0 --device=cuda
     python bench.py --what=overhead          # nanogpt_sai.py's ms/iter against a plain loop
+    python bench.py --what=per_example       # per-example statistics against a plain backward
 
 Times optimizer.step() alone (gradients are fixed random tensors, set once) for our optimizers
 (fused: compiled by torch.compile, the default from FUSED_MIN_NUMEL parameters; eager) and the
@@ -47,9 +48,11 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import nanogpt_sai
 import optim
+import per_example
 from cli import ConfigError, check_positive, option, parse_args, pick_device, run_in_process
 from data.text import load_text, sample_batch
 from nanogpt_sai import GPT, Config
@@ -98,7 +101,8 @@ PEAK_TARGET = 0.1       # peak memory beyond params, grads and state, in model s
 
 @dataclass
 class BenchConfig:
-    what: str = option("steps", "steps (optimizer.step timings) or overhead (the trainer's)")
+    what: str = option("steps", "steps (optimizer.step timings), overhead (the trainer's) or "
+                                "per_example (per-example statistics against a plain backward)")
     sizes: str = option("4x128,6x384,12x768", f"GPT sizes (layers x width): {', '.join(SIZES)}")
     rows: str = option("all", "comma-separated rows (all: every one installed): "
                        + ", ".join(ROWS))
@@ -439,11 +443,49 @@ def bench_overhead(cfg):
         print(f"| {name} | {1000 * ms:.1f} | {ms / base:.3f}x |")
 
 
+def bench_per_example(cfg):
+    """Seconds of per_example.batch_statistics (each sequence's gradient by vmap, summed into
+    mean, mean square and mean sign) against a plain forward and backward of the same batch:
+    at the CPU preset (4x128: 12 sequences of 64 tokens) and at the GPU preset's shapes (6x384:
+    64 of 256), rounds interleaved, median of --steps per round."""
+    device = pick_device(cfg.device)
+    presets = {"4x128": (12, 64), "6x384": (64, 256), "12x768": (12, 1024)}
+    print(f"{machine(device)} | median of {cfg.steps} passes in {cfg.rounds} interleaved rounds")
+    print()
+    print("| GPT | batch x tokens | plain backward s | per-example statistics s | ratio |")
+    print("|---|---|---:|---:|---:|")
+    for size in cfg.sizes.split(","):
+        batch, block = presets[size]
+        model = gpt(size, device)
+        x, y = (torch.randint(0, 65, (batch, block), generator=torch.Generator().manual_seed(i))
+                .to(device) for i in (0, 1))
+
+        def plain():
+            model(x, y)[1].backward()
+
+        def statistics_pass():
+            per_example.batch_statistics(model, lambda out, t: F.cross_entropy(
+                out[0].flatten(0, 1).float(), t.flatten()), x, y)
+
+        times = {"plain": [], "per_example": []}
+        for _ in range(cfg.rounds):
+            for name, fn in (("plain", plain), ("per_example", statistics_pass)):
+                for _ in range(cfg.steps):
+                    model.zero_grad(set_to_none=True)
+                    sync(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(device)
+                    times[name].append(time.perf_counter() - t0)
+        a, b = (statistics.median(times[k]) for k in ("plain", "per_example"))
+        print(f"| {size} | {batch} x {block} | {a:.3f} | {b:.3f} | {b / a:.2f}x |")
+
+
 def main(argv):
     try:
         cfg, _ = parse_args(BenchConfig(), argv, __doc__.strip().splitlines()[0])
-        if cfg.what not in ("steps", "overhead"):
-            raise ConfigError(f"--what must be steps or overhead, got {cfg.what!r}")
+        if cfg.what not in ("steps", "overhead", "per_example"):
+            raise ConfigError(f"--what must be steps, overhead or per_example, got {cfg.what!r}")
         check_positive(cfg, "steps", "rounds")
         if cfg.threads < 0:
             raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {cfg.threads}")
@@ -453,6 +495,8 @@ def main(argv):
             time_row(cfg)
         elif cfg.what == "steps":
             bench_steps(cfg)
+        elif cfg.what == "per_example":
+            bench_per_example(cfg)
         else:
             bench_overhead(cfg)
     except ConfigError as err:

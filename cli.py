@@ -83,13 +83,15 @@ def check_positive(cfg, *keys):
 
 
 def optimizer_names(spec):
-    """'all' or a comma-separated list of names from optim.OPTIMIZERS."""
+    """'all' (optim.OPTIMIZERS) or a comma-separated list of names from optim.OPTIMIZERS and
+    optim.PER_EXAMPLE_OPTIMIZERS."""
     names = list(optim.OPTIMIZERS) if spec == "all" else spec.split(",")
+    known = list(optim.OPTIMIZERS) + list(optim.PER_EXAMPLE_OPTIMIZERS)
     for name in names:
-        if name not in optim.OPTIMIZERS:
+        if name not in known:
             raise ConfigError(f"--optimizer: unknown optimizer {name!r}; "
-                              f"choose from {', '.join(optim.OPTIMIZERS)}, a comma-separated "
-                              "list of them, or all")
+                              f"choose from {', '.join(known)}, a comma-separated "
+                              "list of them, or all (the first seven)")
     return names
 
 
@@ -106,6 +108,10 @@ class RunOptions:
     beta1: float = option(0.9, "AdamW/Adam-mini/APOLLO beta1; SGD-SaI momentum")
     beta2: float = option(0.99, "AdamW/Adam-mini/APOLLO beta2")
     sai_rule: str = option("gsnr", f"SGD-SaI scale rule: {', '.join(optim.SAI_RULES)}")
+    sign_placement: str = option("mean_of_signs", "sign_sgd's sign: "
+                                                  f"{', '.join(optim.SIGN_PLACEMENTS)}")
+    preconditioner: str = option("second_moment", "adam_pe's second moment from: "
+                                            f"{', '.join(optim.PRECONDITIONERS)}")
     grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 = off")
     warmup_iters: int = option(-1, "linear warmup steps; -1 = 5% of the run's steps")
     # system
@@ -159,9 +165,12 @@ def read_config(config_cls, argv, usage):
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(cfg, key) < 1:
             raise ConfigError(f"--{key} must be in [0, 1), got {getattr(cfg, key)}")
-    if cfg.sai_rule not in optim.SAI_RULES:
-        raise ConfigError(f"--sai_rule must be one of {', '.join(optim.SAI_RULES)}, "
-                          f"got {cfg.sai_rule!r}")
+    for key, allowed in (("sai_rule", optim.SAI_RULES),
+                         ("sign_placement", optim.SIGN_PLACEMENTS),
+                         ("preconditioner", optim.PRECONDITIONERS)):
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, "
+                              f"got {getattr(cfg, key)!r}")
     if cfg.device not in ("auto", "cpu", "cuda", "mps") and not cfg.device.startswith("cuda:"):
         raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):

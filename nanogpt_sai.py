@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import optim
 import parallel
+import per_example
 from cli import (ConfigError, RunOptions, check_positive, compare, data_error, option,
                  optimizer_names, pick_device, pick_dtype, read_config, warmup_steps)
 from data.text import DATASETS, load_text, sample_batch
@@ -78,9 +79,11 @@ PRESETS = {
 # gpu, not tuned: the cpu values times nanoGPT's own AdamW ratio between the two (1e-3 / 4e-3).
 DEFAULT_LR = {
     "cpu": {"adamw": 4e-3, "sgd_sai": 2e-2, "adam_mini": 8e-3, "apollo": 3.2e-2,
-            "apollo_mini": 8e-3, "muon": 8e-3, "adafactor": 2e-2},
+            "apollo_mini": 8e-3, "muon": 8e-3, "adafactor": 2e-2,
+            "sign_sgd": 1e-3, "adam_pe": 4e-3},     # the per-example two: not tuned yet
     "gpu": {"adamw": 1e-3, "sgd_sai": 5e-3, "adam_mini": 2e-3, "apollo": 8e-3,
-            "apollo_mini": 2e-3, "muon": 2e-3, "adafactor": 5e-3},
+            "apollo_mini": 2e-3, "muon": 2e-3, "adafactor": 5e-3,
+            "sign_sgd": 2.5e-4, "adam_pe": 1e-3},
 }
 # GPT-2 BPE (--dataset=shakespeare) changes SGD-SaI's best lr: its g-SNR scale of the 50,257-row
 # embedding (sparse rows, so std small and ||g||/std large) makes the cpu lr 2e-2 blow the loss up
@@ -113,6 +116,11 @@ def resolve_config(argv):
         raise ConfigError(f"--n_embd={cfg.n_embd} must be divisible by --n_head={cfg.n_head}")
     if not 0 <= cfg.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.optimizer in optim.PER_EXAMPLE_OPTIMIZERS and (
+            cfg.grad_accum > 1 or pick_dtype(cfg.dtype, device) == "float16"):
+        raise ConfigError(f"--optimizer={cfg.optimizer} steps from one micro-batch's "
+                          "per-example statistics: use --grad_accum=1 (a larger --batch_size "
+                          "instead) and not --dtype=float16")
     return dataclasses.replace(cfg, preset=preset, device=device,
                                dtype=pick_dtype(cfg.dtype, device),
                                lr=cfg.lr or default_lr(preset, cfg.dataset, cfg.optimizer),
@@ -346,6 +354,11 @@ def train(cfg):
         if par.main:
             bar.write(text, **kwargs)
 
+    per_example_step = optim.takes_per_example(opt)
+
+    def sequence_loss(out, y):   # one sequence's loss, as GPT.forward computes the batch's
+        return F.cross_entropy(out[0].flatten(0, 1).float(), y.flatten())
+
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     status, resumed_at = "finished", it if cfg.resume else None
     bar = tqdm(total=cfg.max_iters, initial=it, disable=None if par.main else True,
@@ -395,18 +408,29 @@ def train(cfg):
                 x, y = get_batch("train", batch_gen)   # every rank draws every micro-batch
                 if not mine[micro]:
                     continue
-                with parallel.grad_sync(net, par, last=micro >= cfg.grad_accum - par.world), ctx:
-                    _, micro_loss = fast_model(x, y)
-                scaler.scale(micro_loss / share).backward()
+                if per_example_step:   # each sequence's own gradient, then their statistics
+                    with ctx:
+                        statistics, micro_loss = per_example.batch_statistics(
+                            model, sequence_loss, x, y)
+                else:
+                    with parallel.grad_sync(net, par,
+                                            last=micro >= cfg.grad_accum - par.world), ctx:
+                        _, micro_loss = fast_model(x, y)
+                    scaler.scale(micro_loss / share).backward()
                 loss += micro_loss.detach()
             loss /= share
             all_finite &= torch.isfinite(loss)
             # the optimizer step: unscale (fp16 only), clip the global norm, step, clear grads
-            if cfg.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
+            # (a per-example optimizer steps from the statistics: sign_sgd's and adam_pe's steps
+            # do not depend on the gradient's scale, and they are not clipped)
+            if per_example_step:
+                opt.step(statistics)
+            else:
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
             opt.zero_grad(set_to_none=True)
             it += 1
             bar.update(1)

@@ -44,6 +44,7 @@ import inspect
 import math
 import warnings
 from itertools import chain
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -1469,6 +1470,174 @@ class Adafactor(_SandboxOptimizer):
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-example optimizers: steps from statistics over the examples of a batch
+
+SIGN_PLACEMENTS = ("sign_of_mean", "mean_of_signs", "signum")
+PRECONDITIONERS = ("batch", "mean_sq", "variance", "second_moment")
+
+
+def per_example_sign_update(param, mean, sign_mean, m, *, lr, momentum, weight_decay,
+                            placement):
+    """One sign-SGD step for one tensor, in place: mean and sign_mean are the batch's mean
+    gradient and mean per-example sign (`per_example.batch_statistics`), m the momentum."""
+    if placement == "signum":                       # the sign after momentum
+        m.lerp_(mean, 1 - momentum)                 # m_t = mu m + (1 - mu) g
+        direction = m.sign()                        # sign(m_t)
+    else:                                           # the sign before momentum, of the mean or
+        signs = mean.sign() if placement == "sign_of_mean" else sign_mean   # of each example
+        m.lerp_(signs, 1 - momentum)                # m_t = mu m + (1 - mu) signs
+        direction = m
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)           # theta <- theta (1 - lr wd)
+    param.sub_(direction, alpha=lr)                 # theta_t <- theta - lr direction
+
+
+def per_example_v_term(mean, sq_mean, n, preconditioner):
+    """What Adam's second moment averages at this step, per element, from the batch's mean
+    gradient g, mean square q = (1/n) sum_i g_i^2 and size n. With s^2 = n / (n - 1) (q - g^2)
+    the examples' unbiased variance (0 for n = 1), g^2 = (g^2 - s^2 / n) + s^2 / n splits Adam's
+    term into an unbiased estimate of the squared mean gradient and the variance of the mean:
+      "batch"          g^2                (Adam)
+      "mean_sq"        g^2 - s^2 / n      (the mean part only; may be negative)
+      "variance"       s^2 / n            (the variance part only)
+      "second_moment"  q = mu^2 + sigma^2 (the examples' own second moment)"""
+    if preconditioner == "batch":
+        return mean * mean
+    if preconditioner == "second_moment":
+        return sq_mean.clone()
+    var_of_mean = (sq_mean - mean * mean) / (n - 1) if n > 1 else torch.zeros_like(mean)
+    return mean * mean - var_of_mean if preconditioner == "mean_sq" else var_of_mean
+
+
+def per_example_adam_update(param, mean, sq_mean, m, v, n, *, lr, bias_correction1,
+                            bias_correction2_sqrt, beta1, beta2, eps, weight_decay,
+                            preconditioner):
+    """One Adam step for one tensor, in place, whose second moment averages
+    `per_example_v_term` (a negative v, possible with "mean_sq", counts as 0)."""
+    m.lerp_(mean, 1 - beta1)                                    # m_t = b1 m + (1 - b1) g
+    v.mul_(beta2).add_(per_example_v_term(mean, sq_mean, n, preconditioner),
+                       alpha=1 - beta2)                         # v_t = b2 v + (1 - b2) term
+    denom = (v.clamp(min=0).sqrt() / bias_correction2_sqrt).add_(eps)
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)                       # theta <- theta - lr*wd*theta
+    param.addcdiv_(m, denom, value=-lr / bias_correction1)      # theta -= lr * m_hat / denom
+
+
+class _PerExampleOptimizer(_SandboxOptimizer):
+    """Base of the optimizers whose step takes `per_example.batch_statistics`' result."""
+
+    @torch.no_grad()
+    def step(self, statistics=None, closure=None):
+        """One step from `statistics` (per_example.batch_statistics'). Without them each .grad
+        is taken as the gradient of a batch of one example (what torch.distributed.checkpoint's
+        state initialisation needs: one step at lr 0 with zero gradients)."""
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        if statistics is None:
+            grads = {p: p.grad for group in self.param_groups for p in group["params"]
+                     if p.grad is not None}
+            statistics = SimpleNamespace(mean=grads, sq_mean={p: g * g for p, g in grads.items()},
+                                         sign_mean={p: g.sign() for p, g in grads.items()}, n=1)
+        if not hasattr(statistics, "sign_mean"):
+            raise TypeError(f"{type(self).__name__}.step takes the batch's per-example "
+                            "statistics: step(per_example.batch_statistics(model, loss_of, x, "
+                            f"y)), got {statistics!r}")
+        self._update(statistics)
+
+    def _rows(self, statistics):
+        """(group, param, state, mean, sq_mean, sign_mean) of every param with statistics."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in statistics.mean:
+                    yield (group, p, self.state[p], statistics.mean[p], statistics.sq_mean[p],
+                           statistics.sign_mean[p])
+
+
+class PerExampleSignSGD(_PerExampleOptimizer):
+    r"""Sign-SGD with momentum, the sign placed where `placement` says (arXiv 2510.00236, sec. 4).
+
+    .. code-block:: text
+
+        input: lr (eta), momentum (mu), weight_decay (lambda), placement; per step the batch's
+               mean gradient g and per-example gradients g_i (i = 1 .. B)
+        for t = 1, 2, ...:
+            "sign_of_mean":   m_t <- mu m_{t-1} + (1 - mu) sign(g);            d <- m_t
+            "mean_of_signs":  m_t <- mu m_{t-1} + (1 - mu) (1/B) sum_i sign(g_i); d <- m_t
+            "signum":         m_t <- mu m_{t-1} + (1 - mu) g;                  d <- sign(m_t)
+            theta_t <- theta_{t-1} (1 - eta lambda) - eta d
+
+    With B = 1 "sign_of_mean" and "mean_of_signs" are the same step. The mean of signs is
+    +-1 where the examples agree and near 0 where their signs are noise: a per-element
+    signal-to-noise weighting the sign of the mean does not have. State: m (|theta|).
+    """
+
+    def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0.0,
+                 placement="mean_of_signs"):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      placement=placement))
+
+    @staticmethod
+    def _check_group(group):
+        _check_lr_and_decay(group)
+        _check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        _check_one_of("placement", group["placement"], SIGN_PLACEMENTS)
+
+    def _update(self, statistics):
+        for group, p, state, mean, _, sign_mean in self._rows(statistics):
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            per_example_sign_update(p, mean, sign_mean, state["momentum_buffer"],
+                                    lr=group["lr"], momentum=group["momentum"],
+                                    weight_decay=group["weight_decay"],
+                                    placement=group["placement"])
+
+
+class PerExampleAdam(_PerExampleOptimizer):
+    r"""AdamW whose second moment is built from per-example statistics (arXiv 2510.00236,
+    sec. 5): Adam's g^2 split into its mean part and its variance part, or replaced by the
+    examples' own second moment (`per_example_v_term`).
+
+    .. code-block:: text
+
+        input: lr, betas (b1, b2), eps, weight_decay (lambda), preconditioner; per step the
+               batch's mean gradient g, q = (1/B) sum_i g_i^2 and s^2 = B/(B-1) (q - g^2)
+        term <- g^2 ("batch": Adam) | g^2 - s^2/B ("mean_sq") | s^2/B ("variance") | q
+        m_t <- b1 m + (1 - b1) g;  v_t <- b2 v + (1 - b2) term
+        theta_t <- theta (1 - lr lambda) - lr m_t / (1 - b1^t) / (sqrt(max(v_t, 0) / (1 - b2^t))
+                   + eps)
+
+    "mean_sq" + "variance" = "batch" exactly (so their v add up to Adam's); with every example's
+    gradient equal, "mean_sq", "batch" and "second_moment" are Adam. Where the mean gradient is
+    below its noise, "mean_sq"'s v is 0 (and "variance"'s where there is no noise): the step is
+    then lr m / eps, so these want an eps near the gradients' scale: the default is 1e-6, not
+    Adam's 1e-8. State: m, v (AdamW's).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=1e-2,
+                 preconditioner="second_moment"):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay, preconditioner=preconditioner))
+
+    @staticmethod
+    def _check_group(group):
+        _check_adam_hparams(group)
+        _check_one_of("preconditioner", group["preconditioner"], PRECONDITIONERS)
+
+    def _update(self, statistics):
+        for group, p, state, mean, sq_mean, _ in self._rows(statistics):
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            per_example_adam_update(
+                p, mean, sq_mean, state["exp_avg"], state["exp_avg_sq"], statistics.n,
+                **adam_step_numbers(state["step"], group["lr"], *group["betas"]),
+                **_adam_constants(group), preconditioner=group["preconditioner"])
+
+
+# ---------------------------------------------------------------------------------------------
 # What each parameter is: Adam-mini's partition and APOLLO's projected matrices
 
 # Models say it in a `param_kinds()` method ({parameter: kind}) and carry `n_head`; a Q or K kind
@@ -1651,6 +1820,14 @@ def matrix_table(model, selected, by):
 
 OPTIMIZERS = {"adamw": AdamW, "sgd_sai": SGDSaI, "adam_mini": AdamMini, "apollo": apollo,
               "apollo_mini": apollo_mini, "muon": Muon, "adafactor": Adafactor}
+# Their step takes the batch's per-example statistics (per_example.batch_statistics), not .grad
+# alone: the trainers compute them for these (GPT only), and "all" leaves them out.
+PER_EXAMPLE_OPTIMIZERS = {"sign_sgd": PerExampleSignSGD, "adam_pe": PerExampleAdam}
+
+
+def takes_per_example(optimizer):
+    """Whether `optimizer.step` needs per_example.batch_statistics' result."""
+    return isinstance(optimizer, _PerExampleOptimizer)
 
 
 def decay_groups(params, weight_decay):
@@ -1669,10 +1846,16 @@ def trainer_hparams(name, options):
     """The trainers' optimizer options (`options` has lr, weight_decay, beta1, beta2 and
     sai_rule, as their Config) as the keyword arguments optimizer `name` takes: beta1 is
     SGD-SaI's momentum and b1 of the Adam family (Muon: of its AdamW part; its own momentum
-    stays 0.95); sai_rule is SGD-SaI's only; Adafactor takes neither beta."""
+    stays 0.95); sai_rule is SGD-SaI's only; Adafactor takes neither beta; sign_placement and
+    preconditioner are the per-example optimizers' (sign_sgd's momentum is beta1)."""
     hparams = dict(lr=options.lr, weight_decay=options.weight_decay)
     if name == "sgd_sai":
         return hparams | dict(momentum=options.beta1, sai_rule=options.sai_rule)
+    if name == "sign_sgd":
+        return hparams | dict(momentum=options.beta1, placement=options.sign_placement)
+    if name == "adam_pe":
+        return hparams | dict(betas=(options.beta1, options.beta2),
+                              preconditioner=options.preconditioner)
     if name == "adafactor":                    # no first moment; its b2 follows t^-0.8
         return hparams
     return hparams | dict(betas=(options.beta1, options.beta2))   # Muon: its AdamW part's
@@ -1688,8 +1871,9 @@ def build_optimizer(name, model, log=None, **hparams):
     or Muon with no matrix is a ValueError. `hparams` are the optimizer's own keyword
     arguments; one it does not take is a TypeError listing those it does.
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    classes = OPTIMIZERS | PER_EXAMPLE_OPTIMIZERS
+    if name not in classes:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(classes)}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = decay_groups(named, hparams.pop("weight_decay", 0.0))
     if name == "adam_mini":
@@ -1710,7 +1894,7 @@ def build_optimizer(name, model, log=None, **hparams):
             raise ValueError(f"{by} has nothing to update in {type(model).__name__}: no 2-D "
                              "attention, MLP or other Linear weight (embeddings and heads are "
                              "not matrices for it); declare param_kinds(), or use adamw")
-    cls = OPTIMIZERS[name]
+    cls = classes[name]
     allowed = list(inspect.signature(cls).parameters)[1:]
     unknown = sorted(set(hparams) - set(allowed))
     if unknown:

@@ -28,6 +28,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard
 from torch.nn.parallel import DistributedDataParallel
 
+import optim
 from cli import ConfigError
 
 MODES = ("auto", "none", "ddp", "fsdp")
@@ -64,6 +65,9 @@ def check_mode(cfg, script):
     if launched_by_torchrun() and ("," in cfg.optimizer or cfg.optimizer == "all"):
         raise ConfigError("compare mode (several --optimizer) does not run under torchrun; "
                           "launch one optimizer at a time")
+    if world > 1 and cfg.optimizer in optim.PER_EXAMPLE_OPTIMIZERS:
+        raise ConfigError(f"--optimizer={cfg.optimizer} (per-example statistics) runs in one "
+                          "process only so far; launch it with python, not torchrun")
     if mode == "auto":
         return "ddp" if launched_by_torchrun() and world > 1 else "none"
     if mode == "none":

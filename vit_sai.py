@@ -77,6 +77,10 @@ def resolve_config(argv):
     cfg, _ = read_config(Config, argv, USAGE)
     if cfg.resume or len(optimizer_names(cfg.optimizer)) > 1:
         return cfg
+    if cfg.optimizer in optim.PER_EXAMPLE_OPTIMIZERS:
+        raise ConfigError(f"--optimizer={cfg.optimizer} (per-example statistics) is built into "
+                          "nanogpt_sai.py only so far; choose one of "
+                          f"{', '.join(optim.OPTIMIZERS)}")
     if cfg.dataset not in DATASETS:
         raise ConfigError(f"--dataset must be {', '.join(DATASETS[:-1])} or {DATASETS[-1]}, "
                           f"got {cfg.dataset!r}")

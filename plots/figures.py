@@ -1,5 +1,4 @@
 """Loss, accuracy and memory figures from the JSONL metrics the trainers write."""
-import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -8,8 +7,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; works without a display
 import matplotlib.pyplot as plt  # noqa: E402
-
-import optim  # noqa: E402
 
 MIB = 2 ** 20
 # sizes that stay readable on a classroom projector
@@ -68,10 +65,17 @@ class Run:
     @property
     def label(self):
         c = self.config
-        # SGD-SaI's rule, when not the default: the one ablation a figure must tell apart
-        takes_rule = "sai_rule" in inspect.signature(optim.OPTIMIZERS[c["optimizer"]]).parameters
-        rule = f" ({c['sai_rule']})" if takes_rule and c.get("sai_rule", "gsnr") != "gsnr" else ""
-        return f"{c['optimizer']}{rule} lr={c['lr']:g}"
+        # the variant a figure must tell apart: SGD-SaI's rule when not the default, the sign's
+        # placement, the per-example preconditioner
+        name = c["optimizer"]
+        if name == "sign_sgd":
+            rule = f" ({c['sign_placement']})"
+        elif name == "adam_pe":
+            rule = f" ({c['preconditioner']})"
+        else:
+            rule = f" ({c['sai_rule']})" if name == "sgd_sai" and \
+                c.get("sai_rule", "gsnr") != "gsnr" else ""
+        return f"{name}{rule} lr={c['lr']:g}"
 
     def events(self, kind):
         return [r for r in self.records if r["event"] == kind]

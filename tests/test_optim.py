@@ -330,8 +330,9 @@ def test_bad_hyperparameters_raise_specific_errors(name, hparams, error, message
 
 
 def test_unknown_optimizer_lists_valid_names():
-    with pytest.raises(ValueError, match=r"'adam'.*\['adafactor', 'adam_mini', 'adamw', "
-                                         r"'apollo', 'apollo_mini', 'muon', 'sgd_sai'\]"):
+    with pytest.raises(ValueError, match=r"'adam'.*\['adafactor', 'adam_mini', 'adam_pe', "
+                                         r"'adamw', 'apollo', 'apollo_mini', 'muon', 'sgd_sai', "
+                                         r"'sign_sgd'\]"):
         optim.build_optimizer("adam", make_model(), lr=1e-3)
 
 

@@ -1,0 +1,261 @@
+"""Per-example gradient statistics (per_example.py) and the optimizers that take them, against
+plain references written here: a loop over the examples, each one's gradient by autograd, in
+float64, on a tiny GPT; then the GPT trainer driving them."""
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nanogpt_sai
+import optim
+import per_example
+import vit_sai
+from cli import optimizer_names
+from fake_data import write_corpus
+from nanogpt_sai import GPT, Config
+from run_helpers import records
+
+CFG = dataclasses.replace(Config(), n_layer=1, n_head=2, n_embd=8, block_size=6)
+VOCAB, B = 11, 5
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(CFG, VOCAB).double()
+
+
+def batch(seed, n=B):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.randint(0, VOCAB, (n, CFG.block_size + 1), generator=g)
+    return xy[:, :-1], xy[:, 1:]
+
+
+def loss_of(out, y):                     # one example's mean token loss (GPT returns a pair)
+    return F.cross_entropy(out[0].flatten(0, 1), y.flatten())
+
+
+def example_grads(model, x, y):
+    """[{param: g_i}] by a plain loop: one backward per example."""
+    params = [p for p in model.parameters()]
+    out = []
+    for i in range(len(x)):
+        grads = torch.autograd.grad(loss_of(model(x[i:i + 1]), y[i:i + 1]), params)
+        out.append(dict(zip(params, grads)))
+    return out
+
+
+def test_statistics_equal_a_loop_over_examples_and_p_grad_the_plain_backward():
+    model = make_model()
+    x, y = batch(1)
+    grads = example_grads(model, x, y)
+    loss_of(model(x), y).backward()       # the plain batch gradient (the GPT's own loss is
+                                          # float32: its logits are cast for autocast)
+    plain = {p: p.grad.clone() for p in model.parameters()}
+    model.zero_grad(set_to_none=True)
+    for chunk in (None, 2):                                    # whole batch, and 2 + 2 + 1
+        stats, loss = per_example.batch_statistics(model, loss_of, x, y, chunk=chunk)
+        assert stats.n == B
+        torch.testing.assert_close(loss, loss_of(model(x), y).detach(), rtol=1e-12, atol=0)
+        for p in model.parameters():
+            gs = torch.stack([g[p] for g in grads])
+            torch.testing.assert_close(stats.mean[p], gs.mean(0), rtol=1e-10, atol=1e-14)
+            torch.testing.assert_close(stats.sq_mean[p], gs.square().mean(0), rtol=1e-10,
+                                       atol=1e-16)
+            torch.testing.assert_close(stats.sign_mean[p], gs.sign().mean(0), rtol=0, atol=0)
+            torch.testing.assert_close(p.grad, plain[p], rtol=1e-10, atol=1e-14)
+        model.zero_grad(set_to_none=True)
+
+
+def reference_sign_step(params, grads, ms, lr, momentum, wd, placement):
+    for p in params:
+        gs = torch.stack([g[p] for g in grads])
+        mean = gs.mean(0)
+        if placement == "signum":
+            ms[p] = momentum * ms[p] + (1 - momentum) * mean
+            d = ms[p].sign()
+        else:
+            signs = mean.sign() if placement == "sign_of_mean" else gs.sign().mean(0)
+            ms[p] = momentum * ms[p] + (1 - momentum) * signs
+            d = ms[p]
+        p.mul_(1 - lr * wd).sub_(lr * d)
+
+
+def reference_adam_step(params, grads, ms, vs, t, lr, b1, b2, eps, wd, preconditioner):
+    for p in params:
+        gs = torch.stack([g[p] for g in grads])
+        n, mean = len(gs), gs.mean(0)
+        s2 = gs.var(0, unbiased=True) if n > 1 else torch.zeros_like(mean)
+        term = {"batch": mean ** 2, "mean_sq": mean ** 2 - s2 / n, "variance": s2 / n,
+                "second_moment": (gs ** 2).mean(0)}[preconditioner]
+        ms[p] = b1 * ms[p] + (1 - b1) * mean
+        vs[p] = b2 * vs[p] + (1 - b2) * term
+        m_hat, v_hat = ms[p] / (1 - b1 ** t), vs[p].clamp(min=0) / (1 - b2 ** t)
+        p.mul_(1 - lr * wd).sub_(lr * m_hat / (v_hat.sqrt() + eps))
+
+
+def run_both(make_opt, reference, steps=3, n=B):
+    """Our optimizer through batch_statistics and the reference loop, from the same weights."""
+    ours, ref = make_model(), make_model()
+    opt = make_opt(ours)
+    ref_state = {}
+    for step in range(steps):
+        x, y = batch(10 + step, n)
+        stats, _ = per_example.batch_statistics(ours, loss_of, x, y)
+        opt.step(stats)
+        opt.zero_grad(set_to_none=True)
+        grads = example_grads(ref, x, y)
+        with torch.no_grad():
+            reference(list(ref.parameters()), grads, ref_state, step + 1)
+    return ours, ref, opt
+
+
+@pytest.mark.parametrize("placement", optim.SIGN_PLACEMENTS)
+def test_sign_sgd_equals_the_reference(placement):
+    hp = dict(lr=1e-2, momentum=0.9, weight_decay=0.1)
+
+    def reference(params, grads, state, t):
+        ms = state.setdefault("m", {p: torch.zeros_like(p) for p in params})
+        reference_sign_step(params, grads, ms, hp["lr"], hp["momentum"], hp["weight_decay"],
+                            placement)
+    ours, ref, opt = run_both(lambda m: optim.PerExampleSignSGD(m.parameters(), **hp,
+                                                                placement=placement), reference)
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    n_params = sum(p.numel() for p in ours.parameters())
+    assert optim.state_bytes(opt) == 8 * n_params                 # m, float64
+
+
+@pytest.mark.parametrize("preconditioner", optim.PRECONDITIONERS)
+def test_per_example_adam_equals_the_reference(preconditioner):
+    """eps 1e-4: "mean_sq" and "variance" make v 0 where one part vanishes, and a step of
+    lr m / eps then amplifies rounding beyond any comparison."""
+    hp = dict(lr=1e-2, b1=0.9, b2=0.99, eps=1e-4, wd=0.1)
+
+    def reference(params, grads, state, t):
+        ms = state.setdefault("m", {p: torch.zeros_like(p) for p in params})
+        vs = state.setdefault("v", {p: torch.zeros_like(p) for p in params})
+        reference_adam_step(params, grads, ms, vs, t, hp["lr"], hp["b1"], hp["b2"], hp["eps"],
+                            hp["wd"], preconditioner)
+    ours, ref, opt = run_both(lambda m: optim.PerExampleAdam(
+        m.parameters(), lr=hp["lr"], betas=(hp["b1"], hp["b2"]), eps=hp["eps"],
+        weight_decay=hp["wd"], preconditioner=preconditioner), reference)
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    n_params = sum(p.numel() for p in ours.parameters())
+    assert optim.state_bytes(opt) == 2 * 8 * n_params             # m and v, float64
+
+
+def test_with_one_example_the_two_sign_placements_coincide():
+    ones = [run_both(lambda m: optim.PerExampleSignSGD(m.parameters(), lr=1e-2,
+                                                        placement=placement),
+                     lambda *args: None, n=1)[0] for placement in ("sign_of_mean",
+                                                                   "mean_of_signs")]
+    for a, b in zip(*(m.parameters() for m in ones)):
+        assert torch.equal(a, b)
+
+
+def test_with_equal_examples_the_preconditioners_are_adam():
+    """Every example the same (zero variance): batch, mean_sq and second_moment all take
+    AdamW's step; and mean_sq's v plus variance's v is batch's v on any batch."""
+    x, y = batch(3, n=1)
+    x, y = x.repeat(4, 1), y.repeat(4, 1)
+    models = {}
+    for preconditioner in ("batch", "mean_sq", "second_moment"):
+        model = make_model()
+        opt = optim.PerExampleAdam(model.parameters(), lr=1e-2, eps=1e-8,
+                                   preconditioner=preconditioner)
+        for _ in range(3):
+            opt.step(per_example.batch_statistics(model, loss_of, x, y)[0])
+            opt.zero_grad(set_to_none=True)
+        models[preconditioner] = model
+    adamw_model = make_model()
+    adamw = optim.AdamW(adamw_model.parameters(), lr=1e-2, fused=False)
+    for _ in range(3):
+        loss_of(adamw_model(x), y).backward()
+        adamw.step()
+        adamw.zero_grad(set_to_none=True)
+    for model in models.values():
+        for a, b in zip(model.parameters(), adamw_model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+    model = make_model()
+    stats, _ = per_example.batch_statistics(model, loss_of, *batch(4))
+    vs = {}
+    for preconditioner in ("batch", "mean_sq", "variance"):
+        opt = optim.PerExampleAdam(make_model().parameters(), preconditioner=preconditioner)
+        p0 = next(iter(stats.mean))
+        vs[preconditioner] = optim.per_example_v_term(stats.mean[p0], stats.sq_mean[p0],
+                                                      stats.n, preconditioner)
+        assert opt.param_groups[0]["preconditioner"] == preconditioner
+    torch.testing.assert_close(vs["mean_sq"] + vs["variance"], vs["batch"], rtol=1e-12,
+                               atol=1e-20)
+
+
+def test_without_statistics_each_grad_is_a_batch_of_one():
+    """step() alone (as torch.distributed.checkpoint's state initialisation calls it) takes
+    .grad as one example's gradient: the step of batch_statistics on that one example."""
+    x, y = batch(5, n=1)
+    models = [make_model(), make_model()]
+    opts = [optim.PerExampleAdam(m.parameters(), lr=1e-2) for m in models]
+    opts[0].step(per_example.batch_statistics(models[0], loss_of, x, y)[0])
+    loss_of(models[1](x), y).backward()
+    opts[1].step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_bad_input_is_a_clear_error():
+    model = make_model()
+    opt = optim.PerExampleSignSGD(model.parameters())
+    with pytest.raises(TypeError, match="takes the batch's per-example statistics"):
+        opt.step({"mean": {}})
+    with pytest.raises(ValueError, match="placement='sign'"):
+        optim.PerExampleSignSGD(model.parameters(), placement="sign")
+    with pytest.raises(ValueError, match="preconditioner='mean'"):
+        optim.PerExampleAdam(model.parameters(), preconditioner="mean")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = write_corpus(tmp_path / "input.txt")
+    return ["--data_path=" + str(path), "--data_dir=" + str(tmp_path / "cache")]
+
+
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4",
+        "--eval_iters=2", "--warmup_iters=2", "--sample_tokens=0", "--device=cpu",
+        "--max_iters=6", "--log_interval=2"]
+
+
+@pytest.mark.parametrize("optimizer, variant", [("sign_sgd", "--sign_placement=mean_of_signs"),
+                                                ("sign_sgd", "--sign_placement=signum"),
+                                                ("adam_pe", "--preconditioner=variance")])
+def test_the_gpt_trainer_steps_the_per_example_optimizers(corpus, tmp_path, optimizer, variant):
+    out = tmp_path / "run"
+    assert nanogpt_sai.main(TINY + corpus + [f"--optimizer={optimizer}", variant,
+                                             f"--out_dir={out}"]) == 0
+    logged = records(out)
+    evals = [r for r in logged if r["event"] == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]            # it learns
+    config = json.loads((out / "config.json").read_text())
+    assert config["optimizer"] == optimizer and variant.split("=")[1] in config.values()
+    n_params = json.loads((out / "run.json").read_text())["n_params"]
+    state = [r for r in logged if r["event"] == "train"][-1]["state_bytes"]
+    assert state == (1 if optimizer == "sign_sgd" else 2) * 4 * n_params
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--optimizer=sign_sgd", "--grad_accum=2"], "--grad_accum=1"),
+    (["--optimizer=adam_pe", "--preconditioner=mean"], "--preconditioner must be one of"),
+    (["--optimizer=sign_sgd", "--sign_placement=late"], "--sign_placement must be one of")])
+def test_per_example_options_refused_with_one_line(corpus, capsys, args, words):
+    assert nanogpt_sai.main(TINY + corpus + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1
+
+
+def test_the_vit_refuses_per_example_optimizers_and_all_means_the_seven(capsys):
+    assert vit_sai.main(["--optimizer=sign_sgd", "--device=cpu"]) == 2
+    assert "nanogpt_sai.py only" in capsys.readouterr().err
+    assert optimizer_names("all") == list(optim.OPTIMIZERS)

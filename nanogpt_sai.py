@@ -65,6 +65,9 @@ class Config(RunOptions):
     sample_tokens: int = option(300, "tokens sampled at the end; 0 = none")
     eval_sample_tokens: int = option(100, "tokens sampled into the metrics log at each "
                                           "evaluation (same seed each time); 0 = none")
+    diagnostics: bool = option(False, "at each evaluation, per-block gradient statistics from "
+                                      "one fixed batch's per-example gradients (g-SNR, "
+                                      "per-example SNR, noise scale): diagnostics.png")
     preset: str = option("auto", "cpu (nanoGPT's CPU run), gpu (6x384, block 256, batch 64) "
                                  "or auto (gpu on CUDA)")
 
@@ -328,6 +331,17 @@ def train(cfg):
                     losses += [loss] if i < cfg.eval_iters else []
             out[split] = parallel.sum_over_ranks(torch.tensor(sum(losses), dtype=torch.float64),
                                                  par).item() / cfg.eval_iters
+        if cfg.diagnostics:   # the same batch each time; SGD-SaI's frozen scales beside
+            statistics, _ = per_example.batch_statistics(
+                model, sequence_loss, *get_batch("train", torch.Generator().manual_seed(
+                    cfg.seed + 2)), write_grad=False)
+            out["diagnostics"] = per_example.block_diagnostics(model, statistics)
+            for p, name in zip(model.parameters(), out["diagnostics"]):
+                if "scale" in opt.state.get(p, {}):
+                    out["diagnostics"][name]["sai_scale"] = opt.state[p]["scale"].item()
+            total = sum(statistics.mean[p].double().square().sum() for p in statistics.mean)
+            out["noise_scale"] = (sum(statistics.sq_mean[p].double().sum()
+                                      for p in statistics.mean) - total).item() / total.item()
         # a sample from its own generator (training's RNG stream is untouched); none from a
         # model whose loss is not finite (its probabilities are not)
         if cfg.eval_sample_tokens and math.isfinite(out["train"] + out["val"]):
@@ -388,13 +402,15 @@ def train(cfg):
                     break
                 best_val = min(best_val, result["val"])
                 record(event="eval", step=it, train_loss=result["train"],
-                          val_loss=result["val"], best_val_loss=best_val, lr=lr,
-                          tokens=it * tokens_per_step, train_s=train_s,
-                          wall_s=time.time() - t_start, sample=result.get("sample"),
+                       val_loss=result["val"], best_val_loss=best_val, lr=lr,
+                       tokens=it * tokens_per_step, train_s=train_s,
+                       wall_s=time.time() - t_start, sample=result.get("sample"),
+                       diagnostics=result.get("diagnostics"),
+                       noise_scale=result.get("noise_scale"),
                        **memory_fields(model, opt, device, par))
                 say(f"step {it}: train loss {result['train']:.4f}, val loss "
-                          f"{result['val']:.4f}" + (f", sample {result['sample'][:60]!r}"
-                                                    if "sample" in result else ""))
+                    f"{result['val']:.4f}" + (f", sample {result['sample'][:60]!r}"
+                                              if "sample" in result else ""))
                 save()
             if it == cfg.max_iters:
                 break
@@ -450,11 +466,11 @@ def train(cfg):
                 logged_s, logged_it = train_s, it
                 mem = memory_fields(model, opt, device, par)
                 record(event="train", step=it, loss=loss, lr=lr, ms=ms,
-                          tokens=it * tokens_per_step, train_s=train_s,
-                          wall_s=time.time() - t_start, **mem)
+                       tokens=it * tokens_per_step, train_s=train_s,
+                       wall_s=time.time() - t_start, **mem)
                 say(f"iter {it} | loss {loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
-                          f"{tokens_per_step * 1000 / ms:,.0f} tok/s | state "
-                          f"{mem['state_bytes'] / (2 * mem['param_bytes']):.2f}x AdamW")
+                    f"{tokens_per_step * 1000 / ms:,.0f} tok/s | state "
+                    f"{mem['state_bytes'] / (2 * mem['param_bytes']):.2f}x AdamW")
             if parallel.any_rank(stop.requested, par):   # all ranks stop at the same step
                 # checkpoint a model whose losses were all finite, only
                 status = "diverged" if parallel.any_rank(not all_finite.item(), par) \
@@ -483,6 +499,9 @@ def main(argv):
     try:
         cfg = resolve_config(argv)
         cfg = dataclasses.replace(cfg, parallel=parallel.check_mode(cfg, "nanogpt_sai.py"))
+        if cfg.diagnostics and cfg.parallel != "none":
+            raise ConfigError("--diagnostics runs in one process only so far; launch it with "
+                              "python, not torchrun")
         names = optimizer_names(cfg.optimizer)
         if len(names) > 1:   # compare: each optimizer in its own process, then one figure
             return compare(__file__, resolve_config, names, argv, cfg.out_dir,

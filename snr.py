@@ -23,14 +23,13 @@ import csv
 import math
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
 
 import optim
+import per_example
 from cli import ConfigError, check_positive, option, parse_args
 from data.files import CACHE_DIR
 from plots.studies import snr_figure
@@ -44,20 +43,6 @@ class SNRConfig:
     data_path: str = option("", "as the trainer's --data_path")
     data_dir: str = option(CACHE_DIR, "as the trainer's --data_dir")
     out_dir: str = option("out/snr", "where the table and figure go")
-
-
-def per_example_grads(model, loss_fn, inputs, targets):
-    """{name: (B, *shape)} gradients of loss_fn on each example alone, all in one vmap."""
-    params = {name: p.detach() for name, p in model.named_parameters()}
-
-    def loss_one(params, x, y):
-        return loss_fn(functional_call(model, params, (x[None],)), y[None])
-
-    with warnings.catch_warnings():
-        # vmap runs scaled_dot_product_attention example by example (it has no batching rule
-        # yet): correct, and fast enough for one batch
-        warnings.filterwarnings("ignore", message="There is a performance drop")
-        return vmap(grad(loss_one), in_dims=(None, 0, 0))(params, inputs, targets)
 
 
 def gradient_snr(grads):
@@ -117,9 +102,9 @@ def model_and_batch(cfg):
 
 def block_table(model, x, y, loss_fn):
     """One row per parameter block: kind, numel, per-example SNR and the SaI scale per rule."""
-    per_example = per_example_grads(model, loss_fn, x, y)
-    batch_grads = {name: g.mean(dim=0) for name, g in per_example.items()}
-    snr = gradient_snr(per_example)
+    grads, _ = per_example.example_gradients(model, loss_fn, x, y)
+    batch_grads = {name: g.mean(dim=0) for name, g in grads.items()}
+    snr = gradient_snr(grads)
     scales = sai_scales(batch_grads)
     kinds = optim.param_kinds(model)
     rows = []

@@ -327,7 +327,7 @@ def train(cfg):
                        samples=it * cfg.batch_size, train_s=train_s, confusion=confusion,
                        wall_s=time.time() - t_start, **memory_fields(model, opt, device, par))
                 say(f"epoch {it / steps_per_epoch:.2f}: test loss {test_loss:.4f}, "
-                          f"test accuracy {100 * test_acc:.2f}%")
+                    f"test accuracy {100 * test_acc:.2f}%")
                 epoch_loss, epoch_steps = torch.zeros((), device=device), 0
                 save()
             if it == total_steps:
@@ -376,8 +376,8 @@ def train(cfg):
                        epoch=it / steps_per_epoch, samples=it * cfg.batch_size,
                        train_s=train_s, wall_s=time.time() - t_start, **mem)
                 say(f"iter {it} | loss {step_loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
-                          f"{cfg.batch_size * 1000 / ms:,.0f} img/s | state "
-                          f"{mem['state_bytes'] / (2 * mem['param_bytes']):.2f}x AdamW")
+                    f"{cfg.batch_size * 1000 / ms:,.0f} img/s | state "
+                    f"{mem['state_bytes'] / (2 * mem['param_bytes']):.2f}x AdamW")
             if parallel.any_rank(stop.requested, par):   # all ranks stop at the same step
                 # checkpoint a model whose losses were all finite, only
                 status = "diverged" if parallel.any_rank(not all_finite.item(), par) \

@@ -221,6 +221,51 @@ def confusion_matrix(run, path):
     return save_figure(fig, path)
 
 
+def gradient_diagnostics(run, path):
+    """The per-block statistics logged at each evaluation (--diagnostics): g-SNR / sqrt(numel)
+    (SGD-SaI's statistic; the dashed line at 1 is what it is for zero-mean gradients), the
+    per-example SNR, and the gradient noise scale of the whole model, against step. For an
+    SGD-SaI run, g-SNR over the scale it froze at step 0."""
+    evals = [r for r in run.events("eval") if r.get("diagnostics")]
+    steps = [r["step"] for r in evals]
+    names = list(evals[0]["diagnostics"])
+    frozen = "sai_scale" in evals[-1]["diagnostics"][names[0]]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
+    panels = [("gsnr_per_sqrt_n", "g-SNR / sqrt(numel)"), ("example_snr", "per-example SNR")]
+    if frozen:
+        panels[0] = ("gsnr_per_frozen", "g-SNR now / the scale frozen at step 0")
+    for ax, (key, title) in zip(axes, panels):
+        for i, name in enumerate(names):
+            blocks = [(r["step"], r["diagnostics"][name]) for r in evals]
+            if key == "gsnr_per_frozen":   # from the first evaluation after the scale froze
+                points = [(x, b["gsnr"] / b["sai_scale"]) for x, b in blocks if "sai_scale" in b]
+            else:
+                points = [(x, b[key]) for x, b in blocks]
+            ax.plot(*zip(*points), "o-", ms=3, lw=1, color=plt.cm.viridis(i / len(names)),
+                    label=name.removeprefix("transformer."))
+        ax.axhline(1, color="gray", ls="--", lw=1)
+        ax.set(xlabel="step", title=title)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(names), 7), fontsize=7,
+               title="block")
+    totals = [r["noise_scale"] for r in evals]
+    axes[2].plot(steps, totals, "o-", color="C3")
+    axes[2].axhline(run.config.get("batch_size", 1), color="gray", ls="--", lw=1,
+                    label=f"batch size ({run.config.get('batch_size')} sequences)")
+    axes[2].set(xlabel="step", yscale="log",
+                title="gradient noise scale (whole model): the batch size\nat which the "
+                      "batch mean's noise equals its signal")
+    axes[2].legend()
+    axes[2].grid(alpha=0.3)
+    fig.suptitle(figure_title([run], "Gradient statistics over training"))
+    fig.tight_layout(rect=(0, 0.04 * (1 + len(names) // 7), 1, 1))   # room for the legend
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def outcome(run):
     """The numbers a run ended with: {status, metric name: value, ...} from its log."""
     evals, end = run.events("eval"), (run.events("end") or [{}])[-1]
@@ -282,6 +327,8 @@ def draw_all(run_dirs, out_dir):
     paths = [loss_curves(runs, os.path.join(out_dir, "loss.png"),
                          val_key="test_loss" if image_runs else "val_loss"),
              memory_bars(runs, os.path.join(out_dir, "memory.png"))]
+    if len(runs) == 1 and any(r.get("diagnostics") for r in runs[0].events("eval")):
+        paths.append(gradient_diagnostics(runs[0], os.path.join(out_dir, "diagnostics.png")))
     if image_runs:
         paths.append(accuracy_curves(runs, os.path.join(out_dir, "accuracy.png")))
         if len(runs) == 1 and "confusion" in (runs[0].events("eval") or [{}])[-1]:

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 import nanogpt_sai
 import optim
 import per_example
+import snr
 import vit_sai
 from cli import optimizer_names
 from fake_data import write_corpus
 from nanogpt_sai import GPT, Config
-from run_helpers import records
+from run_helpers import is_png, records
 
 CFG = dataclasses.replace(Config(), n_layer=1, n_head=2, n_embd=8, block_size=6)
 VOCAB, B = 11, 5
@@ -259,3 +260,41 @@ def test_the_vit_refuses_per_example_optimizers_and_all_means_the_seven(capsys):
     assert vit_sai.main(["--optimizer=sign_sgd", "--device=cpu"]) == 2
     assert "nanogpt_sai.py only" in capsys.readouterr().err
     assert optimizer_names("all") == list(optim.OPTIMIZERS)
+
+
+def test_block_diagnostics_follow_their_definitions():
+    """g-SNR equals SGD-SaI's statistic and its sqrt((n-1) + n mean^2/std^2) identity; the
+    per-example SNR is snr.py's; SNR x noise scale = batch size."""
+    model = make_model()
+    x, y = batch(6)
+    stats, _ = per_example.batch_statistics(model, loss_of, x, y, write_grad=False)
+    assert all(p.grad is None for p in model.parameters())
+    grads, _ = per_example.example_gradients(model, loss_of, x, y)
+    snr_table = snr.gradient_snr(grads)
+    diagnostics = per_example.block_diagnostics(model, stats)
+    for name, p in model.named_parameters():
+        d = diagnostics[name]
+        assert d["gsnr"] == pytest.approx(optim.sai_scale(stats.mean[p], "gsnr", eps=0).item(),
+                                          rel=1e-6)
+        assert d["gsnr_identity"] == pytest.approx(d["gsnr"], rel=1e-9)
+        assert d["gsnr_per_sqrt_n"] == pytest.approx(d["gsnr"] / p.numel() ** 0.5, rel=1e-12)
+        assert d["example_snr"] == pytest.approx(snr_table[name][2], rel=1e-9)
+        assert d["example_snr"] * d["noise_scale"] == pytest.approx(B, rel=1e-9)
+
+
+def test_trainer_diagnostics_are_logged_at_each_evaluation_and_drawn(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert nanogpt_sai.main(TINY + corpus + ["--optimizer=sgd_sai", "--eval_interval=3",
+                                             "--diagnostics=True", f"--out_dir={out}"]) == 0
+    evals = [r for r in records(out) if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    names = [name for name, _ in nanogpt_sai.GPT(
+        nanogpt_sai.resolve_config(TINY + corpus), 60).named_parameters()]
+    for r in evals:
+        assert list(r["diagnostics"]) == names and r["noise_scale"] > 0
+    # SGD-SaI's frozen scales beside, from the first evaluation after the first step
+    assert "sai_scale" not in evals[0]["diagnostics"][names[0]]
+    scales = torch.load(out / "ckpt.pt")["optimizer"]["state"]
+    assert evals[-1]["diagnostics"][names[0]]["sai_scale"] == pytest.approx(
+        scales[names[0]]["scale"].item())
+    assert is_png(out / "diagnostics.png")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import cli
 import nanogpt_sai
 import optim
+import per_example
 import snr
 import sweep
 from fake_data import write_corpus
@@ -163,7 +164,7 @@ def test_per_example_snr_matches_a_loop_over_examples():
     model = make_model().double()
     xy = batches(1, batch=5)[0]
     x, y = xy[:, :-1], xy[:, 1:]
-    fast = snr.per_example_grads(model, loss_fn, x, y)
+    fast, _ = per_example.example_gradients(model, loss_fn, x, y)
     names = [name for name, _ in model.named_parameters()]
     slow = {name: [] for name in names}
     for i in range(len(x)):                                # one example at a time
@@ -187,8 +188,8 @@ def test_sai_scales_plotted_equal_those_the_optimizer_froze(rule):
     model = make_model()
     xy = batches(1, batch=6)[0]
     x, y = xy[:, :-1], xy[:, 1:]
-    per_example = snr.per_example_grads(model, loss_fn, x, y)
-    plotted = snr.sai_scales({n: g.mean(0) for n, g in per_example.items()})[rule]
+    grads, _ = per_example.example_gradients(model, loss_fn, x, y)
+    plotted = snr.sai_scales({n: g.mean(0) for n, g in grads.items()})[rule]
     opt = optim.SGDSaI(model.named_parameters(), lr=1e-3, sai_rule=rule)
     loss_fn(model(x), y).backward()                        # the batch gradient, as in training
     opt.step()

@@ -4,6 +4,7 @@ Sweeps and ablation studies: a grid of trainer settings x seeds, one process per
     python sweep.py --study=lr          # LR sensitivity of every optimizer, 3 seeds
     python sweep.py --study=sai_rule    # SGD-SaI's scale rules, each over its own LR range
     python sweep.py --study=batch       # 4x batch with the LR unscaled, sqrt- or linearly scaled
+    python sweep.py --study=per_example # sign placement and per-example preconditioners
     python sweep.py --trainer=nanogpt --grid="optimizer=adamw lr=1e-3,3e-3 | optimizer=sgd_sai \
 lr=1e-2" --seeds=1,2 --set="max_iters=300"   # any grid
 
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 import nanogpt_sai
+import optim
 import vit_sai
 from cli import (
     ConfigError,
@@ -54,8 +56,8 @@ TRAINERS = {"nanogpt": nanogpt_sai, "vit": vit_sai}
 
 @dataclass
 class SweepConfig:
-    study: str = option("", "a preset study: lr, sai_rule or batch (sets trainer, grid, "
-                            "seeds, set)")
+    study: str = option("", "a preset study: lr, sai_rule, batch or per_example (sets "
+                            "trainer, grid, seeds, set)")
     trainer: str = option("nanogpt", "nanogpt or vit")
     grid: str = option("", "settings to sweep, e.g. 'optimizer=adamw lr=1e-3,3e-3 | "
                            "optimizer=sgd_sai lr=1e-2'")
@@ -93,11 +95,20 @@ STUDIES = {
     # tenth of them), the LR of the base run (the trainer's default) multiplied by 1 (none),
     # sqrt(4) = 2 or 4 (linear)
     "batch": dict(grid=" | ".join(
-        [f"optimizer={o} batch_size=12 max_iters=400 warmup_iters=40 lr={lr:g}"
-         for o, lr in DEFAULT_LR["cpu"].items()]
+        [f"optimizer={o} batch_size=12 max_iters=400 warmup_iters=40 lr={DEFAULT_LR['cpu'][o]:g}"
+         for o in optim.OPTIMIZERS]
         + [f"optimizer={o} batch_size=48 max_iters=100 warmup_iters=10 "
-           f"lr={lr:g},{2 * lr:g},{4 * lr:g}" for o, lr in DEFAULT_LR["cpu"].items()]),
+           f"lr={lr:g},{2 * lr:g},{4 * lr:g}"
+           for o, lr in ((o, DEFAULT_LR["cpu"][o]) for o in optim.OPTIMIZERS)]),
         seeds="1,2", set="eval_interval=25 eval_iters=20 log_interval=25"),
+    # arXiv 2510.00236's two questions at the baby size: where the sign goes (sign_sgd), and
+    # what Adam's second moment is built from (adam_pe; "batch" is Adam itself), each over its
+    # LR range. Each step is ~1.7x a plain one (the per-example pass).
+    "per_example": dict(grid=" | ".join(
+        [f"optimizer=sign_sgd sign_placement={p} lr=3e-4,1e-3,3e-3,1e-2"
+         for p in optim.SIGN_PLACEMENTS]
+        + [f"optimizer=adam_pe preconditioner={p} lr=1e-3,3e-3,1e-2"
+           for p in optim.PRECONDITIONERS]), seeds="1,2,3", set=BABY),
 }
 
 

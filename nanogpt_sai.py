@@ -297,8 +297,8 @@ def train(cfg):
         ckpt = load_checkpoint(run_dir, net, opt, scaler, par, **data_facts)
         batch_gen.set_state(ckpt["batch_gen"])
         it, train_s, best_val = ckpt["step"], ckpt["train_s"], ckpt["best_val"]
-    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"),
-                     resume_step=it if cfg.resume else None) if par.main else None
+    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if par.main else None,
+                     resume_step=it if cfg.resume else None)
     if par.main:
         n_params = write_run_info(run_dir, cfg, model, par, **data_facts)
         print(f"{n_params / 1e6:.2f}M parameters | {cfg.optimizer} lr {cfg.lr:g} | {device} "
@@ -360,14 +360,6 @@ def train(cfg):
         save_checkpoint(run_dir, net, opt, scaler, cfg, par, batch_gen=batch_gen.get_state(),
                         step=it, train_s=clock.pause(), best_val=best_val)
 
-    def record(**fields):   # a metrics line (rank 0)
-        if log:
-            log.write(**fields)
-
-    def say(text, **kwargs):   # a console line (rank 0)
-        if par.main:
-            bar.write(text, **kwargs)
-
     per_example_step = optim.takes_per_example(opt)
 
     def sequence_loss(out, y):   # one sequence's loss, as GPT.forward computes the batch's
@@ -377,6 +369,7 @@ def train(cfg):
     status, resumed_at = "finished", it if cfg.resume else None
     bar = tqdm(total=cfg.max_iters, initial=it, disable=None if par.main else True,
                dynamic_ncols=True, leave=False)
+    say = bar.write if par.main else (lambda *args, **kwargs: None)   # console lines
     mine = parallel.my_micro_batches(cfg.grad_accum, par)   # which micro-batches this rank trains
     # The loop reads nothing back from the GPU between log lines: the loss stays a device tensor
     # (read at the log interval, as nanoGPT does), a non-finite one is remembered on the device
@@ -401,13 +394,13 @@ def train(cfg):
                     status = "diverged"
                     break
                 best_val = min(best_val, result["val"])
-                record(event="eval", step=it, train_loss=result["train"],
-                       val_loss=result["val"], best_val_loss=best_val, lr=lr,
-                       tokens=it * tokens_per_step, train_s=train_s,
-                       wall_s=time.time() - t_start, sample=result.get("sample"),
-                       diagnostics=result.get("diagnostics"),
-                       noise_scale=result.get("noise_scale"),
-                       **memory_fields(model, opt, device, par))
+                log.write(event="eval", step=it, train_loss=result["train"],
+                          val_loss=result["val"], best_val_loss=best_val, lr=lr,
+                          tokens=it * tokens_per_step, train_s=train_s,
+                          wall_s=time.time() - t_start, sample=result.get("sample"),
+                          diagnostics=result.get("diagnostics"),
+                          noise_scale=result.get("noise_scale"),
+                          **memory_fields(model, opt, device, par))
                 say(f"step {it}: train loss {result['train']:.4f}, val loss "
                     f"{result['val']:.4f}" + (f", sample {result['sample'][:60]!r}"
                                               if "sample" in result else ""))
@@ -465,9 +458,9 @@ def train(cfg):
                 ms = 1000 * (train_s - logged_s) / (it - logged_it)
                 logged_s, logged_it = train_s, it
                 mem = memory_fields(model, opt, device, par)
-                record(event="train", step=it, loss=loss, lr=lr, ms=ms,
-                       tokens=it * tokens_per_step, train_s=train_s,
-                       wall_s=time.time() - t_start, **mem)
+                log.write(event="train", step=it, loss=loss, lr=lr, ms=ms,
+                          tokens=it * tokens_per_step, train_s=train_s,
+                          wall_s=time.time() - t_start, **mem)
                 say(f"iter {it} | loss {loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
                     f"{tokens_per_step * 1000 / ms:,.0f} tok/s | state "
                     f"{mem['state_bytes'] / (2 * mem['param_bytes']):.2f}x AdamW")
@@ -479,7 +472,7 @@ def train(cfg):
                     save()
                 break
     bar.close()
-    record(event="end", step=it, status=status, train_s=clock.pause())
+    log.write(event="end", step=it, status=status, train_s=clock.pause())
     if status == "finished" and cfg.sample_tokens:
         model.eval()
         text = sample(cfg.sample_tokens)   # on every rank: FSDP2 gathers in each forward
@@ -487,9 +480,9 @@ def train(cfg):
             print(f"--- sample ---\n{text}\n--------------")
             with open(os.path.join(run_dir, "sample.txt"), "w") as f:
                 f.write(text)
+    log.close()
     if not par.main:
         return parallel.finish(EXIT_STATUS[status], par)
-    log.close()
     return parallel.finish(report_end(status, it, run_dir, "nanogpt_sai.py"), par)
 
 

@@ -209,9 +209,13 @@ class StopOnCtrlC:
 class MetricsLog:
     """Append-only JSONL, one object per line, flushed each write so `plots/` can read it live.
     On resume, lines past the checkpoint's step and the old end line are dropped: the run goes on
-    from the checkpoint and recomputes them. A damaged log is a ConfigError, the file untouched."""
+    from the checkpoint and recomputes them. A damaged log is a ConfigError, the file untouched.
+    path None (ranks other than 0 under torchrun): writes nothing."""
 
     def __init__(self, path, resume_step=None):
+        self.file = None
+        if path is None:
+            return
         if resume_step is not None and os.path.exists(path):
             with open(path) as f:
                 # a line without its newline was torn by a crash; it is past the checkpoint anyway
@@ -231,11 +235,13 @@ class MetricsLog:
         self.file = open(path, "a")
 
     def write(self, **record):
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
     def close(self):
-        self.file.close()
+        if self.file:
+            self.file.close()
 
 
 def memory_fields(model, optimizer, device, par):

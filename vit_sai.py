@@ -232,8 +232,8 @@ def train(cfg):
         shuffle_gen.set_state(ckpt["shuffle_gen"])
         order = ckpt["order"]
         it, train_s, best_acc = ckpt["step"], ckpt["train_s"], ckpt["best_acc"]
-    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"),
-                     resume_step=it if cfg.resume else None) if par.main else None
+    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if par.main else None,
+                     resume_step=it if cfg.resume else None)
     if par.main:
         n_params = write_run_info(run_dir, cfg, model, par, warmup_iters=warmup_iters,
                                   classes=data.classes, **data_facts)
@@ -288,17 +288,10 @@ def train(cfg):
         save_checkpoint(run_dir, net, opt, scaler, cfg, par, shuffle_gen=shuffle_gen.get_state(),
                         order=order, step=it, train_s=clock.pause(), best_acc=best_acc)
 
-    def record(**fields):   # a metrics line (rank 0)
-        if log:
-            log.write(**fields)
-
-    def say(text, **kwargs):   # a console line (rank 0)
-        if par.main:
-            bar.write(text, **kwargs)
-
     status, resumed_at = "finished", it if cfg.resume else None
     bar = tqdm(total=total_steps, initial=it, disable=None if par.main else True,
                dynamic_ncols=True, leave=False)
+    say = bar.write if par.main else (lambda *args, **kwargs: None)   # console lines
     # Nothing is read back from the GPU between log lines (see nanogpt_sai.py): losses are summed
     # on the device, a non-finite one is remembered there, and the clock syncs only when read.
     clock = TrainClock(device, seconds=train_s)   # training time: evaluations excluded
@@ -321,11 +314,11 @@ def train(cfg):
                     break
                 best_acc = max(best_acc, test_acc)
                 epoch_mean = parallel.sum_over_ranks(epoch_loss, par).item() / max(epoch_steps, 1)
-                record(event="eval", step=it, epoch=it / steps_per_epoch,
-                       train_loss=epoch_mean if epoch_steps else None,
-                       test_loss=test_loss, test_acc=test_acc, best_test_acc=best_acc, lr=lr,
-                       samples=it * cfg.batch_size, train_s=train_s, confusion=confusion,
-                       wall_s=time.time() - t_start, **memory_fields(model, opt, device, par))
+                log.write(event="eval", step=it, epoch=it / steps_per_epoch,
+                          train_loss=epoch_mean if epoch_steps else None,
+                          test_loss=test_loss, test_acc=test_acc, best_test_acc=best_acc, lr=lr,
+                          samples=it * cfg.batch_size, train_s=train_s, confusion=confusion,
+                          wall_s=time.time() - t_start, **memory_fields(model, opt, device, par))
                 say(f"epoch {it / steps_per_epoch:.2f}: test loss {test_loss:.4f}, "
                     f"test accuracy {100 * test_acc:.2f}%")
                 epoch_loss, epoch_steps = torch.zeros((), device=device), 0
@@ -372,9 +365,9 @@ def train(cfg):
                 ms = 1000 * (train_s - logged_s) / (it - logged_it)
                 logged_s, logged_it = train_s, it
                 mem = memory_fields(model, opt, device, par)
-                record(event="train", step=it, loss=step_loss, lr=lr, ms=ms,
-                       epoch=it / steps_per_epoch, samples=it * cfg.batch_size,
-                       train_s=train_s, wall_s=time.time() - t_start, **mem)
+                log.write(event="train", step=it, loss=step_loss, lr=lr, ms=ms,
+                          epoch=it / steps_per_epoch, samples=it * cfg.batch_size,
+                          train_s=train_s, wall_s=time.time() - t_start, **mem)
                 say(f"iter {it} | loss {step_loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
                     f"{cfg.batch_size * 1000 / ms:,.0f} img/s | state "
                     f"{mem['state_bytes'] / (2 * mem['param_bytes']):.2f}x AdamW")
@@ -386,10 +379,10 @@ def train(cfg):
                     save()
                 break
     bar.close()
-    record(event="end", step=it, status=status, train_s=clock.pause())
+    log.write(event="end", step=it, status=status, train_s=clock.pause())
+    log.close()
     if not par.main:
         return parallel.finish(EXIT_STATUS[status], par)
-    log.close()
     return parallel.finish(report_end(status, it, run_dir, "vit_sai.py"), par)
 
 

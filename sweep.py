@@ -103,12 +103,17 @@ STUDIES = {
         seeds="1,2", set="eval_interval=25 eval_iters=20 log_interval=25"),
     # arXiv 2510.00236's two questions at the baby size: where the sign goes (sign_sgd), and
     # what Adam's second moment is built from (adam_pe; "batch" is Adam itself), each over its
-    # LR range. Each step is ~1.7x a plain one (the per-example pass).
+    # LR range (grids extended where a first run's best lr was at an edge: the mean of signs
+    # takes larger steps, signum smaller). Each step is ~1.7x a plain one (the per-example pass).
     "per_example": dict(grid=" | ".join(
-        [f"optimizer=sign_sgd sign_placement={p} lr=3e-4,1e-3,3e-3,1e-2"
-         for p in optim.SIGN_PLACEMENTS]
-        + [f"optimizer=adam_pe preconditioner={p} lr=1e-3,3e-3,1e-2"
-           for p in optim.PRECONDITIONERS]), seeds="1,2,3", set=BABY),
+        [f"optimizer=sign_sgd sign_placement={p} lr={lrs}" for p, lrs in (
+            ("sign_of_mean", "3e-4,1e-3,3e-3,1e-2"),
+            ("mean_of_signs", "3e-4,1e-3,3e-3,1e-2,3e-2,1e-1"),
+            ("signum", "3e-5,1e-4,3e-4,1e-3,3e-3,1e-2"))]
+        + [f"optimizer=adam_pe preconditioner={p} lr={lrs}" for p, lrs in (
+            ("batch", "1e-3,3e-3,1e-2"), ("mean_sq", "1e-3,3e-3,1e-2"),
+            ("variance", "3e-4,1e-3,3e-3,1e-2"), ("second_moment", "1e-3,3e-3,1e-2"))]),
+        seeds="1,2,3", set=BABY),
 }
 
 

@@ -20,6 +20,8 @@ import optim
 from data.files import CACHE_DIR
 from plots.figures import compare_table, draw_all
 
+SCHEDULES = ("cosine", "linear", "wsd", "wsd_sqrt")   # train_helpers.lr_at draws each
+
 
 class ConfigError(ValueError):
     """A bad command line: the trainers print its message as one line and exit with status 2."""
@@ -103,7 +105,13 @@ class RunOptions:
     optimizer: str = option("sgd_sai", f"{', '.join(optim.OPTIMIZERS)}, a comma-separated list "
                                        "of them, or all (compare)")
     lr: float = option(0.0, "peak learning rate; 0 = the optimizer's default (DEFAULT_LR)")
-    min_lr_ratio: float = option(0.1, "cosine decays the lr to lr * min_lr_ratio")
+    schedule: str = option("cosine", "lr decay after the warmup: cosine, linear, wsd "
+                                     "(warmup-stable-decay, linear cool-down) or wsd_sqrt "
+                                     "(1 - sqrt cool-down)")
+    cooldown: float = option(0.2, "wsd / wsd_sqrt: the fraction of the decay steps that cools "
+                                  "down (the rest stays at the peak lr)")
+    min_lr_ratio: float = option(0.1, "the decay ends at lr * min_lr_ratio (0 with "
+                                      "--schedule=linear: linear decay to zero)")
     weight_decay: float = option(0.1, "decoupled weight decay of matrices and embeddings")
     beta1: float = option(0.9, "AdamW/Adam-mini/APOLLO beta1; SGD-SaI momentum")
     beta2: float = option(0.99, "AdamW/Adam-mini/APOLLO beta2")
@@ -160,6 +168,12 @@ def read_config(config_cls, argv, usage):
     if cfg.warmup_iters < -1:
         raise ConfigError(f"--warmup_iters must be >= 0 (or -1: 5% of the run), got "
                           f"{cfg.warmup_iters}")
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got "
+                          f"{cfg.schedule!r}")
+    if not 0 < cfg.cooldown <= 1:
+        raise ConfigError(f"--cooldown must be in (0, 1] (a fraction of the decay steps), got "
+                          f"{cfg.cooldown}")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise ConfigError(f"--min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     for key in ("beta1", "beta2"):

@@ -52,8 +52,8 @@ class Config(RunOptions):
     block_size: int = option(64, "context length in tokens")
     bias: bool = option(False, "biases in Linear and LayerNorm layers")
     dropout: float = option(0.0, "dropout probability")
-    # training (the optimizer's options are RunOptions'; the cosine's length is GPT-only)
-    lr_decay_iters: int = option(0, "cosine length in steps; 0 = max_iters")
+    # training (the optimizer's options are RunOptions'; the decay's length is GPT-only)
+    lr_decay_iters: int = option(0, "step at which the lr decay ends; 0 = max_iters")
     batch_size: int = option(12, "sequences per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     max_iters: int = option(2000, "optimizer steps")
@@ -381,7 +381,8 @@ def train(cfg):
     with StopOnCtrlC(par) as stop:   # under torchrun: agreed by all ranks (below)
         while True:
             # the learning rate of this step
-            lr = lr_at(it, cfg.lr, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr_ratio)
+            lr = lr_at(it, cfg.lr, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr_ratio,
+                       cfg.schedule, cfg.cooldown)
             for group in opt.param_groups:
                 group["lr"] = lr
 

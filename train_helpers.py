@@ -25,14 +25,24 @@ from plots.figures import FALLBACK_SOURCES, draw_all, run_summary
 EXIT_STATUS = {"finished": 0, "stopped": 130, "diverged": 3}
 
 
-def lr_at(it, lr, warmup_iters, decay_iters, min_lr_ratio):
-    """Linear warmup for warmup_iters, then cosine from lr down to lr * min_lr_ratio at
-    decay_iters (and flat after)."""
+def lr_at(it, lr, warmup_iters, decay_iters, min_lr_ratio, schedule="cosine", cooldown=0.2):
+    """The lr of step `it`: linear warmup for warmup_iters, then down to lr * min_lr_ratio at
+    decay_iters (and flat after) by `schedule`:
+      cosine     half a cosine over the whole decay
+      linear     a straight line over the whole decay (with min_lr_ratio 0: linear to zero)
+      wsd        warmup-stable-decay: the peak lr until the last `cooldown` fraction of the
+                 decay, then a straight line down
+      wsd_sqrt   the same with the 1 - sqrt cool-down (Hagele et al. 2024): faster at first"""
     if it < warmup_iters:
         return lr * (it + 1) / (warmup_iters + 1)
     progress = min(1.0, (it - warmup_iters) / max(1, decay_iters - warmup_iters))
+    if schedule in ("wsd", "wsd_sqrt"):   # progress through the cool-down
+        progress = max(0.0, progress - (1 - cooldown)) / cooldown
+    fraction_left = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)),
+                     "linear": 1 - progress, "wsd": 1 - progress,
+                     "wsd_sqrt": 1 - math.sqrt(progress)}[schedule]
     min_lr = lr * min_lr_ratio
-    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
+    return min_lr + fraction_left * (lr - min_lr)
 
 
 def maybe_compile(model, enabled, trial):
@@ -331,12 +341,17 @@ def unwritable(run_dir, err):
 
 def write_run_info(run_dir, cfg, model, par, **facts):
     """run.json: what the figures were measured on (the processes too: world size, backend and
-    mode under torchrun). Returns the parameter count."""
+    mode under torchrun), and the model's size: all parameters and those outside the token and
+    position embeddings (Kaplan et al.'s non-embedding count). Returns the parameter count."""
     n_params = sum(p.numel() for p in model.parameters())   # of the whole model, also sharded
+    kinds = model.param_kinds()
+    non_embedding = sum(p.numel() for p in model.parameters()
+                        if kinds.get(p) not in ("embedding", "position"))
     with open(os.path.join(run_dir, "run.json"), "w") as f:
         json.dump(dict(device=cfg.device, dtype=cfg.dtype, torch=torch.__version__,
                        python=platform.python_version(), cpus=os.cpu_count(),
-                       threads=torch.get_num_threads(), n_params=n_params, argv=sys.argv,
+                       threads=torch.get_num_threads(), n_params=n_params,
+                       n_params_non_embedding=non_embedding, argv=sys.argv,
                        world_size=par.world, backend=par.backend, parallel=par.mode,
                        **facts), f, indent=1)
     return n_params

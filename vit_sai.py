@@ -54,7 +54,7 @@ class Config(RunOptions):
     pool: str = option("cls", "cls (class token) or mean (average of patch tokens)")
     dropout: float = option(0.0, "dropout probability")
     # optimizer: the ViT's defaults of shared options
-    min_lr_ratio: float = option(0.01, "cosine decays the lr to lr * min_lr_ratio")
+    min_lr_ratio: float = option(0.01, "the decay ends at lr * min_lr_ratio")
     weight_decay: float = option(0.05, "decoupled weight decay of matrices and embeddings")
     # training
     label_smoothing: float = option(0.1, "cross-entropy label smoothing")
@@ -301,7 +301,8 @@ def train(cfg):
     t_start = time.time()
     with StopOnCtrlC(par) as stop:   # under torchrun: agreed by all ranks (below)
         while True:
-            lr = lr_at(it, cfg.lr, warmup_iters, total_steps, cfg.min_lr_ratio)
+            lr = lr_at(it, cfg.lr, warmup_iters, total_steps, cfg.min_lr_ratio, cfg.schedule,
+                       cfg.cooldown)
             for group in opt.param_groups:
                 group["lr"] = lr
 

@@ -17,6 +17,7 @@ DATA_NAMES = {"tinyshakespeare": "tiny shakespeare", "pydoc_topics": "Python's r
               "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "digits": "rendered digits",
               "shakespeare_char": "tiny shakespeare", "shakespeare": "tiny shakespeare"}
 FALLBACK_SOURCES = ("pydoc_topics", "digits")   # what data.text / data.images use offline
+COMPUTE_OPTIMAL_TOKENS_PER_PARAM = 20   # Chinchilla (Hoffmann et al. 2022)
 
 
 def is_vit_config(config):
@@ -49,18 +50,20 @@ class Run:
 
     @property
     def regime(self):
-        """Model size and training budget, e.g. 'GPT 0.83M parameters, 2,000 steps of 768
-        tokens (1.5M tokens, 1.8 per parameter)'."""
-        n = self.info.get("n_params", 0)
+        """Model size and training budget, e.g. 'GPT 0.83M parameters (0.82M non-embedding),
+        2,000 steps of 768 tokens (1.5M tokens, 1.8 per parameter = 0.09x compute-optimal)'."""
+        r = regime_facts(self.config, self.info)
         c = self.config
+        size = f"{r['n_params'] / 1e6:.2f}M parameters"
         if self.is_vit:
             length = (f"{c['max_iters']:,} steps" if c["max_iters"] else
                       f"{c['epochs']} epochs of {self.info.get('n_train', 0):,} images")
-            return f"ViT {n / 1e6:.2f}M parameters, {length}, batch {c['batch_size']}"
-        per_step = c["batch_size"] * c["block_size"] * c["grad_accum"]
-        tokens = c["max_iters"] * per_step
-        return (f"GPT {n / 1e6:.2f}M parameters, {c['max_iters']:,} steps of {per_step:,} tokens "
-                f"({tokens / 1e6:.2g}M tokens, {tokens / max(n, 1):.2g} per parameter)")
+            return (f"ViT {size}, {length}, batch {c['batch_size']} ({r['seen'] / 1e6:.2g}M "
+                    f"images, {r['per_param']:.2g} per parameter)")
+        return (f"GPT {size} ({r['n_params_non_embedding'] / 1e6:.2f}M non-embedding), "
+                f"{c['max_iters']:,} steps of {r['per_step']:,} tokens ({r['seen'] / 1e6:.2g}M "
+                f"tokens, {r['per_param']:.2g} per parameter = {r['x_optimal']:.2g}x "
+                "compute-optimal)")
 
     @property
     def label(self):
@@ -79,6 +82,26 @@ class Run:
 
     def events(self, kind):
         return [r for r in self.records if r["event"] == kind]
+
+
+def regime_facts(config, info):
+    """How much a run trains for its size, from its config.json and run.json: parameters (all,
+    and outside the embeddings), tokens (GPT) or images (ViT) per step and in all, per
+    parameter, and for the GPT the multiple of the compute-optimal 20 tokens per parameter
+    (Hoffmann et al. 2022)."""
+    n = info.get("n_params", 0)
+    if is_vit_config(config):   # an epoch's last batch may be short
+        per_step = config["batch_size"]
+        seen = (config["max_iters"] * per_step if config["max_iters"] else
+                config["epochs"] * info.get("n_train", 0))
+    else:
+        per_step = config["batch_size"] * config["block_size"] * config["grad_accum"]
+        seen = config["max_iters"] * per_step
+    facts = dict(n_params=n, n_params_non_embedding=info.get("n_params_non_embedding", n),
+                 per_step=per_step, seen=seen, per_param=seen / max(n, 1))
+    if not is_vit_config(config):
+        facts["x_optimal"] = facts["per_param"] / COMPUTE_OPTIMAL_TOKENS_PER_PARAM
+    return facts
 
 
 def read_run(path):

@@ -339,9 +339,7 @@ def train(cfg):
             for p, name in zip(model.parameters(), out["diagnostics"]):
                 if "scale" in opt.state.get(p, {}):
                     out["diagnostics"][name]["sai_scale"] = opt.state[p]["scale"].item()
-            total = sum(statistics.mean[p].double().square().sum() for p in statistics.mean)
-            out["noise_scale"] = (sum(statistics.sq_mean[p].double().sum()
-                                      for p in statistics.mean) - total).item() / total.item()
+            out["noise_scale"] = per_example.noise_scale(statistics)
         # a sample from its own generator (training's RNG stream is untouched); none from a
         # model whose loss is not finite (its probabilities are not)
         if cfg.eval_sample_tokens and math.isfinite(out["train"] + out["val"]):

@@ -80,14 +80,32 @@ def batch_statistics(model, loss_of, inputs, targets, chunk=None, write_grad=Tru
     return BatchStatistics(**by_param, n=n), torch.stack(chunk_losses).sum() / n
 
 
+def noise_scale(statistics, params=None):
+    """McCandlish et al. (2018)'s simple noise scale B_simple = tr(Sigma) / |G|^2 over `params`
+    (default: all), with Sigma the per-example gradients' covariance and G the true gradient:
+    the batch size at which the batch mean's noise equals its signal. Both from the batch's
+    statistics without bias (float64):
+        tr(Sigma) = B / (B - 1) * mean_i ||g_i - g||^2    (= sum sq_mean - ||g||^2, times B/(B-1))
+        |G|^2     = ||g||^2 - tr(Sigma) / B              (||g||^2 is high by the mean's variance)
+    inf when the |G|^2 estimate is not positive (this batch's noise hides the signal)."""
+    params = list(statistics.mean) if params is None else params
+    b = statistics.n
+    if b < 2:
+        raise ValueError("the noise scale needs per-example gradients of >= 2 examples")
+    signal = sum(statistics.mean[p].double().square().sum().item() for p in params)
+    spread = max(sum(statistics.sq_mean[p].double().sum().item() for p in params) - signal, 0.0)
+    trace = b / (b - 1) * spread
+    true_signal = signal - trace / b
+    return trace / true_signal if true_signal > 0 else math.inf
+
+
 def block_diagnostics(model, statistics):
     """{name: {...}} per parameter tensor, from a batch's statistics (float64):
       gsnr            ||g|| / std(g) of the mean gradient g: SGD-SaI's statistic, now at any step
       gsnr_identity   sqrt((n - 1) + n mean(g)^2 / std(g)^2), n its numel: the same number
       gsnr_per_sqrt_n gsnr / sqrt(n): 1 unless the tensor's mean gradient rivals its spread
       example_snr     ||g||^2 / noise, noise = (1/B) mean_i ||g_i - g||^2 (snr.py's)
-      noise_scale     mean_i ||g_i - g||^2 / ||g||^2: the batch size at which the batch mean's
-                      noise equals its signal (McCandlish et al. 2018's B_simple)"""
+      noise_scale     the block's B_simple (noise_scale above)"""
     out = {}
     for name, p in model.named_parameters():
         if p not in statistics.mean:
@@ -103,5 +121,5 @@ def block_diagnostics(model, statistics):
             if std > 0 else math.inf,
             gsnr_per_sqrt_n=math.sqrt(signal / n) / std if std > 0 else math.inf,
             example_snr=signal * b / spread if spread > 0 else math.inf,
-            noise_scale=spread / signal if signal > 0 else math.inf)
+            noise_scale=noise_scale(statistics, [p]))
     return out

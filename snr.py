@@ -15,7 +15,9 @@ a block (torch.func: vmap over grad) and their mean g (the batch gradient the op
                                                           the variance of the batch mean)
     SNR    = signal / noise
 
-SNR > 1 means the batch gradient's direction is mostly signal. The figure asks whether SaI's
+SNR > 1 means the batch gradient's direction is mostly signal. Printed too: the noise scale of
+the whole model, B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018), the batch size below
+which gradient noise dominates a step. The figure asks whether SaI's
 within-tensor statistic tracks this across-example one (Spearman rank correlation in the title).
 Writes snr.csv, snr.md and snr.png to out_dir.
 """
@@ -138,6 +140,9 @@ def main(argv):
     with open(os.path.join(cfg.out_dir, "snr.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    statistics, _ = per_example.batch_statistics(model, loss_fn, x, y, write_grad=False)
+    print(f"noise scale of the whole model (B_simple, per_example.noise_scale): "
+          f"{per_example.noise_scale(statistics):.3g} examples")
     print(f"wrote {snr_figure(rows, os.path.join(cfg.out_dir, 'snr.png'), cfg.batch_size)}")
     return 0
 

@@ -3,8 +3,11 @@ Sweeps and ablation studies: a grid of trainer settings x seeds, one process per
 
     python sweep.py --study=lr          # LR sensitivity of every optimizer, 3 seeds
     python sweep.py --study=sai_rule    # SGD-SaI's scale rules, each over its own LR range
-    python sweep.py --study=batch       # 4x batch with the LR unscaled, sqrt- or linearly scaled
     python sweep.py --study=per_example # sign placement and per-example preconditioners
+    python sweep.py --study=tune        # lr x weight decay per optimizer, then its best on 3 seeds
+    python sweep.py --study=vit_tune    # the same for the ViT (3 epochs)
+    python sweep.py --study=duration    # the tuned settings at 5 training lengths (250..4000 steps)
+    python sweep.py --study=batch       # batch 3..24 at equal tokens, lr rules none/sqrt/linear
     python sweep.py --trainer=nanogpt --grid="optimizer=adamw lr=1e-3,3e-3 | optimizer=sgd_sai \
 lr=1e-2" --seeds=1,2 --set="max_iters=300"   # any grid
 
@@ -15,8 +18,18 @@ is its own), into
 starts. Re-running skips finished and diverged runs and resumes crashed ones from their
 checkpoint; a run directory that holds a run made with other options (a changed --set, a changed
 default) is refused, never reported as the new result. runs.jsonl records every run's status;
-summary.md and summary.csv aggregate over seeds (mean and standard deviation); the study's
-figures are drawn from the logs. Exit status: 0 when every run finished or diverged, 1 when one
+summary.md and summary.csv aggregate over seeds (mean and standard deviation), state the
+regime (parameters, tokens or images per parameter), and compare every setting with a baseline
+(--baseline, AdamW at its best by default) over paired seeds with a 95% t interval (stats.py);
+the study's figures are drawn from the logs.
+
+Tuning (--tune, --study=tune): per optimizer, lr x weight decay on a log lattice (lr x2, wd x3
+apart) from a 3 x 3 start around the trainer's defaults, one seed (--tune_seed); while the best
+trial lacks a tried neighbour on either axis the missing neighbours are run (at most --max_extra
+more trials: the summary says where that cap left a best value on an edge); then each
+optimizer's best setting runs on --seeds (fresh seeds: the tuning seed's result is the one it
+was chosen by, so it is biased low). tuned.json keeps the chosen settings, which the duration
+and batch studies read (--tuned). Exit status: 0 when every run finished or diverged, 1 when one
 crashed or none finished, 2 a bad command line.
 """
 import csv
@@ -36,7 +49,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 import nanogpt_sai
-import optim
+import stats
 import vit_sai
 from cli import (
     ConfigError,
@@ -48,7 +61,6 @@ from cli import (
     parse_args,
     run_in_process,
 )
-from nanogpt_sai import DEFAULT_LR
 from plots import studies
 
 TRAINERS = {"nanogpt": nanogpt_sai, "vit": vit_sai}
@@ -56,12 +68,24 @@ TRAINERS = {"nanogpt": nanogpt_sai, "vit": vit_sai}
 
 @dataclass
 class SweepConfig:
-    study: str = option("", "a preset study: lr, sai_rule, batch or per_example (sets "
-                            "trainer, grid, seeds, set)")
+    study: str = option("", "a preset study: tune, vit_tune, duration, batch, lr, sai_rule or "
+                            "per_example (sets trainer, grid or tune, seeds, set)")
     trainer: str = option("nanogpt", "nanogpt or vit")
     grid: str = option("", "settings to sweep, e.g. 'optimizer=adamw lr=1e-3,3e-3 | "
                            "optimizer=sgd_sai lr=1e-2'")
+    tune: str = option("", "optimizers to tune instead of a grid (comma-separated, or all): lr "
+                           "x weight decay for each, then its best on --seeds")
+    tuned: str = option("out/sweep-tune", "duration and batch studies: the tuning sweep whose "
+                                          "tuned.json gives each optimizer's lr and weight decay")
+    optimizers: str = option("", "duration and batch studies: which of the tuned optimizers "
+                                 "(comma-separated; default all)")
     seeds: str = option("1,2,3", "comma-separated seeds; every setting runs with each")
+    tune_seed: int = option(1337, "tuning: the one seed every lr x weight decay trial runs with")
+    max_extra: int = option(6, "tuning: trials an optimizer may add to its 3 x 3 start while its "
+                               "best sits on an edge")
+    baseline: str = option("optimizer=adamw", "compare every setting with the best one matching "
+                                              "these key=value pairs, over paired seeds ('' = "
+                                              "no comparison)")
     set: str = option("", "fixed trainer options for every run, e.g. 'max_iters=300' (with "
                           "--study: added to the study's)")
     sweep_dir: str = option("", "where runs and the summary go; default out/sweep-<study>")
@@ -71,11 +95,21 @@ class SweepConfig:
                                           "once the run has finished or diverged)")
 
 
-# The studies, at nanoGPT's CPU baby size (4 layers, 128 wide, block 64, batch 12), 400 steps:
-# under a minute per run on 2 CPU cores. LR grids are log-spaced (factors of ~3) around each
-# optimizer's usable range.
+# The older studies, at nanoGPT's CPU baby size (4 layers, 128 wide, block 64, batch 12), 400
+# steps: under a minute per run on 2 CPU cores, 0.4 tokens per parameter. LR grids are log-spaced
+# (factors of ~3) around each optimizer's usable range.
 BABY = ("max_iters=400 eval_interval=100 eval_iters=20 warmup_iters=40 log_interval=50 "
         "sample_tokens=0")
+# The tuned studies run nanoGPT's CPU benchmark (2,000 steps of 768 tokens, 1.9 tokens per
+# parameter) with 50 evaluation batches (less noise in the loss that picks the best trial) and
+# no text samples
+TUNE_SET = "sample_tokens=0 eval_sample_tokens=0 eval_iters=50 log_interval=100"
+# Batch study: the noise scale of the baby GPT is 1.4 sequences at initialisation and 9.5 after
+# 2,000 steps (README, "Gradient statistics over training"), so batches of 3 to 24 sequences
+# straddle it; every run sees the tokens of 2,000 steps of batch 12; the lr of batch 12 (tuned)
+# times (batch / 12) ** 0, 0.5 or 1
+BATCH_SIZES, BATCH_BASE, BATCH_BASE_STEPS = (3, 6, 12, 24), 12, 2000
+BATCH_RULES = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
 STUDIES = {
     "lr": dict(grid=" | ".join(
         [f"optimizer={name} lr=1e-3,3e-3,1e-2,3e-2"
@@ -90,17 +124,7 @@ STUDIES = {
         "optimizer=sgd_sai sai_rule=sqrt_numel lr=3e-3,1e-2,3e-2",
         "optimizer=sgd_sai sai_rule=gsnr_max lr=0.3,1.0,3.0,10.0",
         "optimizer=sgd_sai sai_rule=none lr=0.3,1.0,3.0,10.0"]), seeds="1,2",
-        set=BABY + " weight_decay=0.0"),
-    # base batch 12 for 400 steps vs batch 48 for 100 steps (the same tokens, warmup the same
-    # tenth of them), the LR of the base run (the trainer's default) multiplied by 1 (none),
-    # sqrt(4) = 2 or 4 (linear)
-    "batch": dict(grid=" | ".join(
-        [f"optimizer={o} batch_size=12 max_iters=400 warmup_iters=40 lr={DEFAULT_LR['cpu'][o]:g}"
-         for o in optim.OPTIMIZERS]
-        + [f"optimizer={o} batch_size=48 max_iters=100 warmup_iters=10 "
-           f"lr={lr:g},{2 * lr:g},{4 * lr:g}"
-           for o, lr in ((o, DEFAULT_LR["cpu"][o]) for o in optim.OPTIMIZERS)]),
-        seeds="1,2", set="eval_interval=25 eval_iters=20 log_interval=25"),
+        set=BABY + " weight_decay=0.0", baseline="sai_rule=gsnr"),
     # arXiv 2510.00236's two questions at the baby size: where the sign goes (sign_sgd), and
     # what Adam's second moment is built from (adam_pe; "batch" is Adam itself), each over its
     # LR range (grids extended where a first run's best lr was at an edge: the mean of signs
@@ -113,8 +137,59 @@ STUDIES = {
         + [f"optimizer=adam_pe preconditioner={p} lr={lrs}" for p, lrs in (
             ("batch", "1e-3,3e-3,1e-2"), ("mean_sq", "1e-3,3e-3,1e-2"),
             ("variance", "3e-4,1e-3,3e-3,1e-2"), ("second_moment", "1e-3,3e-3,1e-2"))]),
-        seeds="1,2,3", set=BABY),
+        seeds="1,2,3", set=BABY, baseline="preconditioner=batch"),
+    "tune": dict(tune="all", seeds="1,2,3", set=TUNE_SET),
+    # the ViT tuned at 3 epochs of Fashion-MNIST (its default run is 8: tuning all seven there
+    # is ~6 CPU hours), 1.3 images per parameter
+    "vit_tune": dict(trainer="vit", tune="all", seeds="1,2,3", set="epochs=3"),
+    # each optimizer at its tuned lr and weight decay, each length with its own full decay
+    # (warmup 5% of it, cosine to 10% at its last step), 16x from shortest to longest
+    "duration": dict(grid="{tuned} max_iters=250,500,1000,2000,4000", seeds="1,2,3",
+                     set=TUNE_SET),
+    # AdamW and SGD-SaI by default: the square-root rule is Adam's, the linear rule SGD's
+    "batch": dict(grid="{batch}", seeds="1,2,3", set=TUNE_SET, optimizers="adamw,sgd_sai",
+                  baseline=""),
 }
+# The tuning lattice: lr = centre * 2^i, weight decay = centre * 3^j, from i, j in -1, 0, 1
+LR_STEP, WD_STEP = 2.0, 3.0
+
+
+def read_tuned(cfg):
+    """{optimizer: {"lr": .., "weight_decay": ..}} from the tuning sweep's tuned.json, those of
+    --optimizers (default all)."""
+    path = os.path.join(cfg.tuned, "tuned.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"--tuned={cfg.tuned}: no tuned.json there; run python sweep.py "
+                          f"--study=tune --sweep_dir={cfg.tuned} first (or point --tuned at it)")
+    with open(path) as f:
+        tuned = json.load(f)
+    names = cfg.optimizers.split(",") if cfg.optimizers else list(tuned)
+    missing = [n for n in names if n not in tuned]
+    if missing:
+        raise ConfigError(f"--optimizers: {', '.join(missing)} not tuned in {path} (it has "
+                          f"{', '.join(tuned)})")
+    return {n: tuned[n] for n in names}
+
+
+def expand_grid(grid, cfg):
+    """A study's grid with its tuned settings filled in: '{tuned}' -> one sub-grid per optimizer
+    at its tuned lr and weight decay; '{batch}' -> the batch study's sizes and lr rules."""
+    if "{tuned}" not in grid and "{batch}" not in grid:
+        return grid
+    tuned = read_tuned(cfg)
+    parts = []
+    for name, t in tuned.items():
+        here = f"optimizer={name} weight_decay={t['weight_decay']}"
+        if "{tuned}" in grid:
+            parts.append(grid.replace("{tuned}", f"{here} lr={t['lr']}"))
+            continue
+        for batch in BATCH_SIZES:
+            steps = BATCH_BASE_STEPS * BATCH_BASE // batch      # the same tokens for every size
+            lrs = sorted({float(f"{float(t['lr']) * (batch / BATCH_BASE) ** k:.3g}")
+                          for k in BATCH_RULES.values()})
+            parts.append(f"{here} batch_size={batch} max_iters={steps} "
+                         f"lr={','.join(f'{lr:g}' for lr in lrs)}")
+    return " | ".join(parts)
 
 
 def parse_grid(text):
@@ -205,9 +280,42 @@ def run_one(trainer, run, threads, keep_checkpoint):
     return status or "crashed", f"exit {code}"
 
 
-def summarize(rows, sweep_dir):
-    """One line per setting: metrics as mean and sd over its seeds; diverged and crashed runs
-    counted (a setting with no finished run says which)."""
+def compared(row):
+    """The number comparisons are made in: final validation loss, or test accuracy in points."""
+    return row["final_val_loss"] if "final_val_loss" in row else 100 * row["final_test_acc"]
+
+
+def per_seed(rows):
+    """{seed: compared metric} of the finished runs among rows."""
+    return {r["seed"]: compared(r) for r in rows if r["status"] == "finished"}
+
+
+def baseline_group(groups, baseline):
+    """The key of the best group (by mean objective over its finished seeds) whose setting
+    matches every key=value of `baseline`; None without a baseline or a match."""
+    if not baseline:
+        return None
+    scored = []
+    for key, group in groups.items():
+        setting = json.loads(key)
+        values = [objective(r) for r in group if r["status"] == "finished"]
+        if values and all(setting.get(k) == v for k, v in baseline.items()):
+            scored.append((statistics.mean(values), key))
+    return min(scored)[1] if scored else None
+
+
+def regime_line(rows):
+    """What every run of these trained, and on what, for the top of a summary."""
+    context = studies.study_context(rows, same_regime=len({r.get("seen") for r in rows
+                                                            if r.get("seen")}) == 1)
+    return context.replace("\n", " ") or "(no run has a log yet)"
+
+
+def summarize(rows, sweep_dir, baseline, name="summary"):
+    """One line per setting: metrics as mean and sd over its seeds, tokens (or images) per
+    parameter, and the difference from the baseline setting over paired seeds with its 95% t
+    interval; diverged and crashed runs counted (a setting with no finished run says which).
+    Written to <name>.md and <name>.csv; returns the markdown."""
     groups = {}
     for row in rows:
         groups.setdefault(json.dumps(row["setting"]), []).append(row)
@@ -215,6 +323,7 @@ def summarize(rows, sweep_dir):
     image_runs = any("test_acc" in r for r in rows)
     metric_names = (["final_test_acc", "best_test_acc", "final_test_loss"] if image_runs
                     else ["final_val_loss", "best_val_loss"])
+    base = baseline_group(groups, baseline)
     table = []
     for key, group in groups.items():
         ok = [r for r in group if r["status"] == "finished"]
@@ -222,20 +331,34 @@ def summarize(rows, sweep_dir):
         line["seeds"] = len(group)
         line["diverged"] = sum(r["status"] == "diverged" for r in group)
         line["crashed"] = sum(r["status"] == "crashed" for r in group)
-        for name in metric_names + ["train_s"]:
-            values = [r[name] for r in ok if r.get(name) is not None]
-            line[name] = statistics.mean(values) if values else math.nan
-            line[name + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        for metric in metric_names + ["train_s"]:
+            values = [r[metric] for r in ok if r.get(metric) is not None]
+            line[metric] = statistics.mean(values) if values else math.nan
+            line[metric + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
         seen = [r for r in ok if r.get("seen")]
         line["seen"] = seen[0]["seen"] if seen else 0
+        line["per_param"] = seen[0]["seen"] / seen[0]["n_params"] if seen else 0.0
         line["state_bytes"] = ok[0]["state_bytes"] if ok else 0
+        if base:
+            diff = stats.paired_difference(per_seed(group), per_seed(groups[base]))
+            line["vs_baseline"] = ("baseline" if key == base else
+                                   stats.describe(diff, digits=2 if image_runs else 3))
+            line.update(diff_mean=diff["mean"], diff_low=diff["low"], diff_high=diff["high"])
         table.append(line)
-    with open(os.path.join(sweep_dir, "summary.csv"), "w", newline="") as f:
+    with open(os.path.join(sweep_dir, f"{name}.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
-    head = setting_keys + metric_names + ["seen", "train s", "state MiB", "seeds", "diverged"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    unit = "images" if image_runs else "tokens"
+    head = (setting_keys + metric_names + (["vs baseline"] if base else [])
+            + ["seen", f"{unit}/param", "train s", "state MiB", "seeds", "diverged"])
+    lines = [f"Regime: {regime_line(rows)}.", ""]
+    if base:
+        where = " ".join(f"{k}={v}" for k, v in json.loads(base).items())
+        lines += [f"Baseline: {where} (the best setting matching --baseline); differences are "
+                  f"this row's {'test accuracy (points)' if image_runs else 'final val loss'} "
+                  "minus the baseline's over the seeds both ran, with a 95% t interval.", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in table:
         cells = [str(t[k]) for k in setting_keys]
         no_result = ("diverged" if t["diverged"] == t["seeds"] else
@@ -244,11 +367,53 @@ def summarize(rows, sweep_dir):
             scale = 100 if "acc" in m else 1
             cells.append(f"{scale * t[m]:.4g} ± {scale * t[m + '_sd']:.2g}"
                          if not math.isnan(t[m]) else no_result)
-        cells += [f"{t['seen']:,}", f"{t['train_s']:.1f}", f"{t['state_bytes'] / 2**20:.2f}",
-                  str(t["seeds"]), f"{t['diverged']}" + (f" (+{t['crashed']} crashed)"
-                                                         if t["crashed"] else "")]
+        cells += [t["vs_baseline"]] if base else []
+        cells += [f"{t['seen']:,}", f"{t['per_param']:.2g}", f"{t['train_s']:.1f}",
+                  f"{t['state_bytes'] / 2**20:.2f}", str(t["seeds"]),
+                  f"{t['diverged']}" + (f" (+{t['crashed']} crashed)" if t["crashed"] else "")]
         lines.append("| " + " | ".join(cells) + " |")
-    with open(os.path.join(sweep_dir, "summary.md"), "w") as f:
+    with open(os.path.join(sweep_dir, f"{name}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def tune_summary(report, finals, sweep_dir, baseline):
+    """tune.md: per optimizer, the trials spent, the chosen lr and weight decay, where the search
+    ended (an edge it could not leave is named), the final metric over the fresh seeds (mean ±
+    sd) and its difference from the baseline optimizer over paired seeds (95% t interval)."""
+    by_name = {}
+    for row in finals:
+        by_name.setdefault(row["setting"]["optimizer"], []).append(row)
+    base = by_name.get((baseline or {}).get("optimizer"))
+    image_runs = any("test_acc" in r for r in finals)
+    metric = "final test accuracy %" if image_runs else "final val loss"
+    head = ["optimizer", "trials", "lr", "weight decay", "search ended", metric]
+    head += [f"vs {baseline['optimizer']}"] if base else []
+    head += ["images/param" if image_runs else "tokens/param", "state MiB"]
+    lines = [f"Regime: {regime_line(finals)}.", "",
+             "Each optimizer's lr x weight decay tuned on one seed (lr x2, wd x3 apart, from a "
+             "3 x 3 start; extended while the best lacked a tried neighbour), then its best "
+             f"run on the seeds {', '.join(str(s) for s in sorted({r['seed'] for r in finals}))}"
+             " (mean ± sd)" + ("; differences over paired seeds, 95% t interval" if base else "")
+             + ".", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in report.items():
+        rows = by_name.get(name, [])
+        values = list(per_seed(rows).values())
+        ended = ("interior" if r["ended"] == "interior" else
+                 f"cap hit: {', '.join(r['edges'])} untried")
+        cells = [name, str(r["trials"]), r["setting"]["lr"], r["setting"]["weight_decay"], ended,
+                 (f"{statistics.mean(values):.4g} ± "
+                  f"{statistics.stdev(values) if len(values) > 1 else 0:.2g} "
+                  f"({len(values)} of {len(rows)} seeds)") if values else "no finished run"]
+        if base:
+            cells.append("baseline" if name == baseline["optimizer"] else stats.describe(
+                stats.paired_difference(per_seed(rows), per_seed(base)),
+                digits=2 if image_runs else 3))
+        ok = [x for x in rows if x["status"] == "finished" and x.get("seen")]
+        cells += [f"{ok[0]['seen'] / ok[0]['n_params']:.2g}" if ok else "",
+                  f"{ok[0]['state_bytes'] / 2**20:.2f}" if ok else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    with open(os.path.join(sweep_dir, "tune.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return "\n".join(lines)
 
@@ -271,7 +436,126 @@ def run_result(run_dir, setting, seed, status):
             row.update(final_val_loss=last["val_loss"], best_val_loss=last["best_val_loss"],
                        seen=last["tokens"])
         row.update(train_s=last["train_s"], state_bytes=last["state_bytes"])
+    info_path = os.path.join(run_dir, "run.json")
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            row["n_params"] = json.load(f)["n_params"]
     return row
+
+
+def objective(row):
+    """What tuning minimises: the final validation loss (GPT) or minus the final test accuracy
+    (ViT); inf for a run that did not finish."""
+    if row["status"] != "finished":
+        return math.inf
+    return row["final_val_loss"] if "final_val_loss" in row else -row["final_test_acc"]
+
+
+def parse_filter(text):
+    """--baseline 'optimizer=adamw sai_rule=gsnr' -> {'optimizer': 'adamw', ...}; '' -> None."""
+    out = {}
+    for item in text.split():
+        key, sep, value = item.partition("=")
+        if not sep or not value:
+            raise ConfigError(f"--baseline: {item!r} is not key=value")
+        out[key] = value
+    return out or None
+
+
+def lattice_setting(name, centre, point):
+    """The trial at lattice point (i, j): lr = centre lr * 2^i, wd = centre wd * 3^j."""
+    (lr, wd), (i, j) = centre, point
+    return {"optimizer": name, "lr": f"{lr * LR_STEP ** i:.3g}",
+            "weight_decay": f"{wd * WD_STEP ** j:.3g}"}
+
+
+NEIGHBOURS = ((-1, 0), (1, 0), (0, -1), (0, 1))   # lower / higher lr, lower / higher wd
+
+
+def next_trials(tried, max_extra, start=9):
+    """One tuning decision. tried: {(i, j): final loss, inf when diverged}. Returns (the lattice
+    points to run next, and why the search ends when it does: 'interior' when the best point has
+    all four neighbours tried, 'cap' when trying them would exceed max_extra extra trials)."""
+    best = min(tried, key=lambda p: (tried[p], p))
+    missing = [(best[0] + di, best[1] + dj) for di, dj in NEIGHBOURS
+               if (best[0] + di, best[1] + dj) not in tried]
+    if not missing:
+        return [], "interior"
+    if len(tried) - start + len(missing) > max_extra:
+        return [], "cap"
+    return missing, None
+
+
+def edges(tried, best):
+    """Which axes the best point still lacks a tried neighbour on: e.g. ['lr above']."""
+    words = ("lr below", "lr above", "wd below", "wd above")
+    return [w for w, (di, dj) in zip(words, NEIGHBOURS)
+            if (best[0] + di, best[1] + dj) not in tried]
+
+
+def tune(trainer, cfg, fixed, sweep_dir, execute):
+    """Tune lr x weight decay of each optimizer in cfg.tune (one seed), rounds of trials for all
+    optimizers at once (so --jobs stays busy), then run each one's best on cfg's seeds. Returns
+    (rows of every run, the per-optimizer report), with no report when a trial crashed, or None
+    when stopped by Ctrl-C; writes tuned.json. Deterministic given the runs' results, so a
+    re-run walks the same rounds over finished runs."""
+    names = optimizer_names(cfg.tune)
+    centres = {}
+    for name in names:
+        resolved = trainer.resolve_config(fixed + [f"--optimizer={name}"])
+        centres[name] = (resolved.lr, resolved.weight_decay)
+    tried = {name: {} for name in names}
+    pending = {name: [(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)] for name in names}
+    ended, rows = {}, []
+    while any(pending.values()):
+        batch = [(name, point) for name in names for point in pending[name]]
+        runs = plan_runs(trainer, [lattice_setting(n, centres[n], p) for n, p in batch],
+                         [cfg.tune_seed], fixed, sweep_dir)
+        check_runs(runs, sweep_dir)
+        results = execute(runs)
+        if results is None:
+            return None
+        rows += results
+        if any(r["status"] == "crashed" for r in results):   # the next decision needs it
+            return rows, None
+        for (name, point), row in zip(batch, results):
+            tried[name][point] = objective(row)
+        for name in names:
+            if pending[name]:
+                pending[name], why = next_trials(tried[name], cfg.max_extra)
+                if why:
+                    ended[name] = why
+    report, tuned = {}, {}
+    seeds = [int(s) for s in cfg.seeds.split(",")]
+    for name in names:
+        best = min(tried[name], key=lambda p: (tried[name][p], p))
+        setting = lattice_setting(name, centres[name], best)
+        tuned[name] = {"lr": setting["lr"], "weight_decay": setting["weight_decay"]}
+        report[name] = dict(setting=setting, trials=len(tried[name]), ended=ended[name],
+                            edges=edges(tried[name], best), tune_loss=tried[name][best])
+    with open(os.path.join(sweep_dir, "tuned.json"), "w") as f:
+        json.dump(tuned, f, indent=1)
+    runs = plan_runs(trainer, [report[n]["setting"] for n in names], seeds, fixed, sweep_dir)
+    check_runs(runs, sweep_dir)
+    final = execute(runs)
+    if final is None:
+        return None
+    for row in final:
+        row["final"] = True
+    return rows + final, report
+
+
+def check_runs(runs, sweep_dir):
+    """Refuse run directories that hold a run made with other options (ConfigError)."""
+    changed = [(run, changes) for run in runs
+               if (changes := config_changes(run.run_dir, run.config))]
+    if changed:
+        run, changes = changed[0]
+        raise ConfigError(
+            f"--sweep_dir={sweep_dir} already holds {len(changed)} of these runs made with "
+            f"other options (e.g. {os.path.basename(run.run_dir)}: {'; '.join(changes[:3])}"
+            "); their results are not this sweep's: give another --sweep_dir, or delete "
+            "those run directories to re-run them")
 
 
 def main(argv):
@@ -288,25 +572,31 @@ def main(argv):
         if cfg.trainer not in TRAINERS:
             raise ConfigError(f"--trainer must be one of {', '.join(TRAINERS)}, got "
                                  f"{cfg.trainer!r}")
-        settings = parse_grid(cfg.grid)
+        if cfg.tune and cfg.grid:
+            raise ConfigError("give --tune (tune each optimizer's lr and weight decay) or "
+                              "--grid (run these settings), not both")
         try:
             seeds = [int(s) for s in cfg.seeds.split(",")]
         except ValueError:
             raise ConfigError(f"--seeds must be comma-separated ints, got {cfg.seeds!r}")
+        if cfg.tune and cfg.tune_seed in seeds:
+            raise ConfigError(f"--seeds={cfg.seeds} includes --tune_seed={cfg.tune_seed}: the "
+                              "best setting was chosen by that seed's result (biased low); "
+                              "give the final runs other seeds")
         check_positive(cfg, "jobs")
+        if cfg.max_extra < 0:
+            raise ConfigError(f"--max_extra must be >= 0, got {cfg.max_extra}")
+        baseline = parse_filter(cfg.baseline)
         sweep_dir = cfg.sweep_dir or os.path.join("out", f"sweep-{cfg.study or 'custom'}")
         trainer = TRAINERS[cfg.trainer]
-        runs = plan_runs(trainer, settings, seeds, [f"--{item}" for item in cfg.set.split()],
-                         sweep_dir)
-        changed = [(run, changes) for run in runs
-                   if (changes := config_changes(run.run_dir, run.config))]
-        if changed:
-            run, changes = changed[0]
-            raise ConfigError(
-                f"--sweep_dir={sweep_dir} already holds {len(changed)} of these runs made with "
-                f"other options (e.g. {os.path.basename(run.run_dir)}: {'; '.join(changes[:3])}"
-                f"); their results are not this sweep's: give another --sweep_dir, or delete "
-                "those run directories to re-run them")
+        fixed = [f"--{item}" for item in cfg.set.split()]
+        runs = []
+        if cfg.tune:
+            optimizer_names(cfg.tune)
+        else:
+            runs = plan_runs(trainer, parse_grid(expand_grid(cfg.grid, cfg)), seeds, fixed,
+                             sweep_dir)
+            check_runs(runs, sweep_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -314,32 +604,54 @@ def main(argv):
     with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     threads = max(1, (os.cpu_count() or 1) // cfg.jobs) if cfg.jobs > 1 else None
-    bar = tqdm(total=len(runs), unit="run", disable=None, dynamic_ncols=True, leave=False)
     t0, done = time.time(), []
 
-    def one(run):
-        status, how = run_one(trainer, run, threads, cfg.keep_checkpoints)
-        done.append(run)
-        bar.update(1)
-        bar.write(f"[{len(done)}/{len(runs)} {time.time() - t0:.0f}s] "
-                  f"{os.path.basename(run.run_dir)}: {status} ({how})")
-        return run_result(run.run_dir, run.setting, run.seed, status)
+    def execute(runs):
+        """Run these (cfg.jobs at a time); their rows, or None after a Ctrl-C."""
+        bar = tqdm(total=len(runs), unit="run", disable=None, dynamic_ncols=True, leave=False)
 
-    pool = ThreadPoolExecutor(max_workers=cfg.jobs)   # its threads only wait on processes
+        def one(run):
+            status, how = run_one(trainer, run, threads, cfg.keep_checkpoints)
+            done.append(run)
+            bar.update(1)
+            bar.write(f"[{len(done)} {time.time() - t0:.0f}s] "
+                      f"{os.path.basename(run.run_dir)}: {status} ({how})")
+            return run_result(run.run_dir, run.setting, run.seed, status)
+
+        pool = ThreadPoolExecutor(max_workers=cfg.jobs)   # its threads only wait on processes
+        try:
+            return list(pool.map(one, runs))
+        except KeyboardInterrupt:   # the runs got the Ctrl-C too: they stop and save
+            pool.shutdown(wait=True, cancel_futures=True)
+            return None
+        finally:
+            pool.shutdown()
+            bar.close()
+
+    report = None
     try:
-        rows = list(pool.map(one, runs))
-    except KeyboardInterrupt:   # the runs got the Ctrl-C too: they stop and save a checkpoint
-        pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-        print(f"\nstopped after {len(done)} of {len(runs)} runs; the same command resumes the "
-              "sweep", file=sys.stderr)
+        if cfg.tune:
+            out = tune(trainer, cfg, fixed, sweep_dir, execute)
+            rows, report = out if out else (None, None)
+        else:
+            rows = execute(runs)
+    except ConfigError as err:   # a tuning round's run directory made with other options
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if rows is None:
+        print(f"\nstopped after {len(done)} runs; the same command resumes the sweep",
+              file=sys.stderr)
         return 130
-    pool.shutdown()
-    bar.close()
     with open(os.path.join(sweep_dir, "runs.jsonl"), "w") as f:       # rewritten: no repeats
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    print(summarize(rows, sweep_dir))
-    for path in studies.draw(cfg.study, rows, sweep_dir):
+    if cfg.tune:   # the trials' table; the tuned settings' when tuning got that far
+        print(summarize([r for r in rows if not r.get("final")], sweep_dir, None, "trials"))
+        if report:
+            print(tune_summary(report, [r for r in rows if r.get("final")], sweep_dir,
+                               baseline))
+    else:
+        print(summarize(rows, sweep_dir, baseline))
+    for path in studies.draw(cfg.study, rows, sweep_dir, tuning=bool(report)):
         print(f"wrote {path}")
     crashed = [row for row in rows if row["status"] == "crashed"]
     if crashed:

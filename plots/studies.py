@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import stats  # noqa: E402
 from plots.figures import read_run, save_figure  # noqa: E402
 
 
@@ -98,44 +99,167 @@ def best_lr_curves(rows, path, x="step"):
     return save_figure(fig, path)
 
 
-def batch_rule_curves(rows, path):
-    """Per optimizer: the base batch and 4x batch with the LR unscaled, x sqrt(4) or x 4,
-    validation loss vs tokens seen (the same token budget for all)."""
-    optimizers = sorted({r["setting"]["optimizer"] for r in rows})
-    fig, axes = plt.subplots(1, len(optimizers), figsize=(5 * len(optimizers), 4), sharey=True,
-                             squeeze=False)
-    for ax, opt in zip(axes[0], optimizers):
-        mine = [r for r in rows if r["setting"]["optimizer"] == opt]
-        small = min(int(r["setting"]["batch_size"]) for r in mine)
-        base_lr = float(next(r["setting"]["lr"] for r in mine
-                             if int(r["setting"]["batch_size"]) == small))
-        groups = {}
-        for r in mine:
-            batch, lr = int(r["setting"]["batch_size"]), float(r["setting"]["lr"])
-            ratio = lr / base_lr
-            rule = ("base" if batch == small else {1: "none", 2: "sqrt", 4: "linear"}.get(
-                round(ratio), f"x{ratio:g}"))
-            groups.setdefault((rule, batch, lr), []).append(r)
-        for i, ((rule, batch, lr), rs) in enumerate(sorted(groups.items())):
-            curves = [_evals(r["run_dir"]) for r in rs if r["status"] == "finished"]
-            if not curves:
-                continue
-            tokens = [e["tokens"] for e in curves[0]]
-            mean = [statistics.mean(c[j]["val_loss"] for c in curves) for j in range(len(tokens))]
-            ax.plot(tokens, mean, "o-" if rule == "base" else ".-", ms=3, color=f"C{i}",
-                    label=f"{rule}: batch {batch}, lr {lr:g} ({mean[-1]:.3f})")
-        ax.set(title=opt, xlabel="tokens seen")
+def _metric(row):
+    """Final val loss (GPT) or test accuracy in % (ViT) of a finished run."""
+    loss = row.get("final_val_loss")
+    return loss if loss is not None else 100 * row["final_test_acc"]
+
+
+def _metric_name(rows):
+    return ("final validation loss" if any("final_val_loss" in r for r in rows)
+            else "final test accuracy %")
+
+
+def tune_trials(rows, path):
+    """One panel per optimizer: the tuning trials' final metric against lr (log axis), a line
+    per weight decay; the chosen setting's fresh seeds as a star with its sd."""
+    names = list(dict.fromkeys(r["setting"]["optimizer"] for r in rows))
+    cols = min(4, len(names))
+    fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(4.2 * cols, 3.6 * -(
+        -len(names) // cols)), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        trials = [r for r in rows if r["setting"]["optimizer"] == name and not r.get("final")]
+        wds = sorted({r["setting"]["weight_decay"] for r in trials}, key=float)
+        for i, wd in enumerate(wds):
+            mine = sorted((r for r in trials if r["setting"]["weight_decay"] == wd),
+                          key=lambda r: float(r["setting"]["lr"]))
+            ok = [r for r in mine if r["status"] == "finished"]
+            ax.plot([float(r["setting"]["lr"]) for r in ok], [_metric(r) for r in ok], "o-",
+                    ms=4, color=f"C{i}", label=f"wd {wd}")
+            bad = [float(r["setting"]["lr"]) for r in mine if r["status"] != "finished"]
+            if ok and bad:
+                ax.plot(bad, [max(_metric(r) for r in ok)] * len(bad), "x", color=f"C{i}")
+        final = [_metric(r) for r in rows if r.get("final") and r["status"] == "finished"
+                 and r["setting"]["optimizer"] == name]
+        if final:
+            chosen = next(r["setting"] for r in rows if r.get("final")
+                          and r["setting"]["optimizer"] == name)
+            ax.errorbar([float(chosen["lr"])], [statistics.mean(final)],
+                        yerr=[statistics.stdev(final) if len(final) > 1 else 0], fmt="*",
+                        color="k", ms=12, capsize=3, label=f"chosen, {len(final)} seeds")
+        ax.set_xscale("log")
+        lrs = sorted({float(r["setting"]["lr"]) for r in trials})
+        ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs], rotation=45, fontsize=8)
+        ax.minorticks_off()
+        ax.set(title=name, xlabel="peak lr")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("validation loss (mean of seeds)")
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for row_axes in axes:
+        row_axes[0].set_ylabel(_metric_name(rows))
+    finals = [r for r in rows if r.get("final")] or rows
+    fig.suptitle("Tuning lr x weight decay on one seed (x: diverged); the chosen setting on "
+                 "fresh seeds:\n" + study_context(finals), fontsize=10)
+    return save_figure(fig, path)
+
+
+def duration_curves(rows, path, baseline="adamw"):
+    """Left: final metric against tokens (or images) per parameter, one line per optimizer with
+    a band of one sd over seeds. Right: each optimizer minus the baseline over paired seeds,
+    mean and 95% t interval (stats.paired_difference)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
+    names = list(dict.fromkeys(r["setting"]["optimizer"] for r in rows))
+    ok = [r for r in rows if r["status"] == "finished" and r.get("n_params")]
+
+    def at(name):   # {tokens per parameter: {seed: metric}}
+        out = {}
+        for r in ok:
+            if r["setting"]["optimizer"] == name:
+                out.setdefault(r["seen"] / r["n_params"], {})[r["seed"]] = _metric(r)
+        return dict(sorted(out.items()))
+
+    base = at(baseline)
+    for i, name in enumerate(names):
+        points = at(name)
+        xs = list(points)
+        means = [statistics.mean(v.values()) for v in points.values()]
+        sds = [statistics.stdev(v.values()) if len(v) > 1 else 0.0 for v in points.values()]
+        left.plot(xs, means, "o-", color=f"C{i}", label=name)
+        left.fill_between(xs, [m - s for m, s in zip(means, sds)],
+                          [m + s for m, s in zip(means, sds)], color=f"C{i}", alpha=0.2)
+        if name == baseline or not base:
+            continue
+        diffs = [(x, stats.paired_difference(points[x], base[x])) for x in xs if x in base]
+        shown = [(x * (1 + 0.03 * (i - len(names) / 2)), d) for x, d in diffs]   # side by side
+        right.errorbar([x for x, _ in shown], [d["mean"] for _, d in shown],
+                       yerr=[[d["mean"] - (d["low"] if d["low"] is not None else d["mean"])
+                              for _, d in shown],
+                             [(d["high"] if d["high"] is not None else d["mean"]) - d["mean"]
+                              for _, d in shown]],
+                       fmt="o-", color=f"C{i}", capsize=3, label=name)
+    unit = "tokens" if any("final_val_loss" in r for r in ok) else "images"
+    left.set(xscale="log", xlabel=f"{unit} per parameter", ylabel=_metric_name(rows),
+             title="each optimizer at its tuned lr and wd; band: ± sd over seeds")
+    right.axhline(0, color="k", lw=0.8)
+    right.set(xscale="log", xlabel=f"{unit} per parameter",
+              ylabel=f"difference from {baseline}", title=f"minus {baseline}, paired seeds, 95% "
+                                                          "t interval")
+    for ax in (left, right):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle("Duration: each length with its own full decay; "
+                 + study_context(rows, same_regime=False))
+    return save_figure(fig, path)
+
+
+def batch_rule(setting, base_batch, base_lr):
+    """Which lr rule made a batch study's setting: the exponent k of lr = base_lr * (batch /
+    base_batch) ** k, as 'none' (0), 'sqrt' (0.5) or 'linear' (1)."""
+    ratio = float(setting["batch_size"]) / base_batch
+    if ratio == 1:
+        return "base"
+    k = math.log(float(setting["lr"]) / base_lr) / math.log(ratio)
+    return min(((abs(k - e), n) for n, e in (("none", 0), ("sqrt", 0.5), ("linear", 1))))[1]
+
+
+def batch_rule_curves(rows, path, base_batch=12):
+    """A row of panels per optimizer, one panel per lr rule (none, sqrt, linear): validation
+    loss against tokens seen (mean over seeds), a line per batch size, the base batch in each
+    panel; the same tokens for every run."""
+    names = list(dict.fromkeys(r["setting"]["optimizer"] for r in rows))
+    rules = ("none", "sqrt", "linear")
+    fig, axes = plt.subplots(len(names), 3, figsize=(15, 4 * len(names)), sharey="row",
+                             squeeze=False)
+    for row_axes, name in zip(axes, names):
+        mine = [r for r in rows if r["setting"]["optimizer"] == name]
+        base_lr = next((float(r["setting"]["lr"]) for r in mine
+                        if int(r["setting"]["batch_size"]) == base_batch), None)
+        if base_lr is None:
+            continue
+        groups = {}
+        for r in mine:
+            rule = batch_rule(r["setting"], base_batch, base_lr)
+            groups.setdefault((rule, int(r["setting"]["batch_size"])), []).append(r)
+        batches = sorted({b for _, b in groups})
+        for ax, rule in zip(row_axes, rules):
+            for i, batch in enumerate(batches):
+                rs = groups.get(("base" if batch == base_batch else rule, batch), [])
+                curves = [_evals(r["run_dir"]) for r in rs if r["status"] == "finished"]
+                if not curves:
+                    continue
+                tokens = [e["tokens"] for e in curves[0]]
+                mean = [statistics.mean(c[j]["val_loss"] for c in curves)
+                        for j in range(len(tokens))]
+                ax.plot(tokens, mean, "o-" if batch == base_batch else ".-", ms=3,
+                        color=f"C{i}", label=f"batch {batch}, lr {rs[0]['setting']['lr']} "
+                                             f"({mean[-1]:.3f}, {len(curves)} seeds)")
+            ax.set(title=f"{name}: lr rule {rule}", xlabel="tokens seen")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        row_axes[0].set_ylabel("validation loss (mean of seeds)")
     fig.suptitle(study_context(rows, same_regime=False) + "; every run sees the same tokens")
     return save_figure(fig, path)
 
 
-def draw(study, rows, out_dir):
+def draw(study, rows, out_dir, tuning=False):
     """The figures that fit a study's rows; returns the paths written."""
+    if tuning:
+        return [tune_trials(rows, os.path.join(out_dir, "tune.png"))]
     if study == "batch":
         return [batch_rule_curves(rows, os.path.join(out_dir, "batch_rule.png"))]
+    if study == "duration":
+        return [duration_curves(rows, os.path.join(out_dir, "duration.png"))]
     paths = []
     if len({r["setting"].get("lr") for r in rows}) > 1:
         paths.append(lr_sensitivity(rows, os.path.join(out_dir, "lr_sensitivity.png")))

@@ -3,6 +3,7 @@ plain references written here: a loop over the examples, each one's gradient by 
 float64, on a tiny GPT; then the GPT trainer driving them."""
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -264,7 +265,9 @@ def test_the_vit_refuses_per_example_optimizers_and_all_means_the_seven(capsys):
 
 def test_block_diagnostics_follow_their_definitions():
     """g-SNR equals SGD-SaI's statistic and its sqrt((n-1) + n mean^2/std^2) identity; the
-    per-example SNR is snr.py's; SNR x noise scale = batch size."""
+    per-example SNR is snr.py's; the noise scale is B_simple from unbiased estimates of the
+    per-example covariance's trace and the true gradient's squared norm, per block and over the
+    whole model."""
     model = make_model()
     x, y = batch(6)
     stats, _ = per_example.batch_statistics(model, loss_of, x, y, write_grad=False)
@@ -279,7 +282,19 @@ def test_block_diagnostics_follow_their_definitions():
         assert d["gsnr_identity"] == pytest.approx(d["gsnr"], rel=1e-9)
         assert d["gsnr_per_sqrt_n"] == pytest.approx(d["gsnr"] / p.numel() ** 0.5, rel=1e-12)
         assert d["example_snr"] == pytest.approx(snr_table[name][2], rel=1e-9)
-        assert d["example_snr"] * d["noise_scale"] == pytest.approx(B, rel=1e-9)
+        gs = grads[name].double().flatten(1)
+        mean = gs.mean(0)
+        trace = (gs - mean).square().sum().item() / (B - 1)
+        true_signal = mean.square().sum().item() - trace / B
+        assert d["noise_scale"] == (pytest.approx(trace / true_signal, rel=1e-6)
+                                    if true_signal > 0 else math.inf)
+    flat = torch.cat([grads[name].double().flatten(1) for name in grads], 1)
+    trace = (flat - flat.mean(0)).square().sum().item() / (B - 1)
+    true_signal = flat.mean(0).square().sum().item() - trace / B
+    assert per_example.noise_scale(stats) == (pytest.approx(trace / true_signal, rel=1e-6)
+                                              if true_signal > 0 else math.inf)
+    assert any(math.isfinite(d["noise_scale"]) for d in diagnostics.values())   # both cases
+    assert any(math.isinf(d["noise_scale"]) for d in diagnostics.values())
 
 
 def test_trainer_diagnostics_are_logged_at_each_evaluation_and_drawn(corpus, tmp_path):

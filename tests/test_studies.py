@@ -49,7 +49,11 @@ def test_sweep_runs_skips_finished_runs_and_records_divergence(tmp_path, text, c
         table = list(csv.DictReader(f))
     assert len(table) == 4 and [t["diverged"] for t in table] == ["0", "1", "0", "1"]
     assert float(table[0]["final_val_loss"]) == runs[0]["final_val_loss"]
-    header, _, *lines = (out / "summary.md").read_text().splitlines()
+    text = (out / "summary.md").read_text()
+    regime = text.splitlines()[0]       # the regime, stated above the table
+    assert regime.startswith("Regime: GPT ") and "6 steps of 64 tokens" in regime
+    assert "Baseline: optimizer=adamw lr=1e-3 " in text   # adamw's best of its two settings
+    header, _, *lines = [line for line in text.splitlines() if line.startswith("|")]
     columns = [c.strip() for c in header.strip("|").split("|")]
     assert columns[:4] == ["optimizer", "lr", "final_val_loss", "best_val_loss"]
     assert columns[-1] == "diverged"
@@ -59,6 +63,9 @@ def test_sweep_runs_skips_finished_runs_and_records_divergence(tmp_path, text, c
             assert cells[2:4] == ["diverged", "diverged"] and cells[-1] == "1"
         else:
             assert cells[2] == f"{run['final_val_loss']:.4g} ± 0" and cells[-1] == "0"
+            assert cells[4] == ("baseline" if run["setting"]["optimizer"] == "adamw" else
+                                f"{run['final_val_loss'] - runs[0]['final_val_loss']:+.3f} "
+                                "(1 seed: no interval)")
     assert (out / "lr_sensitivity.png").exists()
 
     mtimes = {d: os.path.getmtime(out / d / "metrics.jsonl") for d in os.listdir(out)
@@ -145,15 +152,25 @@ def test_a_crashed_run_is_not_called_diverged(tmp_path, text, capsys):
     captured = capsys.readouterr()
     assert "crashed (exit 2: error: --data_path" in captured.out
     assert "1 of 1 runs crashed" in captured.err
-    row = (out / "summary.md").read_text().splitlines()[2]
+    row = [line for line in (out / "summary.md").read_text().splitlines() if "| adamw" in line][0]
     assert "| crashed | crashed |" in row and "diverged" not in row
 
 
 def test_bad_sweep_arguments(capsys):
     assert sweep.main(["--study=everything"]) == 2
-    assert "--study must be one of lr, sai_rule, batch" in capsys.readouterr().err
+    assert ("--study must be one of lr, sai_rule, per_example, tune, vit_tune, duration, "
+            "batch") in capsys.readouterr().err
     assert sweep.main(["--grid=lr=1", "--seeds=a,b"]) == 2
     assert "--seeds must be comma-separated ints" in capsys.readouterr().err
+    assert sweep.main(["--grid=lr=1", "--tune=adamw"]) == 2
+    assert "give --tune (tune each optimizer's lr and weight decay) or --grid" in \
+        capsys.readouterr().err
+    assert sweep.main(["--tune=adamw", "--max_extra=-1"]) == 2
+    assert "--max_extra must be >= 0, got -1" in capsys.readouterr().err
+    assert sweep.main(["--grid=lr=1", "--baseline=adamw"]) == 2
+    assert "--baseline: 'adamw' is not key=value" in capsys.readouterr().err
+    assert sweep.main(["--tune=adam"]) == 2
+    assert "unknown optimizer 'adam'" in capsys.readouterr().err
 
 
 def loss_fn(out, y):

@@ -1,0 +1,191 @@
+"""The studies' protocol: t intervals over paired seeds, the lr x weight decay tuning search and
+its grid extension, the regime every run and table states, the lr schedules, and the studies
+built from tuned settings."""
+import json
+import math
+import os
+
+import pytest
+import scipy.stats
+
+import nanogpt_sai
+import stats
+import sweep
+from fake_data import write_corpus
+from plots.figures import regime_facts
+from train_helpers import lr_at
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 7, 12, 30, 200])
+def test_t_quantile_matches_scipy(df):
+    assert stats.t_quantile(0.95, df) == pytest.approx(scipy.stats.t.ppf(0.975, df), rel=1e-9)
+    assert stats.t_coverage(1.7, df) == pytest.approx(1 - 2 * scipy.stats.t.sf(1.7, df),
+                                                      abs=1e-12)
+
+
+def test_paired_difference_by_hand():
+    # differences 1, 2, 3: mean 2, sd 1; with 2 degrees of freedom t(0.975) has the closed form
+    # (2p - 1) sqrt(2 / (4 p (1 - p))) at p = 0.975
+    t2 = 0.95 * math.sqrt(2 / (4 * 0.975 * 0.025))
+    diff = stats.paired_difference({1: 3.0, 2: 5.0, 3: 7.0, 9: 1.0}, {1: 2.0, 2: 3.0, 3: 4.0})
+    assert diff["n"] == 3 and diff["mean"] == pytest.approx(2.0)      # seed 9 is not paired
+    assert diff["low"] == pytest.approx(2 - t2 / math.sqrt(3))
+    assert diff["high"] == pytest.approx(2 + t2 / math.sqrt(3))
+    assert not diff["significant"] and stats.describe(diff).endswith(", not significant")
+    tight = stats.paired_difference({1: 1.10, 2: 1.21, 3: 1.30}, {1: 1.0, 2: 1.1, 3: 1.2})
+    assert tight["significant"] and tight["low"] > 0
+    assert stats.describe(tight) == (f"+0.103 (95% CI {tight['low']:+.3f} .. "
+                                     f"{tight['high']:+.3f})")
+    assert stats.describe(stats.paired_difference({1: 2.0}, {1: 1.5})) == \
+        "+0.500 (1 seed: no interval)"
+
+
+def _search(loss, max_extra):
+    """Run sweep.next_trials to its end on a loss over lattice points; (tried, why)."""
+    tried = {(i, j): loss(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)}
+    while True:
+        points, why = sweep.next_trials(tried, max_extra)
+        if why:
+            return tried, why
+        tried.update({p: loss(*p) for p in points})
+
+
+def test_tuning_extends_the_grid_until_the_best_is_interior():
+    # the best lr 4 steps above the start's centre (factor 16), wd one step below
+    tried, why = _search(lambda i, j: (i - 4) ** 2 + 0.5 * (j + 1) ** 2, max_extra=20)
+    best = min(tried, key=tried.get)
+    assert why == "interior" and best == (4, -1)
+    assert all((best[0] + di, best[1] + dj) in tried for di, dj in sweep.NEIGHBOURS)
+    assert sweep.edges(tried, best) == []
+    # a centre that is already best needs no extra trial
+    tried, why = _search(lambda i, j: i * i + j * j, max_extra=0)
+    assert why == "interior" and len(tried) == 9
+
+
+def test_tuning_says_when_the_cap_leaves_the_best_on_an_edge():
+    tried, why = _search(lambda i, j: (i - 10) ** 2 + j * j, max_extra=3)
+    best = min(tried, key=tried.get)
+    assert why == "cap" and len(tried) <= 9 + 3
+    assert "lr above" in sweep.edges(tried, best)
+
+
+def test_diverged_trials_bound_the_search():
+    # above lr step 1 every run diverges (inf): the best is the highest stable lr, interior
+    tried, why = _search(lambda i, j: math.inf if i > 1 else -i + 0.1 * j * j, max_extra=6)
+    assert why == "interior" and min(tried, key=tried.get) == (1, 0)
+    assert tried[(2, 0)] == math.inf
+
+
+def fake_execute(loss):
+    """A stand-in for training: each run 'finishes' with loss(setting, seed)."""
+    def execute(runs):
+        return [dict(setting=r.setting, seed=r.seed, status="finished", run_dir=r.run_dir,
+                     final_val_loss=loss(r.setting, r.seed), best_val_loss=0.0, seen=100,
+                     n_params=50, train_s=1.0, state_bytes=8) for r in runs]
+    return execute
+
+
+def test_tune_picks_each_optimizers_best_and_reruns_it_on_fresh_seeds(tmp_path):
+    """sweep.tune end to end, training replaced by a loss with a known optimum: sgd_sai's at
+    the lattice's lr 0.08 (two steps above its default 2e-2), weight decay 0.0333."""
+    optimum = {"adamw": (0.004, 0.1), "sgd_sai": (0.08, 0.0333)}
+
+    def loss(setting, seed):
+        lr, wd = optimum[setting["optimizer"]]
+        return (2 + math.log2(float(setting["lr"]) / lr) ** 2
+                + math.log(float(setting["weight_decay"]) / wd) ** 2 + 0.01 * seed)
+
+    cfg = sweep.SweepConfig(tune="adamw,sgd_sai", seeds="1,2,3", max_extra=6)
+    rows, report = sweep.tune(nanogpt_sai, cfg, ["--device=cpu"], str(tmp_path),
+                              fake_execute(loss))
+    assert report["adamw"]["trials"] == 9 and report["adamw"]["ended"] == "interior"
+    assert report["sgd_sai"]["setting"] == {"optimizer": "sgd_sai", "lr": "0.08",
+                                            "weight_decay": "0.0333"}
+    assert report["sgd_sai"]["ended"] == "interior" and report["sgd_sai"]["trials"] > 9
+    with open(tmp_path / "tuned.json") as f:
+        assert json.load(f) == {"adamw": {"lr": "0.004", "weight_decay": "0.1"},
+                                "sgd_sai": {"lr": "0.08", "weight_decay": "0.0333"}}
+    finals = [r for r in rows if r.get("final")]
+    assert sorted((r["setting"]["optimizer"], r["seed"]) for r in finals) == [
+        ("adamw", 1), ("adamw", 2), ("adamw", 3), ("sgd_sai", 1), ("sgd_sai", 2), ("sgd_sai", 3)]
+    assert all(r["seed"] == cfg.tune_seed for r in rows if not r.get("final"))
+    table = sweep.tune_summary(report, finals, str(tmp_path), {"optimizer": "adamw"})
+    adamw, sgd = [line for line in table.splitlines() if line.startswith("| adamw")
+                  or line.startswith("| sgd_sai")]
+    assert "| 9 | 0.004 | 0.1 | interior | 2.02 ± 0.01 (3 of 3 seeds) | baseline |" in adamw
+    # the same loss at both optima: the seed-paired difference is exactly 0
+    assert "+0.000 (95% CI +0.000 .. +0.000), not significant" in sgd
+
+
+def test_tuning_refuses_its_own_seed_among_the_final_seeds(capsys):
+    assert sweep.main(["--tune=adamw", "--seeds=1337,1"]) == 2
+    assert "--seeds=1337,1 includes --tune_seed=1337" in capsys.readouterr().err
+
+
+def test_studies_of_tuned_settings_read_tuned_json(tmp_path, capsys):
+    (tmp_path / "tuned.json").write_text(json.dumps(
+        {"adamw": {"lr": "0.004", "weight_decay": "0.1"},
+         "sgd_sai": {"lr": "0.02", "weight_decay": "0.3"}}))
+    cfg = sweep.SweepConfig(tuned=str(tmp_path))
+    assert sweep.expand_grid("{tuned} max_iters=250,500", cfg) == (
+        "optimizer=adamw weight_decay=0.1 lr=0.004 max_iters=250,500 | "
+        "optimizer=sgd_sai weight_decay=0.3 lr=0.02 max_iters=250,500")
+    batch = sweep.parse_grid(sweep.expand_grid(
+        "{batch}", sweep.SweepConfig(tuned=str(tmp_path), optimizers="sgd_sai")))
+    by_size = {}
+    for s in batch:
+        by_size.setdefault(int(s["batch_size"]), []).append(s)
+    for size, settings in by_size.items():   # equal tokens; lr x (B / 12) ** 0, 0.5, 1
+        assert {int(s["max_iters"]) * size for s in settings} == {2000 * 12}
+        want = {f"{0.02 * (size / 12) ** k:.3g}" for k in (0, 0.5, 1)}
+        assert {f"{float(s['lr']):.3g}" for s in settings} == want
+    assert sweep.main(["--study=duration", f"--tuned={tmp_path / 'none'}"]) == 2
+    assert "no tuned.json there; run python sweep.py --study=tune" in capsys.readouterr().err
+    assert sweep.main(["--study=duration", f"--tuned={tmp_path}", "--optimizers=muon"]) == 2
+    assert "--optimizers: muon not tuned" in capsys.readouterr().err
+
+
+def test_regime_counts_tokens_per_parameter():
+    config = dict(batch_size=12, block_size=64, grad_accum=2, max_iters=1000)
+    facts = regime_facts(config, {"n_params": 800_000, "n_params_non_embedding": 780_000})
+    assert facts["seen"] == 12 * 64 * 2 * 1000
+    assert facts["per_param"] == pytest.approx(1_536_000 / 800_000)
+    assert facts["x_optimal"] == pytest.approx(1_536_000 / 800_000 / 20)
+    vit = regime_facts(dict(patch_size=4, batch_size=128, max_iters=0, epochs=3),
+                       {"n_params": 140_000, "n_train": 60_000})
+    assert vit["seen"] == 180_000 and "x_optimal" not in vit
+
+
+def test_run_json_counts_non_embedding_parameters(tmp_path):
+    text = write_corpus(tmp_path / "input.txt")
+    out = tmp_path / "run"
+    assert nanogpt_sai.main(["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16",
+                             "--batch_size=4", "--max_iters=2", "--eval_iters=1",
+                             "--sample_tokens=0", "--device=cpu", f"--data_path={text}",
+                             f"--data_dir={tmp_path / 'cache'}", f"--out_dir={out}"]) == 0
+    with open(os.path.join(out, "run.json")) as f:
+        info = json.load(f)
+    # token embedding (tied with the head) and position embedding left out
+    assert info["n_params"] - info["n_params_non_embedding"] == info["vocab_size"] * 16 + 16 * 16
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd", "wsd_sqrt"])
+def test_schedules_warm_up_and_end_at_the_floor(schedule):
+    lrs = [lr_at(it, 1.0, 10, 110, 0.1, schedule, cooldown=0.2) for it in range(120)]
+    assert lrs[9] == pytest.approx(10 / 11) and lrs[10] == 1.0     # warmup, then the peak
+    assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[10:], lrs[11:]))   # never rises again
+    if schedule.startswith("wsd"):    # stable until the last 20 of the 100 decay steps
+        assert lrs[90] == 1.0 and lrs[91] < 1.0
+        half = 1 - (0.5 if schedule == "wsd" else math.sqrt(0.5))
+        assert lrs[100] == pytest.approx(0.1 + half * 0.9)
+    if schedule == "linear":
+        assert lrs[60] == pytest.approx(0.1 + 0.5 * 0.9)
+
+
+def test_a_bad_schedule_is_a_clear_error(tmp_path, capsys):
+    assert nanogpt_sai.main(["--schedule=step", f"--out_dir={tmp_path}"]) == 2
+    assert "--schedule must be one of cosine, linear, wsd, wsd_sqrt, got 'step'" in \
+        capsys.readouterr().err
+    assert nanogpt_sai.main(["--schedule=wsd", "--cooldown=0", f"--out_dir={tmp_path}"]) == 2
+    assert "--cooldown must be in (0, 1]" in capsys.readouterr().err

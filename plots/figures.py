@@ -326,10 +326,13 @@ def run_summary(run_dir):
 
 
 def compare_table(run_dirs):
-    """A markdown table of compared runs, one row each."""
-    rows = ["| optimizer | status | final | best | state MiB (x AdamW) | training s |",
+    """A markdown table of compared runs, one row each, under the regime they share."""
+    runs = [read_run(d) for d in run_dirs]
+    rows = [f"Regime: {runs[0].regime}, on {runs[0].data_name}; one seed ({runs[0].config['seed']})"
+            ": no interval.", "",
+            "| optimizer | status | final | best | state MiB (x AdamW) | training s |",
             "|---|---|---|---|---:|---:|"]
-    for run in (read_run(d) for d in run_dirs):
+    for run in runs:
         o = outcome(run)
         state = (f"{o['state'] / MIB:.2f} ({o['state'] / (2 * o['params']):.2f}x)"
                  if "state" in o else "")

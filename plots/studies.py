@@ -195,8 +195,11 @@ def duration_curves(rows, path, baseline="adamw"):
     right.set(xscale="log", xlabel=f"{unit} per parameter",
               ylabel=f"difference from {baseline}", title=f"minus {baseline}, paired seeds, 95% "
                                                           "t interval")
+    lengths = sorted({r["seen"] / r["n_params"] for r in ok})
     for ax in (left, right):
-        ax.grid(alpha=0.3, which="both")
+        ax.set_xticks(lengths, [f"{x:.2g}" for x in lengths])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Duration: each length with its own full decay; "
                  + study_context(rows, same_regime=False))

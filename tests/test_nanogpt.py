@@ -194,7 +194,8 @@ def test_compare_runs_each_optimizer_and_draws_one_figure(corpus, tmp_path):
     first = [records(out / name)[0] for name in ("sgd_sai", "adam_mini")]
     assert first[0]["val_loss"] == first[1]["val_loss"]       # same initial weights and batches
     assert is_png(out / "loss.png") and is_png(out / "memory.png")
-    table = (out / "summary.md").read_text().splitlines()     # one row per optimizer
+    regime, _, *table = (out / "summary.md").read_text().splitlines()  # a row per optimizer
+    assert regime.startswith("Regime: GPT ") and "2 steps of " in regime and "seed (1337)" in regime
     assert len(table) == 4 and table[2].startswith("| sgd_sai lr=0.02 | finished | val loss ")
 
 

@@ -12,7 +12,9 @@ import nanogpt_sai
 import stats
 import sweep
 from fake_data import write_corpus
+from plots import studies
 from plots.figures import regime_facts
+from run_helpers import is_png
 from train_helpers import lr_at
 
 
@@ -189,3 +191,37 @@ def test_a_bad_schedule_is_a_clear_error(tmp_path, capsys):
         capsys.readouterr().err
     assert nanogpt_sai.main(["--schedule=wsd", "--cooldown=0", f"--out_dir={tmp_path}"]) == 2
     assert "--cooldown must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_batch_rule_is_read_back_from_the_lr():
+    for batch, k, rule in ((3, 0, "none"), (3, 0.5, "sqrt"), (24, 1, "linear"), (6, 0.5, "sqrt")):
+        lr = float(f"{0.004 * (batch / 12) ** k:.3g}")   # as sweep.expand_grid writes it
+        assert studies.batch_rule({"batch_size": str(batch), "lr": str(lr)}, 12, 0.004) == rule
+    assert studies.batch_rule({"batch_size": "12", "lr": "0.004"}, 12, 0.004) == "base"
+
+
+def test_duration_and_batch_figures_draw_from_runs(tmp_path):
+    rows = []
+    for name, offset in (("adamw", 0.0), ("sgd_sai", 0.2)):
+        for steps in (250, 500, 1000):
+            for seed in (1, 2, 3):
+                rows.append(dict(setting={"optimizer": name, "max_iters": str(steps)}, seed=seed,
+                                 status="finished", run_dir=str(tmp_path / "none"),
+                                 final_val_loss=3 - 0.3 * math.log2(steps / 250) + offset
+                                 + 0.01 * seed, seen=steps * 768, n_params=800_000))
+    assert is_png(studies.duration_curves(rows, str(tmp_path / "duration.png")))
+    rows = []
+    for batch, lrs in ((12, ["0.004"]), (24, ["0.004", "0.00566", "0.008"])):
+        for lr in lrs:
+            run_dir = tmp_path / f"b{batch}-{lr}"
+            run_dir.mkdir()
+            steps = 24_000 // batch
+            (run_dir / "config.json").write_text(json.dumps(dict(
+                dataset="shakespeare_char", batch_size=batch, block_size=64, grad_accum=1,
+                max_iters=steps)))
+            (run_dir / "metrics.jsonl").write_text("".join(
+                json.dumps(dict(event="eval", step=s, tokens=s * batch * 64,
+                                val_loss=4 - s / steps)) + "\n" for s in (0, steps // 2, steps)))
+            rows.append(dict(setting={"optimizer": "adamw", "batch_size": str(batch), "lr": lr},
+                             seed=1, status="finished", run_dir=str(run_dir)))
+    assert is_png(studies.batch_rule_curves(rows, str(tmp_path / "batch.png")))

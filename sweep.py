@@ -144,8 +144,10 @@ STUDIES = {
     "vit_tune": dict(trainer="vit", tune="all", seeds="1,2,3", set="epochs=3"),
     # each optimizer at its tuned lr and weight decay, each length with its own full decay
     # (warmup 5% of it, cosine to 10% at its last step), 16x from shortest to longest
-    "duration": dict(grid="{tuned} max_iters=250,500,1000,2000,4000", seeds="1,2,3",
-                     set=TUNE_SET),
+    # (shortest first: a study stopped part way has whole lengths)
+    "duration": dict(grid=" | ".join(f"{{tuned}} max_iters={n}"
+                                     for n in (250, 500, 1000, 2000, 4000)),
+                     seeds="1,2,3", set=TUNE_SET),
     # AdamW and SGD-SaI by default: the square-root rule is Adam's, the linear rule SGD's
     "batch": dict(grid="{batch}", seeds="1,2,3", set=TUNE_SET, optimizers="adamw,sgd_sai",
                   baseline=""),
@@ -172,23 +174,27 @@ def read_tuned(cfg):
 
 
 def expand_grid(grid, cfg):
-    """A study's grid with its tuned settings filled in: '{tuned}' -> one sub-grid per optimizer
-    at its tuned lr and weight decay; '{batch}' -> the batch study's sizes and lr rules."""
+    """A study's grid with its tuned settings filled in, sub-grid by sub-grid (so the runs go in
+    the grid's order): '{tuned}' -> one sub-grid per optimizer at its tuned lr and weight decay;
+    '{batch}' -> the batch study's sizes and lr rules for each optimizer."""
     if "{tuned}" not in grid and "{batch}" not in grid:
         return grid
     tuned = read_tuned(cfg)
     parts = []
-    for name, t in tuned.items():
-        here = f"optimizer={name} weight_decay={t['weight_decay']}"
-        if "{tuned}" in grid:
-            parts.append(grid.replace("{tuned}", f"{here} lr={t['lr']}"))
-            continue
-        for batch in BATCH_SIZES:
-            steps = BATCH_BASE_STEPS * BATCH_BASE // batch      # the same tokens for every size
-            lrs = sorted({float(f"{float(t['lr']) * (batch / BATCH_BASE) ** k:.3g}")
-                          for k in BATCH_RULES.values()})
-            parts.append(f"{here} batch_size={batch} max_iters={steps} "
-                         f"lr={','.join(f'{lr:g}' for lr in lrs)}")
+    for sub in (part.strip() for part in grid.split("|")):
+        for name, t in tuned.items():
+            here = f"optimizer={name} weight_decay={t['weight_decay']}"
+            if "{tuned}" in sub:
+                parts.append(sub.replace("{tuned}", f"{here} lr={t['lr']}"))
+            elif "{batch}" in sub:
+                for batch in BATCH_SIZES:
+                    steps = BATCH_BASE_STEPS * BATCH_BASE // batch   # the same tokens for all
+                    lrs = sorted({float(f"{float(t['lr']) * (batch / BATCH_BASE) ** k:.3g}")
+                                  for k in BATCH_RULES.values()})
+                    parts.append(f"{here} batch_size={batch} max_iters={steps} "
+                                 f"lr={','.join(f'{lr:g}' for lr in lrs)}")
+        if "{tuned}" not in sub and "{batch}" not in sub:
+            parts.append(sub)
     return " | ".join(parts)
 
 

@@ -129,9 +129,11 @@ def test_studies_of_tuned_settings_read_tuned_json(tmp_path, capsys):
         {"adamw": {"lr": "0.004", "weight_decay": "0.1"},
          "sgd_sai": {"lr": "0.02", "weight_decay": "0.3"}}))
     cfg = sweep.SweepConfig(tuned=str(tmp_path))
-    assert sweep.expand_grid("{tuned} max_iters=250,500", cfg) == (
-        "optimizer=adamw weight_decay=0.1 lr=0.004 max_iters=250,500 | "
-        "optimizer=sgd_sai weight_decay=0.3 lr=0.02 max_iters=250,500")
+    assert sweep.expand_grid("{tuned} max_iters=250 | {tuned} max_iters=500", cfg) == (
+        "optimizer=adamw weight_decay=0.1 lr=0.004 max_iters=250 | "
+        "optimizer=sgd_sai weight_decay=0.3 lr=0.02 max_iters=250 | "
+        "optimizer=adamw weight_decay=0.1 lr=0.004 max_iters=500 | "
+        "optimizer=sgd_sai weight_decay=0.3 lr=0.02 max_iters=500")
     batch = sweep.parse_grid(sweep.expand_grid(
         "{batch}", sweep.SweepConfig(tuned=str(tmp_path), optimizers="sgd_sai")))
     by_size = {}

@@ -7,7 +7,7 @@ Sweeps and ablation studies: a grid of trainer settings x seeds, one process per
     python sweep.py --study=tune        # lr x weight decay per optimizer, then its best on 3 seeds
     python sweep.py --study=vit_tune    # the same for the ViT (3 epochs)
     python sweep.py --study=duration    # the tuned settings at 5 training lengths (250..4000 steps)
-    python sweep.py --study=batch       # batch 3..24 at equal tokens, lr rules none/sqrt/linear
+    python sweep.py --study=batch       # batch 12..96 at equal tokens, lr rules none/sqrt/linear
     python sweep.py --trainer=nanogpt --grid="optimizer=adamw lr=1e-3,3e-3 | optimizer=sgd_sai \
 lr=1e-2" --seeds=1,2 --set="max_iters=300"   # any grid
 
@@ -104,11 +104,13 @@ BABY = ("max_iters=400 eval_interval=100 eval_iters=20 warmup_iters=40 log_inter
 # parameter) with 50 evaluation batches (less noise in the loss that picks the best trial) and
 # no text samples
 TUNE_SET = "sample_tokens=0 eval_sample_tokens=0 eval_iters=50 log_interval=100"
-# Batch study: the noise scale of the baby GPT is 1.4 sequences at initialisation and 9.5 after
-# 2,000 steps (README, "Gradient statistics over training"), so batches of 3 to 24 sequences
-# straddle it; every run sees the tokens of 2,000 steps of batch 12; the lr of batch 12 (tuned)
-# times (batch / 12) ** 0, 0.5 or 1
-BATCH_SIZES, BATCH_BASE, BATCH_BASE_STEPS = (3, 6, 12, 24), 12, 2000
+# Batch study: the baby GPT's gradient noise scale B_simple (per_example.noise_scale, logged by
+# --diagnostics=True) grows from 1.8 sequences at initialisation to ~20 after 250 steps, ~50
+# after 1,000 and ~150 after 2,000 (AdamW at its tuned setting, one batch of 12 per evaluation:
+# noisy), so batches of 12 to 96 sequences straddle it for most of a run; every run sees the
+# tokens of 4,000 steps of batch 12 (so batch 96 still takes 500 steps); the lr of batch 12
+# (tuned) times (batch / 12) ** 0, 0.5 or 1
+BATCH_SIZES, BATCH_BASE, BATCH_BASE_STEPS = (12, 24, 48, 96), 12, 4000
 BATCH_RULES = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
 STUDIES = {
     "lr": dict(grid=" | ".join(

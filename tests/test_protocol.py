@@ -140,7 +140,7 @@ def test_studies_of_tuned_settings_read_tuned_json(tmp_path, capsys):
     for s in batch:
         by_size.setdefault(int(s["batch_size"]), []).append(s)
     for size, settings in by_size.items():   # equal tokens; lr x (B / 12) ** 0, 0.5, 1
-        assert {int(s["max_iters"]) * size for s in settings} == {2000 * 12}
+        assert {int(s["max_iters"]) * size for s in settings} == {4000 * 12}
         want = {f"{0.02 * (size / 12) ** k:.3g}" for k in (0, 0.5, 1)}
         assert {f"{float(s['lr']):.3g}" for s in settings} == want
     assert sweep.main(["--study=duration", f"--tuned={tmp_path / 'none'}"]) == 2

@@ -50,20 +50,19 @@ class Run:
 
     @property
     def regime(self):
-        """Model size and training budget, e.g. 'GPT 0.83M parameters (0.82M non-embedding),
-        2,000 steps of 768 tokens (1.5M tokens, 1.8 per parameter = 0.09x compute-optimal)'."""
+        """Model size and training budget, e.g. 'GPT 0.804M parameters (0.788M non-embedding),
+        2,000 steps of 768 tokens: 1.9 tokens per parameter (0.096x compute-optimal)'."""
         r = regime_facts(self.config, self.info)
         c = self.config
         size = f"{r['n_params'] / 1e6:.3g}M parameters"
         if self.is_vit:
             length = (f"{c['max_iters']:,} steps" if c["max_iters"] else
                       f"{c['epochs']} epochs of {self.info.get('n_train', 0):,} images")
-            return (f"ViT {size}, {length}, batch {c['batch_size']} ({r['seen'] / 1e6:.2g}M "
-                    f"images, {r['per_param']:.2g} per parameter)")
+            return (f"ViT {size}, {length}, batch {c['batch_size']}: {r['per_param']:.2g} "
+                    "images per parameter")
         return (f"GPT {size} ({r['n_params_non_embedding'] / 1e6:.3g}M non-embedding), "
-                f"{c['max_iters']:,} steps of {r['per_step']:,} tokens ({r['seen'] / 1e6:.2g}M "
-                f"tokens, {r['per_param']:.2g} per parameter = {r['x_optimal']:.2g}x "
-                "compute-optimal)")
+                f"{c['max_iters']:,} steps of {r['per_step']:,} tokens: {r['per_param']:.2g} "
+                f"tokens per parameter ({r['x_optimal']:.2g}x compute-optimal)")
 
     @property
     def label(self):

@@ -277,6 +277,9 @@ def last_status(run_dir):
     return ends[-1]["status"] if ends else None
 
 
+WHERE_KEYS = {"parallel", "out_dir", "data_dir", "resume"}
+
+
 def config_changes(run_dir, config):
     """How the config a run directory already holds differs from `config` (a trainer's resolved
     config as a dict): ['max_iters: 400 -> 300', ...]; empty when the same or never started."""
@@ -285,10 +288,12 @@ def config_changes(run_dir, config):
         return []
     with open(path) as f:
         before = json.load(f)
-    # --parallel says how a run is launched, not what it computes (it may go on at another
-    # world size)
+    # how a run is launched and where its files are, not what it computes: --parallel (it may
+    # go on at another world size), its own directory and the data cache's (a sweep's results
+    # moved to another clone or given as a relative path are the same runs; a resume checks
+    # that the data is the same)
     return [f"{k}: {before.get(k, '(none)')} -> {config.get(k, '(none)')}"
-            for k in sorted((set(before) | set(config)) - {"parallel"})
+            for k in sorted((set(before) | set(config)) - WHERE_KEYS)
             if before.get(k) != config.get(k)]
 
 

@@ -117,18 +117,19 @@ def tune_trials(rows, path):
     cols = min(4, len(names))
     fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(4.2 * cols, 3.6 * -(
         -len(names) // cols)), squeeze=False)
+    color = {wd: f"C{i}" for i, wd in enumerate(sorted(   # one colour per wd in every panel
+        {r["setting"]["weight_decay"] for r in rows}, key=float))}
     for ax, name in zip(axes.flat, names):
         trials = [r for r in rows if r["setting"]["optimizer"] == name and not r.get("final")]
-        wds = sorted({r["setting"]["weight_decay"] for r in trials}, key=float)
-        for i, wd in enumerate(wds):
+        for wd in sorted({r["setting"]["weight_decay"] for r in trials}, key=float):
             mine = sorted((r for r in trials if r["setting"]["weight_decay"] == wd),
                           key=lambda r: float(r["setting"]["lr"]))
             ok = [r for r in mine if r["status"] == "finished"]
             ax.plot([float(r["setting"]["lr"]) for r in ok], [_metric(r) for r in ok], "o-",
-                    ms=4, color=f"C{i}", label=f"wd {wd}")
+                    ms=4, color=color[wd], label=f"wd {wd}")
             bad = [float(r["setting"]["lr"]) for r in mine if r["status"] != "finished"]
             if ok and bad:
-                ax.plot(bad, [max(_metric(r) for r in ok)] * len(bad), "x", color=f"C{i}")
+                ax.plot(bad, [max(_metric(r) for r in ok)] * len(bad), "x", color=color[wd])
         final = [_metric(r) for r in rows if r.get("final") and r["status"] == "finished"
                  and r["setting"]["optimizer"] == name]
         if final:

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -123,6 +124,12 @@ def test_sweep_refuses_to_report_runs_made_with_other_options(tmp_path, text, ca
     assert "max_iters: 6 -> 3" in err
     assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert sweep.main(args + [f"--set={TINY_GPT} {text}"]) == 0
+    assert capsys.readouterr().out.count("(skipped)") == 2
+    # the same runs moved elsewhere (a study's results in another clone) are still these runs
+    moved = tmp_path / "elsewhere" / "sweep"
+    shutil.copytree(out, moved)
+    assert sweep.main(["--grid=optimizer=adamw", "--seeds=1,2", f"--sweep_dir={moved}",
+                       f"--set={TINY_GPT} {text}"]) == 0
     assert capsys.readouterr().out.count("(skipped)") == 2
 
 

@@ -162,9 +162,12 @@ def read_config(config_cls, argv, usage):
                                    parallel=cfg.parallel), given
     optimizer_names(cfg.optimizer)
     check_positive(cfg, "batch_size", "log_interval")
-    for key in ("lr", "weight_decay", "grad_clip"):
+    for key in ("lr", "grad_clip"):
         if not getattr(cfg, key) >= 0:
             raise ConfigError(f"--{key} must be >= 0, got {getattr(cfg, key)}")
+    # -1 where it is the trainer's default: its tuned value for the optimizer (nanogpt_sai.py)
+    if not (cfg.weight_decay >= 0 or cfg.weight_decay == -1 == config_cls().weight_decay):
+        raise ConfigError(f"--weight_decay must be >= 0, got {cfg.weight_decay}")
     if cfg.warmup_iters < -1:
         raise ConfigError(f"--warmup_iters must be >= 0 (or -1: 5% of the run), got "
                           f"{cfg.warmup_iters}")

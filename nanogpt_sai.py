@@ -53,6 +53,8 @@ class Config(RunOptions):
     bias: bool = option(False, "biases in Linear and LayerNorm layers")
     dropout: float = option(0.0, "dropout probability")
     # training (the optimizer's options are RunOptions'; the decay's length is GPT-only)
+    weight_decay: float = option(-1.0, "decoupled weight decay of matrices and embeddings; -1 = "
+                                       "the optimizer's tuned default (DEFAULT_WEIGHT_DECAY)")
     lr_decay_iters: int = option(0, "step at which the lr decay ends; 0 = max_iters")
     batch_size: int = option(12, "sequences per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
@@ -78,16 +80,20 @@ PRESETS = {
                 max_iters=5000, eval_interval=250, eval_iters=200, warmup_iters=100,
                 log_interval=100),
 }
-# Peak learning rates: cpu, the best of the README's sweep at the cpu preset (5-6 values each);
-# gpu, not tuned: the cpu values times nanoGPT's own AdamW ratio between the two (1e-3 / 4e-3).
+# Peak learning rates and weight decays: cpu, each optimizer's tuned setting (README, "GPT on
+# tiny shakespeare": lr x weight decay, python sweep.py --study=tune); gpu, not tuned: the cpu
+# lrs times nanoGPT's own AdamW ratio between the two (1e-3 / 4e-3), the same weight decays.
 DEFAULT_LR = {
-    "cpu": {"adamw": 4e-3, "sgd_sai": 2e-2, "adam_mini": 8e-3, "apollo": 3.2e-2,
-            "apollo_mini": 8e-3, "muon": 8e-3, "adafactor": 2e-2,
+    "cpu": {"adamw": 4e-3, "sgd_sai": 2e-2, "adam_mini": 4e-3, "apollo": 6.4e-2,
+            "apollo_mini": 8e-3, "muon": 4e-3, "adafactor": 4e-2,
             "sign_sgd": 1e-3, "adam_pe": 4e-3},     # the per-example two: not tuned yet
-    "gpu": {"adamw": 1e-3, "sgd_sai": 5e-3, "adam_mini": 2e-3, "apollo": 8e-3,
-            "apollo_mini": 2e-3, "muon": 2e-3, "adafactor": 5e-3,
+    "gpu": {"adamw": 1e-3, "sgd_sai": 5e-3, "adam_mini": 1e-3, "apollo": 1.6e-2,
+            "apollo_mini": 2e-3, "muon": 1e-3, "adafactor": 1e-2,
             "sign_sgd": 2.5e-4, "adam_pe": 1e-3},
 }
+DEFAULT_WEIGHT_DECAY = {"adamw": 0.1, "sgd_sai": 0.0111, "adam_mini": 0.1, "apollo": 0.0333,
+                        "apollo_mini": 0.0111, "muon": 0.1, "adafactor": 0.0037,
+                        "sign_sgd": 0.1, "adam_pe": 0.1}
 # GPT-2 BPE (--dataset=shakespeare) changes SGD-SaI's best lr: its g-SNR scale of the 50,257-row
 # embedding (sparse rows, so std small and ||g||/std large) makes the cpu lr 2e-2 blow the loss up
 # (10.8 -> 35.7 in 100 steps). Measured at the cpu preset, 300 steps, seed 1337, val loss 6.25e-4:
@@ -127,6 +133,8 @@ def resolve_config(argv):
     return dataclasses.replace(cfg, preset=preset, device=device,
                                dtype=pick_dtype(cfg.dtype, device),
                                lr=cfg.lr or default_lr(preset, cfg.dataset, cfg.optimizer),
+                               weight_decay=DEFAULT_WEIGHT_DECAY[cfg.optimizer]
+                               if cfg.weight_decay == -1 else cfg.weight_decay,
                                lr_decay_iters=cfg.lr_decay_iters or cfg.max_iters,
                                warmup_iters=warmup_steps(cfg.warmup_iters, cfg.max_iters),
                                eval_interval=cfg.eval_interval or max(1, cfg.max_iters // 8))
@@ -301,8 +309,9 @@ def train(cfg):
                      resume_step=it if cfg.resume else None)
     if par.main:
         n_params = write_run_info(run_dir, cfg, model, par, **data_facts)
-        print(f"{n_params / 1e6:.2f}M parameters | {cfg.optimizer} lr {cfg.lr:g} | {device} "
-              f"{cfg.dtype} | " + (f"{cfg.parallel} x {par.world} | " if par.world > 1 else "")
+        print(f"{n_params / 1e6:.2f}M parameters | {cfg.optimizer} lr {cfg.lr:g} wd "
+              f"{cfg.weight_decay:g} | {device} {cfg.dtype} | "
+              + (f"{cfg.parallel} x {par.world} | " if par.world > 1 else "")
               + f"run dir {run_dir}")
 
     def trial(m):  # one throw-away step through the compiled model, on a copied batch stream

@@ -81,6 +81,8 @@ class SweepConfig:
                                  "(comma-separated; default all)")
     seeds: str = option("1,2,3", "comma-separated seeds; every setting runs with each")
     tune_seed: int = option(1337, "tuning: the one seed every lr x weight decay trial runs with")
+    tune_centre: str = option("", "tuning: the 3 x 3 start's centre, 'name=lr,wd ...' (default: "
+                                  "the trainer's default lr and weight decay)")
     max_extra: int = option(6, "tuning: trials an optimizer may add to its 3 x 3 start while its "
                                "best sits on an edge")
     baseline: str = option("optimizer=adamw", "compare every setting with the best one matching "
@@ -117,7 +119,7 @@ STUDIES = {
         [f"optimizer={name} lr=1e-3,3e-3,1e-2,3e-2"
          for name in ("adamw", "adam_mini", "apollo", "apollo_mini", "muon")] +
         [f"optimizer={name} lr=3e-3,1e-2,3e-2,1e-1" for name in ("sgd_sai", "adafactor")]),
-        seeds="1,2,3", set=BABY),
+        seeds="1,2,3", set=BABY + " weight_decay=0.1"),   # as it ran, before wd was tuned
     # weight decay off: decoupled decay multiplies by the lr, which differs ~250x between rules
     # (gsnr_max and none need lr ~1 where gsnr needs ~1e-2), so with it on the rules would also
     # differ in how fast they decay the weights
@@ -140,7 +142,11 @@ STUDIES = {
             ("batch", "1e-3,3e-3,1e-2"), ("mean_sq", "1e-3,3e-3,1e-2"),
             ("variance", "3e-4,1e-3,3e-3,1e-2"), ("second_moment", "1e-3,3e-3,1e-2"))]),
         seeds="1,2,3", set=BABY, baseline="preconditioner=batch"),
-    "tune": dict(tune="all", seeds="1,2,3", set=TUNE_SET),
+    # centred where the trainer's defaults were when it ran (pinned: the study's lattice, and so
+    # its results in results/gpt-tune, stay the same when the defaults move)
+    "tune": dict(tune="all", seeds="1,2,3", set=TUNE_SET, tune_centre=(
+        "adamw=4e-3,0.1 sgd_sai=2e-2,0.1 adam_mini=8e-3,0.1 apollo=3.2e-2,0.1 "
+        "apollo_mini=8e-3,0.1 muon=8e-3,0.1 adafactor=2e-2,0.1")),
     # the ViT tuned at 3 epochs of Fashion-MNIST (its default run is 8: tuning all seven there
     # is ~6 CPU hours), 1.3 images per parameter
     "vit_tune": dict(trainer="vit", tune="all", seeds="1,2,3", set="epochs=3"),
@@ -470,6 +476,20 @@ def parse_filter(text):
     return out or None
 
 
+def parse_centres(text):
+    """--tune_centre 'adamw=4e-3,0.1 muon=8e-3,0.1' -> {'adamw': (0.004, 0.1), ...}."""
+    centres = {}
+    for item in text.split():
+        name, _, values = item.partition("=")
+        try:
+            lr, wd = (float(v) for v in values.split(","))
+        except ValueError:
+            raise ConfigError(f"--tune_centre: {item!r} is not name=lr,weight_decay") from None
+        optimizer_names(name)
+        centres[name] = (lr, wd)
+    return centres
+
+
 def lattice_setting(name, centre, point):
     """The trial at lattice point (i, j): lr = centre lr * 2^i, wd = centre wd * 3^j."""
     (lr, wd), (i, j) = centre, point
@@ -508,10 +528,11 @@ def tune(trainer, cfg, fixed, sweep_dir, execute):
     when stopped by Ctrl-C; writes tuned.json. Deterministic given the runs' results, so a
     re-run walks the same rounds over finished runs."""
     names = optimizer_names(cfg.tune)
-    centres = {}
+    centres = parse_centres(cfg.tune_centre)
     for name in names:
-        resolved = trainer.resolve_config(fixed + [f"--optimizer={name}"])
-        centres[name] = (resolved.lr, resolved.weight_decay)
+        if name not in centres:
+            resolved = trainer.resolve_config(fixed + [f"--optimizer={name}"])
+            centres[name] = (resolved.lr, resolved.weight_decay)
     tried = {name: {} for name in names}
     pending = {name: [(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)] for name in names}
     ended, rows = {}, []
@@ -601,6 +622,7 @@ def main(argv):
         runs = []
         if cfg.tune:
             optimizer_names(cfg.tune)
+            parse_centres(cfg.tune_centre)
         else:
             runs = plan_runs(trainer, parse_grid(expand_grid(cfg.grid, cfg)), seeds, fixed,
                              sweep_dir)

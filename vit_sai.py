@@ -238,7 +238,7 @@ def train(cfg):
         n_params = write_run_info(run_dir, cfg, model, par, warmup_iters=warmup_iters,
                                   classes=data.classes, **data_facts)
         print(f"{n_params / 1e6:.2f}M parameters | {data.source} {n_train} train images | "
-              f"{cfg.optimizer} lr {cfg.lr:g} | {device} {cfg.dtype} | "
+              f"{cfg.optimizer} lr {cfg.lr:g} wd {cfg.weight_decay:g} | {device} {cfg.dtype} | "
               + (f"{cfg.parallel} x {par.world} | " if par.world > 1 else "")
               + f"run dir {run_dir}")
 

@@ -255,6 +255,7 @@ def test_plots_redraw_from_logs(corpus, tmp_path):
     (["--optimizer=adam"], "unknown optimizer 'adam'; choose from adamw, sgd_sai, adam_mini, "
                             "apollo, apollo_mini, muon, adafactor"),
     (["--lr=-1.0"], "--lr must be >= 0"),
+    (["--weight_decay=-0.5"], "--weight_decay must be >= 0, got -0.5"),
     (["--beta2=1.0"], "--beta2 must be in [0, 1)"),
     (["--sai_rule=max"], "--sai_rule must be one of gsnr, gsnr_max, sqrt_numel, none"),
     (["--dataset=wiki"], "--dataset must be shakespeare_char or shakespeare"),
@@ -344,7 +345,7 @@ def test_a_warmup_as_long_as_the_run_gets_a_warning(capsys):
         capsys.readouterr().err
 
 
-def test_the_cheat_sheet_states_the_learning_rates_the_trainers_use():
+def test_the_cheat_sheet_states_the_learning_rates_and_decays_the_trainers_use():
     import vit_sai
     names = {"AdamW": "adamw", "SGD-SaI": "sgd_sai", "Adam-mini": "adam_mini",
              "APOLLO": "apollo", "APOLLO-Mini": "apollo_mini", "Muon": "muon",
@@ -354,8 +355,10 @@ def test_the_cheat_sheet_states_the_learning_rates_the_trainers_use():
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
             if line.startswith("| ") and line.split("|")[1].strip() in names]
     assert len(rows) == len(optim.OPTIMIZERS)
-    for name, char, bpe, vit in rows:
+    for name, char, bpe, vit, weight_decay in rows:
         opt = names[name]
+        cfg = nanogpt_sai.resolve_config([f"--optimizer={opt}", "--device=cpu"])
+        assert float(weight_decay) == cfg.weight_decay == nanogpt_sai.DEFAULT_WEIGHT_DECAY[opt]
         assert float(char) == nanogpt_sai.default_lr("cpu", "shakespeare_char", opt)
         assert float(bpe) == nanogpt_sai.default_lr("cpu", "shakespeare", opt)
         assert float(vit) == vit_sai.DEFAULT_LR[opt]

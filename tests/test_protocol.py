@@ -122,6 +122,17 @@ def test_tune_picks_each_optimizers_best_and_reruns_it_on_fresh_seeds(tmp_path):
 def test_tuning_refuses_its_own_seed_among_the_final_seeds(capsys):
     assert sweep.main(["--tune=adamw", "--seeds=1337,1"]) == 2
     assert "--seeds=1337,1 includes --tune_seed=1337" in capsys.readouterr().err
+    assert sweep.main(["--tune=adamw", "--tune_centre=adamw=4e-3"]) == 2
+    assert "--tune_centre: 'adamw=4e-3' is not name=lr,weight_decay" in capsys.readouterr().err
+
+
+def test_a_pinned_centre_moves_the_start(tmp_path):
+    cfg = sweep.SweepConfig(tune="adamw", seeds="1", tune_centre="adamw=1e-3,0.5")
+    rows, _ = sweep.tune(nanogpt_sai, cfg, ["--device=cpu"], str(tmp_path),
+                         fake_execute(lambda setting, seed: float(setting["lr"])))
+    first = {(r["setting"]["lr"], r["setting"]["weight_decay"]) for r in rows[:9]}
+    assert first == {(lr, wd) for lr in ("0.0005", "0.001", "0.002")
+                     for wd in ("0.167", "0.5", "1.5")}
 
 
 def test_studies_of_tuned_settings_read_tuned_json(tmp_path, capsys):

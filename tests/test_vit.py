@@ -119,6 +119,7 @@ def test_offline_falls_back_to_rendered_digits(tmp_path, monkeypatch, capsys):
     (["--dataset=mnist"], "--dataset must be fashion_mnist, cifar10 or digits"),
     (["--pool=max"], "--pool must be cls or mean"),
     (["--epochs=0"], "--epochs must be > 0"),
+    (["--weight_decay=-1"], "--weight_decay must be >= 0, got -1"),   # the GPT's sentinel only
     (["--label_smoothing=1.5"], "--label_smoothing must be in [0, 1)"),
     (["--optimizer=sgd"], "unknown optimizer 'sgd'"),
     (["--depth=2.5"], "--depth expects int, got '2.5'"),

@@ -304,18 +304,35 @@ def per_seed(rows):
     return {r["seed"]: compared(r) for r in rows if r["status"] == "finished"}
 
 
-def baseline_group(groups, baseline):
-    """The key of the best group (by mean objective over its finished seeds) whose setting
-    matches every key=value of `baseline`; None without a baseline or a match."""
+TUNED_KEYS = ("lr", "weight_decay")   # what a baseline is best over, never matched on
+
+
+def baseline_groups(groups, baseline):
+    """{group key: the key of its baseline group}: the best group (by mean objective over its
+    finished seeds) whose setting matches every key=value of `baseline`, among those that share
+    the group's values of the other keys the matching groups differ in (e.g. max_iters in the
+    duration study: each length against AdamW at that length); lr and weight decay excepted (the
+    baseline is at its best lr and wd). Returns ({}, []) without a baseline or a match, else
+    (that map, the keys matched on)."""
     if not baseline:
-        return None
-    scored = []
-    for key, group in groups.items():
-        setting = json.loads(key)
-        values = [objective(r) for r in group if r["status"] == "finished"]
-        if values and all(setting.get(k) == v for k, v in baseline.items()):
-            scored.append((statistics.mean(values), key))
-    return min(scored)[1] if scored else None
+        return {}, []
+    matching = {key: json.loads(key) for key in groups
+                if all(json.loads(key).get(k) == v for k, v in baseline.items())}
+    strata = [k for k in dict.fromkeys(k for s in matching.values() for k in s)
+              if k not in baseline and k not in TUNED_KEYS
+              and len({s.get(k) for s in matching.values()}) > 1]
+    best = {}
+    for key, setting in matching.items():
+        values = [objective(r) for r in groups[key] if r["status"] == "finished"]
+        stratum = tuple(setting.get(k) for k in strata)
+        if values and (stratum not in best or statistics.mean(values) < best[stratum][0]):
+            best[stratum] = (statistics.mean(values), key)
+    out = {}
+    for key in groups:
+        stratum = tuple(json.loads(key).get(k) for k in strata)
+        if stratum in best:
+            out[key] = best[stratum][1]
+    return out, strata
 
 
 def regime_line(rows):
@@ -337,7 +354,7 @@ def summarize(rows, sweep_dir, baseline, name="summary"):
     image_runs = any("test_acc" in r for r in rows)
     metric_names = (["final_test_acc", "best_test_acc", "final_test_loss"] if image_runs
                     else ["final_val_loss", "best_val_loss"])
-    base = baseline_group(groups, baseline)
+    bases, strata = baseline_groups(groups, baseline)
     table = []
     for key, group in groups.items():
         ok = [r for r in group if r["status"] == "finished"]
@@ -353,9 +370,12 @@ def summarize(rows, sweep_dir, baseline, name="summary"):
         line["seen"] = seen[0]["seen"] if seen else 0
         line["per_param"] = seen[0]["seen"] / seen[0]["n_params"] if seen else 0.0
         line["state_bytes"] = ok[0]["state_bytes"] if ok else 0
-        if base:
-            diff = stats.paired_difference(per_seed(group), per_seed(groups[base]))
-            line["vs_baseline"] = ("baseline" if key == base else
+        if bases:
+            line["vs_baseline"], line["diff_mean"] = "no baseline run", math.nan
+            line["diff_low"] = line["diff_high"] = None
+        if key in bases:
+            diff = stats.paired_difference(per_seed(group), per_seed(groups[bases[key]]))
+            line["vs_baseline"] = ("baseline" if key == bases[key] else
                                    stats.describe(diff, digits=2 if image_runs else 3))
             line.update(diff_mean=diff["mean"], diff_low=diff["low"], diff_high=diff["high"])
         table.append(line)
@@ -364,14 +384,16 @@ def summarize(rows, sweep_dir, baseline, name="summary"):
         writer.writeheader()
         writer.writerows(table)
     unit = "images" if image_runs else "tokens"
-    head = (setting_keys + metric_names + (["vs baseline"] if base else [])
+    head = (setting_keys + metric_names + (["vs baseline"] if bases else [])
             + ["seen", f"{unit}/param", "train s", "state MiB", "seeds", "diverged"])
     lines = [f"Regime: {regime_line(rows)}.", ""]
-    if base:
-        where = " ".join(f"{k}={v}" for k, v in json.loads(base).items())
-        lines += [f"Baseline: {where} (the best setting matching --baseline); differences are "
-                  f"this row's {'test accuracy (points)' if image_runs else 'final val loss'} "
-                  "minus the baseline's over the seeds both ran, with a 95% t interval.", ""]
+    if bases:
+        where = "; ".join(sorted({" ".join(f"{k}={v}" for k, v in json.loads(b).items())
+                                  for b in bases.values()}))
+        same = f", at the same {', '.join(strata)}" if strata else ""
+        lines += [f"Baseline: {where} (the best setting matching --baseline{same}); differences "
+                  f"are this row's {'test accuracy (points)' if image_runs else 'final val loss'}"
+                  " minus the baseline's over the seeds both ran, with a 95% t interval.", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in table:
         cells = [str(t[k]) for k in setting_keys]
@@ -381,7 +403,7 @@ def summarize(rows, sweep_dir, baseline, name="summary"):
             scale = 100 if "acc" in m else 1
             cells.append(f"{scale * t[m]:.4g} ± {scale * t[m + '_sd']:.2g}"
                          if not math.isnan(t[m]) else no_result)
-        cells += [t["vs_baseline"]] if base else []
+        cells += [t["vs_baseline"]] if bases else []
         cells += [f"{t['seen']:,}", f"{t['per_param']:.2g}", f"{t['train_s']:.1f}",
                   f"{t['state_bytes'] / 2**20:.2f}", str(t["seeds"]),
                   f"{t['diverged']}" + (f" (+{t['crashed']} crashed)" if t["crashed"] else "")]

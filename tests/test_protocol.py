@@ -238,3 +238,36 @@ def test_duration_and_batch_figures_draw_from_runs(tmp_path):
             rows.append(dict(setting={"optimizer": "adamw", "batch_size": str(batch), "lr": lr},
                              seed=1, status="finished", run_dir=str(run_dir)))
     assert is_png(studies.batch_rule_curves(rows, str(tmp_path / "batch.png")))
+
+
+def _row(seed, loss, **setting):
+    return dict(setting=setting, seed=seed, status="finished", run_dir="/nonexistent",
+                final_val_loss=loss, best_val_loss=loss, seen=100, n_params=10, train_s=1.0,
+                state_bytes=8)
+
+
+def test_each_length_is_compared_with_adamw_at_that_length(tmp_path):
+    rows = []
+    for steps, base in (("250", 3.0), ("500", 2.5)):
+        for seed in (1, 2, 3):
+            rows += [_row(seed, base + 0.01 * seed, optimizer="adamw", lr="0.004", max_iters=steps),
+                     _row(seed, base + 0.1 + 0.02 * seed, optimizer="sgd_sai", lr="0.02",
+                          max_iters=steps)]
+    text = sweep.summarize(rows, str(tmp_path), {"optimizer": "adamw"})
+    assert "at the same max_iters" in text
+    sgd = [line for line in text.splitlines() if line.startswith("| sgd_sai")]
+    # per length: differences 0.11, 0.12, 0.13 against AdamW at the same length, not the best
+    # AdamW overall (500 steps), which would make the 250-step row +0.62
+    assert all("+0.120 (95% CI" in line for line in sgd)
+
+
+def test_an_lr_sweep_is_compared_with_adamw_at_its_best_lr(tmp_path):
+    rows = []
+    for seed in (1, 2):
+        rows += [_row(seed, 2.0, optimizer="adamw", lr="1e-3"),
+                 _row(seed, 1.8 + 0.01 * seed, optimizer="adamw", lr="4e-3"),
+                 _row(seed, 1.9, optimizer="muon", lr="1e-2")]
+    text = sweep.summarize(rows, str(tmp_path), {"optimizer": "adamw"})
+    assert "Baseline: optimizer=adamw lr=4e-3 (the best setting matching --baseline)" in text
+    muon = next(line for line in text.splitlines() if line.startswith("| muon"))
+    assert "+0.085 (95% CI" in muon

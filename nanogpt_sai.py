@@ -92,7 +92,7 @@ DEFAULT_LR = {
             "sign_sgd": 2.5e-4, "adam_pe": 1e-3},
 }
 DEFAULT_WEIGHT_DECAY = {"adamw": 0.1, "sgd_sai": 0.0111, "adam_mini": 0.1, "apollo": 0.0333,
-                        "apollo_mini": 0.0111, "muon": 0.1, "adafactor": 0.0037,
+                        "apollo_mini": 0.0111, "muon": 0.1, "adafactor": 0.000412,
                         "sign_sgd": 0.1, "adam_pe": 0.1}
 # GPT-2 BPE (--dataset=shakespeare) changes SGD-SaI's best lr: its g-SNR scale of the 50,257-row
 # embedding (sparse rows, so std small and ||g||/std large) makes the cpu lr 2e-2 blow the loss up

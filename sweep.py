@@ -83,7 +83,7 @@ class SweepConfig:
     tune_seed: int = option(1337, "tuning: the one seed every lr x weight decay trial runs with")
     tune_centre: str = option("", "tuning: the 3 x 3 start's centre, 'name=lr,wd ...' (default: "
                                   "the trainer's default lr and weight decay)")
-    max_extra: int = option(6, "tuning: trials an optimizer may add to its 3 x 3 start while its "
+    max_extra: int = option(12, "tuning: trials an optimizer may add to its 3 x 3 start while its "
                                "best sits on an edge")
     baseline: str = option("optimizer=adamw", "compare every setting with the best one matching "
                                               "these key=value pairs, over paired seeds ('' = "
@@ -127,7 +127,7 @@ STUDIES = {
         "optimizer=sgd_sai sai_rule=gsnr lr=3e-3,1e-2,3e-2",
         "optimizer=sgd_sai sai_rule=sqrt_numel lr=3e-3,1e-2,3e-2",
         "optimizer=sgd_sai sai_rule=gsnr_max lr=0.3,1.0,3.0,10.0",
-        "optimizer=sgd_sai sai_rule=none lr=0.3,1.0,3.0,10.0"]), seeds="1,2",
+        "optimizer=sgd_sai sai_rule=none lr=0.3,1.0,3.0,10.0"]), seeds="1,2,3",
         set=BABY + " weight_decay=0.0", baseline="sai_rule=gsnr"),
     # arXiv 2510.00236's two questions at the baby size: where the sign goes (sign_sgd), and
     # what Adam's second moment is built from (adam_pe; "batch" is Adam itself), each over its
@@ -156,9 +156,10 @@ STUDIES = {
     "duration": dict(grid=" | ".join(f"{{tuned}} max_iters={n}"
                                      for n in (250, 500, 1000, 2000, 4000)),
                      seeds="1,2,3", set=TUNE_SET),
-    # AdamW and SGD-SaI by default: the square-root rule is Adam's, the linear rule SGD's
+    # AdamW and SGD-SaI by default: the square-root rule is Adam's, the linear rule SGD's; each
+    # batch size and rule compared with the same optimizer at the base batch (same tokens, seeds)
     "batch": dict(grid="{batch}", seeds="1,2,3", set=TUNE_SET, optimizers="adamw,sgd_sai",
-                  baseline=""),
+                  baseline=f"batch_size={BATCH_BASE}"),
 }
 # The tuning lattice: lr = centre * 2^i, weight decay = centre * 3^j, from i, j in -1, 0, 1
 LR_STEP, WD_STEP = 2.0, 3.0

@@ -4,7 +4,7 @@ Sweeps and ablation studies: a grid of trainer settings x seeds, one process per
     python sweep.py --study=lr          # LR sensitivity of every optimizer, 3 seeds
     python sweep.py --study=sai_rule    # SGD-SaI's scale rules, each over its own LR range
     python sweep.py --study=per_example # sign placement and per-example preconditioners
-    python sweep.py --study=tune        # lr x weight decay per optimizer, then its best on 3 seeds
+    python sweep.py --study=tune        # lr x weight decay per optimizer, then its best on 5 seeds
     python sweep.py --study=vit_tune    # the same for the ViT (3 epochs)
     python sweep.py --study=duration    # the tuned settings at 5 training lengths (250..4000 steps)
     python sweep.py --study=batch       # batch 12..96 at equal tokens, lr rules none/sqrt/linear
@@ -144,12 +144,14 @@ STUDIES = {
         seeds="1,2,3", set=BABY, baseline="preconditioner=batch"),
     # centred where the trainer's defaults were when it ran (pinned: the study's lattice, and so
     # its results in results/gpt-tune, stay the same when the defaults move)
-    "tune": dict(tune="all", seeds="1,2,3", set=TUNE_SET, tune_centre=(
+    "tune": dict(tune="all", seeds="1,2,3,4,5", set=TUNE_SET, tune_centre=(
         "adamw=4e-3,0.1 sgd_sai=2e-2,0.1 adam_mini=8e-3,0.1 apollo=3.2e-2,0.1 "
         "apollo_mini=8e-3,0.1 muon=8e-3,0.1 adafactor=2e-2,0.1")),
     # the ViT tuned at 3 epochs of Fashion-MNIST (its default run is 8: tuning all seven there
-    # is ~6 CPU hours), 1.3 images per parameter
-    "vit_tune": dict(trainer="vit", tune="all", seeds="1,2,3", set="epochs=3"),
+    # is ~6 CPU hours), 1.3 images per parameter; centred (pinned) on the trainer's defaults
+    "vit_tune": dict(trainer="vit", tune="all", seeds="1,2,3,4,5", set="epochs=3", tune_centre=(
+        "adamw=4e-3,0.05 sgd_sai=4e-2,0.05 adam_mini=4e-3,0.05 apollo=8e-3,0.05 "
+        "apollo_mini=8e-3,0.05 muon=4e-3,0.05 adafactor=4e-2,0.05")),
     # each optimizer at its tuned lr and weight decay, each length with its own full decay
     # (warmup 5% of it, cosine to 10% at its last step), 16x from shortest to longest
     # (shortest first: a study stopped part way has whole lengths)

@@ -194,7 +194,14 @@ def _replicated_state(p, t):
 # eager step costs a few ms (README, "Optimizer step time and memory").
 FUSED_MIN_NUMEL = 2 ** 20
 FUSED_DEVICES = ("cpu", "cuda")
-_compiled_update_each = None
+# On a CPU, inductor fuses loops that share as little as 10 bytes: the 0-d step numbers every
+# tensor reads then join the loops of same-shaped tensors (a GPT's layers) into one, with up to
+# 8 tensors' memory streams at once, more than the prefetchers follow. Fused only where they share
+# a KiB or more, each tensor is its own loop: at 85M parameters AdamW's step went from 1.06-1.10x
+# to 1.03-1.04x torch's fused AdamW, Adam-mini's from 1.06-1.11x to 0.97-0.98x (README,
+# "Optimizer step time and memory"). On a GPU a joint kernel saves launches: inductor's default.
+FUSED_COMPILE_OPTIONS = {"cpu": {"score_fusion_memory_threshold": 1024}}
+_compiled_update_each = {}   # device type: _update_each compiled for it
 
 
 def _update_each(update, rows, numbers, constants):
@@ -205,14 +212,15 @@ def _update_each(update, rows, numbers, constants):
     return [update(*row, **row_numbers, **constants) for row, row_numbers in zip(rows, numbers)]
 
 
-def _compiled():
-    global _compiled_update_each
-    if _compiled_update_each is None:
+def _compiled(device_type):
+    if device_type not in _compiled_update_each:
         # one graph per update function and param group shares _update_each's code object: let
         # a process hold more than torch's default 8 (several optimizers in a test or notebook)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _compiled_update_each = torch.compile(_update_each, fullgraph=True, dynamic=False)
-    return _compiled_update_each
+        _compiled_update_each[device_type] = torch.compile(
+            _update_each, fullgraph=True, dynamic=False,
+            options=FUSED_COMPILE_OPTIONS.get(device_type, {}))
+    return _compiled_update_each[device_type]
 
 
 def _number_tensors(numbers, device):
@@ -333,8 +341,9 @@ class _SandboxOptimizer(Optimizer):
         tensors = [[_local(t) for t in row] for row in tensors]
         if self.fused():
             try:
-                _compiled()(update, tensors, _number_tensors(numbers, tensors[0][0].device),
-                            constants)
+                device = tensors[0][0].device
+                _compiled(device.type)(update, tensors, _number_tensors(numbers, device),
+                                       constants)
                 return
             except Exception as err:   # compiling happens before any tensor is written
                 self.fused_error = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"

@@ -47,7 +47,7 @@ def test_fused_step_equals_the_eager_step_it_compiles(name):
 def test_a_failed_compile_warns_once_and_steps_eagerly(monkeypatch):
     """Where torch.compile cannot run (no C++ compiler, an unsupported device) the step is the
     eager one, after one warning, and the optimizer stays eager."""
-    def no_compiler():
+    def no_compiler(device_type):
         def fail(*args):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore lines")
         return fail

@@ -67,6 +67,20 @@ def test_a_failed_compile_warns_once_and_steps_eagerly(monkeypatch):
     assert max_rel_diff(model, ref) == 0
 
 
+def test_same_shaped_tensors_step_in_loops_of_their_own():
+    """On a CPU the fused step gives each tensor its own loop (FUSED_COMPILE_OPTIONS): inductor's
+    default joins same-shaped tensors into one loop because they read the same 0-d step numbers,
+    and a loop over many tensors' memory streams at once runs slower."""
+    from torch._inductor import metrics
+    params = [nn.Parameter(torch.randn(48, 40)) for _ in range(2)]   # shapes no other test uses
+    for p in params:
+        p.grad = torch.randn_like(p)
+    metrics.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):         # generate the code anew
+        optim.AdamW(params, lr=1e-2, fused=True).step()
+    assert metrics.generated_cpp_vec_kernel_count == 2     # inductor's default makes it 1
+
+
 def test_fused_by_default_only_where_it_pays():
     small = nn.Linear(64, 64)
     big = nn.Linear(1024, optim.FUSED_MIN_NUMEL // 1024)

@@ -28,9 +28,11 @@ apart) from a 3 x 3 start around the trainer's defaults, one seed (--tune_seed);
 trial lacks a tried neighbour on either axis the missing neighbours are run (at most --max_extra
 more trials: the summary says where that cap left a best value on an edge); then each
 optimizer's best setting runs on --seeds (fresh seeds: the tuning seed's result is the one it
-was chosen by, so it is biased low). tuned.json keeps the chosen settings, which the duration
-and batch studies read (--tuned). Exit status: 0 when every run finished or diverged, 1 when one
-crashed or none finished, 2 a bad command line.
+was chosen by, so it is biased low). Each optimizer's search goes on by itself, so the jobs stay
+busy: its next trials start when its last ones have ended, its final runs when it has.
+tuned.json keeps the chosen settings, which the duration and batch studies read (--tuned).
+Exit status: 0 when every run finished or diverged, 1 when one crashed or none finished, 2 a bad
+command line.
 """
 import csv
 import dataclasses
@@ -43,7 +45,7 @@ import shutil
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -546,57 +548,77 @@ def edges(tried, best):
             if (best[0] + di, best[1] + dj) not in tried]
 
 
-def tune(trainer, cfg, fixed, sweep_dir, execute):
-    """Tune lr x weight decay of each optimizer in cfg.tune (one seed), rounds of trials for all
-    optimizers at once (so --jobs stays busy), then run each one's best on cfg's seeds. Returns
-    (rows of every run, the per-optimizer report), with no report when a trial crashed, or None
-    when stopped by Ctrl-C; writes tuned.json. Deterministic given the runs' results, so a
-    re-run walks the same rounds over finished runs."""
+def tune(trainer, cfg, fixed, sweep_dir, start, jobs=1):
+    """Tune lr x weight decay of each optimizer in cfg.tune (one seed), then run each one's best
+    on cfg's seeds. Every optimizer's search goes on by itself: its next trials are decided as
+    soon as its last ones have ended, and its final runs start as soon as its search has, so no
+    core waits on another optimizer's trials. start(run) begins one run and returns a Future of
+    its row; at most `jobs` are under way at once, trials first (they decide what runs next).
+    Returns (rows of every run, the per-optimizer report), with no report when a run crashed
+    (then the runs under way are waited for and no other starts); writes tuned.json when every
+    search has ended. Deterministic given the runs' results: which runs are made, and the rows'
+    order, do not depend on which run ended first, so a re-run walks the same searches over
+    finished runs."""
     names = optimizer_names(cfg.tune)
     centres = parse_centres(cfg.tune_centre)
     for name in names:
         if name not in centres:
             resolved = trainer.resolve_config(fixed + [f"--optimizer={name}"])
             centres[name] = (resolved.lr, resolved.weight_decay)
-    tried = {name: {} for name in names}
-    pending = {name: [(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)] for name in names}
-    ended, rows = {}, []
-    while any(pending.values()):
-        batch = [(name, point) for name in names for point in pending[name]]
-        runs = plan_runs(trainer, [lattice_setting(n, centres[n], p) for n, p in batch],
-                         [cfg.tune_seed], fixed, sweep_dir)
-        check_runs(runs, sweep_dir)
-        results = execute(runs)
-        if results is None:
-            return None
-        rows += results
-        if any(r["status"] == "crashed" for r in results):   # the next decision needs it
-            return rows, None
-        for (name, point), row in zip(batch, results):
-            tried[name][point] = objective(row)
-        for name in names:
-            if pending[name]:
-                pending[name], why = next_trials(tried[name], cfg.max_extra)
-                if why:
-                    ended[name] = why
-    report, tuned = {}, {}
     seeds = [int(s) for s in cfg.seeds.split(",")]
-    for name in names:
+    tried = {name: {} for name in names}
+    rows = {name: [] for name in names}     # each run's row, in the order it was decided
+    waiting = {name: 0 for name in names}   # this optimizer's runs queued or under way
+    report, queue, under_way = {}, [], {}
+
+    def enqueue(name, settings, run_seeds, points):
+        runs = plan_runs(trainer, settings, run_seeds, fixed, sweep_dir)
+        check_runs(runs, sweep_dir)
+        for run, point in zip(runs, points):
+            rows[name].append({})   # filled where it was decided when the run ends
+            queue.append((point is None, len(queue), name, point, run, rows[name][-1]))
+        waiting[name] += len(runs)
+
+    def decide(name):
+        """The search's next trials, or, once it has ended, the best setting's final runs."""
+        points, why = next_trials(tried[name], cfg.max_extra)
+        if not why:
+            enqueue(name, [lattice_setting(name, centres[name], p) for p in points],
+                    [cfg.tune_seed], points)
+            return
         best = min(tried[name], key=lambda p: (tried[name][p], p))
         setting = lattice_setting(name, centres[name], best)
-        tuned[name] = {"lr": setting["lr"], "weight_decay": setting["weight_decay"]}
-        report[name] = dict(setting=setting, trials=len(tried[name]), ended=ended[name],
+        report[name] = dict(setting=setting, trials=len(tried[name]), ended=why,
                             edges=edges(tried[name], best), tune_loss=tried[name][best])
-    with open(os.path.join(sweep_dir, "tuned.json"), "w") as f:
-        json.dump(tuned, f, indent=1)
-    runs = plan_runs(trainer, [report[n]["setting"] for n in names], seeds, fixed, sweep_dir)
-    check_runs(runs, sweep_dir)
-    final = execute(runs)
-    if final is None:
-        return None
-    for row in final:
-        row["final"] = True
-    return rows + final, report
+        if len(report) == len(names):
+            with open(os.path.join(sweep_dir, "tuned.json"), "w") as f:
+                json.dump({n: {"lr": report[n]["setting"]["lr"],
+                               "weight_decay": report[n]["setting"]["weight_decay"]}
+                           for n in names}, f, indent=1)
+        enqueue(name, [setting], seeds, [None] * len(seeds))
+
+    start_points = [(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)]
+    for name in names:
+        enqueue(name, [lattice_setting(name, centres[name], p) for p in start_points],
+                [cfg.tune_seed], start_points)
+    crashed = False
+    while under_way or (queue and not crashed):
+        queue.sort(key=lambda item: item[:2])          # trials first, then in decided order
+        while queue and not crashed and len(under_way) < jobs:
+            _, _, name, point, run, row = queue.pop(0)
+            under_way[start(run)] = (name, point, row)
+        done, _ = wait(under_way, return_when=FIRST_COMPLETED)
+        for future in done:
+            name, point, row = under_way.pop(future)
+            row.update(future.result(), **({"final": True} if point is None else {}))
+            waiting[name] -= 1
+            crashed = crashed or row["status"] == "crashed"   # the next decision needs it
+            if point is not None:
+                tried[name][point] = objective(row)
+                if not waiting[name] and not crashed:
+                    decide(name)
+    done_rows = [row for name in names for row in rows[name] if row]
+    return done_rows, None if crashed else {name: report[name] for name in names}
 
 
 def check_runs(runs, sweep_dir):
@@ -661,38 +683,37 @@ def main(argv):
     threads = max(1, (os.cpu_count() or 1) // cfg.jobs) if cfg.jobs > 1 else None
     t0, done = time.time(), []
 
-    def execute(runs):
-        """Run these (cfg.jobs at a time); their rows, or None after a Ctrl-C."""
-        bar = tqdm(total=len(runs), unit="run", disable=None, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=0, unit="run", disable=None, dynamic_ncols=True, leave=False)
+    pool = ThreadPoolExecutor(max_workers=cfg.jobs)   # its threads only wait on processes
 
-        def one(run):
-            status, how = run_one(trainer, run, threads, cfg.keep_checkpoints)
-            done.append(run)
-            bar.update(1)
-            bar.write(f"[{len(done)} {time.time() - t0:.0f}s] "
-                      f"{os.path.basename(run.run_dir)}: {status} ({how})")
-            return run_result(run.run_dir, run.setting, run.seed, status)
+    def one(run):
+        status, how = run_one(trainer, run, threads, cfg.keep_checkpoints)
+        done.append(run)
+        bar.update(1)
+        bar.write(f"[{len(done)} {time.time() - t0:.0f}s] "
+                  f"{os.path.basename(run.run_dir)}: {status} ({how})")
+        return run_result(run.run_dir, run.setting, run.seed, status)
 
-        pool = ThreadPoolExecutor(max_workers=cfg.jobs)   # its threads only wait on processes
-        try:
-            return list(pool.map(one, runs))
-        except KeyboardInterrupt:   # the runs got the Ctrl-C too: they stop and save
-            pool.shutdown(wait=True, cancel_futures=True)
-            return None
-        finally:
-            pool.shutdown()
-            bar.close()
+    def start(run):
+        """Begin one run (on the pool's next free thread); a Future of its row."""
+        bar.total += 1
+        bar.refresh()
+        return pool.submit(one, run)
 
     report = None
     try:
         if cfg.tune:
-            out = tune(trainer, cfg, fixed, sweep_dir, execute)
-            rows, report = out if out else (None, None)
+            rows, report = tune(trainer, cfg, fixed, sweep_dir, start, cfg.jobs)
         else:
-            rows = execute(runs)
+            rows = [future.result() for future in [start(run) for run in runs]]
     except ConfigError as err:   # a tuning round's run directory made with other options
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:    # the runs got the Ctrl-C too: they stop and save
+        rows = None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
     if rows is None:
         print(f"\nstopped after {len(done)} runs; the same command resumes the sweep",
               file=sys.stderr)

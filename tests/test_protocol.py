@@ -4,6 +4,7 @@ built from tuned settings."""
 import json
 import math
 import os
+from concurrent.futures import Future
 
 import pytest
 import scipy.stats
@@ -78,13 +79,20 @@ def test_diverged_trials_bound_the_search():
     assert tried[(2, 0)] == math.inf
 
 
-def fake_execute(loss):
-    """A stand-in for training: each run 'finishes' with loss(setting, seed)."""
-    def execute(runs):
-        return [dict(setting=r.setting, seed=r.seed, status="finished", run_dir=r.run_dir,
-                     final_val_loss=loss(r.setting, r.seed), best_val_loss=0.0, seen=100,
-                     n_params=50, train_s=1.0, state_bytes=8) for r in runs]
-    return execute
+def fake_row(loss, run):
+    """A stand-in for training: the run 'finishes' with loss(setting, seed)."""
+    return dict(setting=run.setting, seed=run.seed, status="finished", run_dir=run.run_dir,
+                final_val_loss=loss(run.setting, run.seed), best_val_loss=0.0, seen=100,
+                n_params=50, train_s=1.0, state_bytes=8)
+
+
+def fake_start(loss):
+    """sweep.tune's start(run), each run ended at once."""
+    def start(run):
+        future = Future()
+        future.set_result(fake_row(loss, run))
+        return future
+    return start
 
 
 def test_tune_picks_each_optimizers_best_and_reruns_it_on_fresh_seeds(tmp_path):
@@ -99,7 +107,7 @@ def test_tune_picks_each_optimizers_best_and_reruns_it_on_fresh_seeds(tmp_path):
 
     cfg = sweep.SweepConfig(tune="adamw,sgd_sai", seeds="1,2,3", max_extra=6)
     rows, report = sweep.tune(nanogpt_sai, cfg, ["--device=cpu"], str(tmp_path),
-                              fake_execute(loss))
+                              fake_start(loss))
     assert report["adamw"]["trials"] == 9 and report["adamw"]["ended"] == "interior"
     assert report["sgd_sai"]["setting"] == {"optimizer": "sgd_sai", "lr": "0.08",
                                             "weight_decay": "0.0333"}
@@ -119,6 +127,58 @@ def test_tune_picks_each_optimizers_best_and_reruns_it_on_fresh_seeds(tmp_path):
     assert "+0.000 (95% CI +0.000 .. +0.000), not significant" in sgd
 
 
+def test_tuning_keeps_every_job_busy_and_its_answer_does_not_depend_on_timing(tmp_path,
+                                                                              monkeypatch):
+    """Two jobs on a simulated clock (sweep.wait replaced: the run under way that ends first
+    ends; a run takes 1 + lr x 100 time units, so runs end out of order): adamw's search ends
+    after its 9 start trials while sgd_sai's extends, and adamw's final runs fill the job its
+    trials leave free, where rounds would leave it idle. The runs, rows and report equal those
+    of one job with every run ended at once."""
+    optimum = {"adamw": (0.004, 0.1), "sgd_sai": (0.32, 0.0111)}
+
+    def loss(setting, seed):
+        lr, wd = optimum[setting["optimizer"]]
+        return (2 + math.log2(float(setting["lr"]) / lr) ** 2
+                + math.log(float(setting["weight_decay"]) / wd) ** 2 + 0.01 * seed)
+
+    cfg = sweep.SweepConfig(tune="adamw,sgd_sai", seeds="1,2,3", max_extra=12)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    expected = sweep.tune(nanogpt_sai, cfg, ["--device=cpu"], str(tmp_path / "one"),
+                          fake_start(loss))
+    clock, ends, log = [0.0], {}, []
+
+    def start(run):
+        future = Future()
+        ends[future] = (clock[0] + 1 + 100 * float(run.setting["lr"]), run)
+        log.append(("start", clock[0], run))
+        return future
+
+    def wait(futures, return_when):
+        first = min(futures, key=lambda f: ends[f][0])
+        clock[0], run = ends.pop(first)
+        log.append(("end", clock[0], run))
+        first.set_result(fake_row(loss, run))
+        return {first}, set(futures) - {first}
+
+    monkeypatch.setattr(sweep, "wait", wait)
+    rows, report = sweep.tune(nanogpt_sai, cfg, ["--device=cpu"], str(tmp_path / "two"),
+                              start, jobs=2)
+    assert list(report.items()) == list(expected[1].items())
+    assert [(r["setting"], r["seed"], r.get("final")) for r in rows] == \
+        [(r["setting"], r["seed"], r.get("final")) for r in expected[0]]
+    assert report["sgd_sai"]["trials"] > 9 and report["adamw"]["trials"] == 9
+    under_way = 0
+    for event, time, run in log:      # two at a time, never more
+        under_way += 1 if event == "start" else -1
+        assert under_way <= 2
+    last_sgd_trial = max(t for e, t, r in log if e == "end" and r.setting["optimizer"] ==
+                         "sgd_sai" and r.seed == cfg.tune_seed)
+    first_adamw_final = min(t for e, t, r in log if e == "start" and r.seed != cfg.tune_seed
+                            and r.setting["optimizer"] == "adamw")
+    assert first_adamw_final < last_sgd_trial
+
+
 def test_tuning_refuses_its_own_seed_among_the_final_seeds(capsys):
     assert sweep.main(["--tune=adamw", "--seeds=1337,1"]) == 2
     assert "--seeds=1337,1 includes --tune_seed=1337" in capsys.readouterr().err
@@ -129,7 +189,7 @@ def test_tuning_refuses_its_own_seed_among_the_final_seeds(capsys):
 def test_a_pinned_centre_moves_the_start(tmp_path):
     cfg = sweep.SweepConfig(tune="adamw", seeds="1", tune_centre="adamw=1e-3,0.5")
     rows, _ = sweep.tune(nanogpt_sai, cfg, ["--device=cpu"], str(tmp_path),
-                         fake_execute(lambda setting, seed: float(setting["lr"])))
+                         fake_start(lambda setting, seed: float(setting["lr"])))
     first = {(r["setting"]["lr"], r["setting"]["weight_decay"]) for r in rows[:9]}
     assert first == {(lr, wd) for lr in ("0.0005", "0.001", "0.002")
                      for wd in ("0.167", "0.5", "1.5")}

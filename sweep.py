@@ -569,14 +569,14 @@ def tune(trainer, cfg, fixed, sweep_dir, start, jobs=1):
     tried = {name: {} for name in names}
     rows = {name: [] for name in names}     # each run's row, in the order it was decided
     waiting = {name: 0 for name in names}   # this optimizer's runs queued or under way
-    report, queue, under_way = {}, [], {}
+    report, queue, under_way, decided = {}, [], {}, itertools.count()
 
     def enqueue(name, settings, run_seeds, points):
         runs = plan_runs(trainer, settings, run_seeds, fixed, sweep_dir)
         check_runs(runs, sweep_dir)
         for run, point in zip(runs, points):
             rows[name].append({})   # filled where it was decided when the run ends
-            queue.append((point is None, len(queue), name, point, run, rows[name][-1]))
+            queue.append((point is None, next(decided), name, point, run, rows[name][-1]))
         waiting[name] += len(runs)
 
     def decide(name):

@@ -141,7 +141,7 @@ def test_tuning_keeps_every_job_busy_and_its_answer_does_not_depend_on_timing(tm
         return (2 + math.log2(float(setting["lr"]) / lr) ** 2
                 + math.log(float(setting["weight_decay"]) / wd) ** 2 + 0.01 * seed)
 
-    cfg = sweep.SweepConfig(tune="adamw,sgd_sai", seeds="1,2,3", max_extra=12)
+    cfg = sweep.SweepConfig(tune="sgd_sai,adamw", seeds="1,2,3", max_extra=12)
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     expected = sweep.tune(nanogpt_sai, cfg, ["--device=cpu"], str(tmp_path / "one"),
@@ -168,6 +168,14 @@ def test_tuning_keeps_every_job_busy_and_its_answer_does_not_depend_on_timing(tm
     assert [(r["setting"], r["seed"], r.get("final")) for r in rows] == \
         [(r["setting"], r["seed"], r.get("final")) for r in expected[0]]
     assert report["sgd_sai"]["trials"] > 9 and report["adamw"]["trials"] == 9
+
+    def key(setting):
+        return setting["optimizer"], setting["lr"], setting["weight_decay"]
+
+    # trials first, in the order decided: both 3 x 3 starts before sgd_sai's first extension
+    assert [r["setting"]["optimizer"] for r in expected[0][-12:]] == ["adamw"] * 12
+    first_18 = {key(r.setting) for r in [r for e, _, r in log if e == "start"][:18]}
+    assert first_18 == {key(r["setting"]) for r in expected[0][:9] + expected[0][-12:-3]}
     under_way = 0
     for event, time, run in log:      # two at a time, never more
         under_way += 1 if event == "start" else -1

@@ -99,15 +99,15 @@ def _param_name(group, group_index, i):
 
 
 def _params_with_grad(optimizer, group_index, group):
-    """Yield (index, name, param, grad) for the params of a group that have a gradient."""
+    """Yield (index, param, grad) for the params of a group that have a gradient."""
     for i, p in enumerate(group["params"]):
         if p.grad is None:
             continue
-        name = _param_name(group, group_index, i)
         if p.grad.is_sparse:
-            raise ValueError(f"{type(optimizer).__name__}: {name} has a sparse gradient, which "
-                             "is not supported; use dense gradients (nn.Embedding(sparse=False))")
-        yield i, name, p, p.grad
+            raise ValueError(f"{type(optimizer).__name__}: {_param_name(group, group_index, i)} "
+                             "has a sparse gradient, which is not supported; use dense "
+                             "gradients (nn.Embedding(sparse=False))")
+        yield i, p, p.grad
 
 
 def _columns(rows):
@@ -200,7 +200,11 @@ FUSED_DEVICES = ("cpu", "cuda")
 # a KiB or more, each tensor is its own loop: at 85M parameters AdamW's step went from 1.06-1.10x
 # to 1.03-1.04x torch's fused AdamW, Adam-mini's from 1.06-1.11x to 0.97-0.98x (README,
 # "Optimizer step time and memory"). On a GPU a joint kernel saves launches: inductor's default.
-FUSED_COMPILE_OPTIONS = {"cpu": {"score_fusion_memory_threshold": 1024}}
+# Inductor's size asserts re-check every input's shape and strides on each call, which dynamo's
+# guards (dynamic=False) have already checked: ~50 us a step of a 39-tensor GPT, where torch's
+# fused SGD takes ~60 us in all.
+FUSED_COMPILE_OPTIONS = {"cpu": {"score_fusion_memory_threshold": 1024, "size_asserts": False},
+                         "cuda": {"size_asserts": False}}
 _compiled_update_each = {}   # device type: _update_each compiled for it
 
 
@@ -338,8 +342,7 @@ class _SandboxOptimizer(Optimizer):
         if not rows:
             return
         tensors, numbers = _columns(rows)
-        tensors = [[_local(t) for t in row] for row in tensors]
-        if self.fused():
+        if self.fused():   # never for sharded tensors (see fused): no local slices to take
             try:
                 device = tensors[0][0].device
                 _compiled(device.type)(update, tensors, _number_tensors(numbers, device),
@@ -350,6 +353,7 @@ class _SandboxOptimizer(Optimizer):
                 warnings.warn(f"{type(self).__name__}: the fused (compiled) step is unavailable "
                               f"here ({self.fused_error}); stepping eagerly, as fused=False",
                               stacklevel=4)
+        tensors = [[_local(t) for t in row] for row in tensors]
         if update_foreach is not None and group.get("foreach", True):
             for chunk in _numel_chunks(tensors, FOREACH_CHUNK_NUMEL):
                 update_foreach(*_columns([tensors[i] for i in chunk]), **constants,
@@ -428,7 +432,7 @@ def _matrices_then_adamw(optimizer, group_index, group, flag):
     the optimizer's own matrices (APOLLO's projected, Muon's orthogonalized); the others
     (embeddings, head, norms, biases) take one AdamW step together once the loop has ended."""
     adamw_rows = []
-    for i, _, p, grad in _params_with_grad(optimizer, group_index, group):
+    for i, p, grad in _params_with_grad(optimizer, group_index, group):
         if group[flag][i]:
             yield i, p, grad, optimizer.state[p]
         else:
@@ -484,7 +488,7 @@ class AdamW(_SandboxOptimizer):
     def _update(self):
         for gi, group in enumerate(self.param_groups):
             rows = [_adamw_row(p, grad, self.state[p], group)
-                    for _, _, p, grad in _params_with_grad(self, gi, group)]
+                    for _, p, grad in _params_with_grad(self, gi, group)]
             self._step_rows(group, rows, _adam_constants(group), adamw_update,
                             adamw_update_foreach)
 
@@ -617,11 +621,15 @@ class SGDSaI(_SandboxOptimizer):
 
     def _freeze_new_scales(self):
         """Compute s_i for every block that has its first gradient now; all or nothing."""
+        if all("scale" in self.state[p] for group in self.param_groups
+               for p in group["params"] if p.grad is not None):
+            return   # every step after the first
         new = []
         for gi, group in enumerate(self.param_groups):
-            for _, name, p, grad in _params_with_grad(self, gi, group):
+            for i, p, grad in _params_with_grad(self, gi, group):
                 if "scale" in self.state[p]:
                     continue
+                name = _param_name(group, gi, i)
                 if not _all_finite(grad):
                     raise FloatingPointError(
                         f"SGD-SaI: the gradient of {name} (shape {tuple(p.shape)}) contains NaN "
@@ -651,7 +659,7 @@ class SGDSaI(_SandboxOptimizer):
         self._freeze_new_scales()
         for gi, group in enumerate(self.param_groups):
             rows = []
-            for _, _, p, grad in _params_with_grad(self, gi, group):
+            for _, p, grad in _params_with_grad(self, gi, group):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = grad.clone()   # m_1 = g_1; the lerp below keeps it
@@ -903,8 +911,8 @@ class AdamMini(_SandboxOptimizer):
     def _update(self):
         for gi, group in enumerate(self.param_groups):
             rows = []        # ((param, grad, m, v, layout), step numbers) per param with a grad
-            sharded = []     # the same, for the params FSDP2 shards
-            for i, name, p, grad in _params_with_grad(self, gi, group):
+            sharded = []     # (name, row) for the params FSDP2 shards
+            for i, p, grad in _params_with_grad(self, gi, group):
                 layout = block_layout(group["block_rules"][i], tuple(p.shape))
                 state = self.state[p]
                 if not state:
@@ -915,8 +923,11 @@ class AdamMini(_SandboxOptimizer):
                 state["step"] += 1
                 row = ((p, grad, state["exp_avg"], state["exp_avg_sq"], layout),
                        adam_step_numbers(state["step"], group["lr"], *group["betas"]))
-                (rows if shard_of(p) is None else sharded).append((name, row))
-            self._step_rows(group, [row for _, row in rows], _adam_constants(group),
+                if shard_of(p) is None:
+                    rows.append(row)
+                else:
+                    sharded.append((_param_name(group, gi, i), row))
+            self._step_rows(group, rows, _adam_constants(group),
                             adam_mini_update, adam_mini_update_foreach)
             self._step_sharded(group, sharded)
 
@@ -1458,7 +1469,7 @@ class Adafactor(_SandboxOptimizer):
         for gi, group in enumerate(self.param_groups):
             eps1, eps2 = group["eps"]
             rows = []
-            for _, _, p, grad in _params_with_grad(self, gi, group):
+            for _, p, grad in _params_with_grad(self, gi, group):
                 state = self.state[p]
                 shard = shard_of(p)
                 if not state:

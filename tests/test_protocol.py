@@ -95,15 +95,20 @@ def fake_start(loss):
     return start
 
 
-def test_tune_picks_each_optimizers_best_and_reruns_it_on_fresh_seeds(tmp_path):
-    """sweep.tune end to end, training replaced by a loss with a known optimum: sgd_sai's at
-    the lattice's lr 0.08 (two steps above its default 2e-2), weight decay 0.0333."""
-    optimum = {"adamw": (0.004, 0.1), "sgd_sai": (0.08, 0.0333)}
-
+def bowl(optimum):
+    """A final loss with its minimum at optimum[name] = (lr, weight decay), log-quadratic around
+    it, 0.01 higher per seed."""
     def loss(setting, seed):
         lr, wd = optimum[setting["optimizer"]]
         return (2 + math.log2(float(setting["lr"]) / lr) ** 2
                 + math.log(float(setting["weight_decay"]) / wd) ** 2 + 0.01 * seed)
+    return loss
+
+
+def test_tune_picks_each_optimizers_best_and_reruns_it_on_fresh_seeds(tmp_path):
+    """sweep.tune end to end, training replaced by a loss with a known optimum: sgd_sai's at
+    the lattice's lr 0.08 (two steps above its default 2e-2), weight decay 0.0333."""
+    loss = bowl({"adamw": (0.004, 0.1), "sgd_sai": (0.08, 0.0333)})
 
     cfg = sweep.SweepConfig(tune="adamw,sgd_sai", seeds="1,2,3", max_extra=6)
     rows, report = sweep.tune(nanogpt_sai, cfg, ["--device=cpu"], str(tmp_path),
@@ -134,12 +139,7 @@ def test_tuning_keeps_every_job_busy_and_its_answer_does_not_depend_on_timing(tm
     after its 9 start trials while sgd_sai's extends, and adamw's final runs fill the job its
     trials leave free, where rounds would leave it idle. The runs, rows and report equal those
     of one job with every run ended at once."""
-    optimum = {"adamw": (0.004, 0.1), "sgd_sai": (0.32, 0.0111)}
-
-    def loss(setting, seed):
-        lr, wd = optimum[setting["optimizer"]]
-        return (2 + math.log2(float(setting["lr"]) / lr) ** 2
-                + math.log(float(setting["weight_decay"]) / wd) ** 2 + 0.01 * seed)
+    loss = bowl({"adamw": (0.004, 0.1), "sgd_sai": (0.32, 0.0111)})
 
     cfg = sweep.SweepConfig(tune="sgd_sai,adamw", seeds="1,2,3", max_extra=12)
     (tmp_path / "one").mkdir()

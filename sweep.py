@@ -706,7 +706,7 @@ def main(argv):
             rows, report = tune(trainer, cfg, fixed, sweep_dir, start, cfg.jobs)
         else:
             rows = [future.result() for future in [start(run) for run in runs]]
-    except ConfigError as err:   # a tuning round's run directory made with other options
+    except ConfigError as err:   # a tuning trial's run directory made with other options
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:    # the runs got the Ctrl-C too: they stop and save

@@ -1200,6 +1200,7 @@ def apollo_mini(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2
 
 MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)    # (a, b, c) of Jordan et al.'s quintic
 MUON_LR_RULES = ("match_rms_adamw", "original")
+NS_BLOCK_COLUMNS = 256
 
 
 def newton_schulz(g, steps, coefficients=MUON_NS_COEFFICIENTS, eps=1e-7):
@@ -1210,11 +1211,17 @@ def newton_schulz(g, steps, coefficients=MUON_NS_COEFFICIENTS, eps=1e-7):
     tall = g.shape[0] > g.shape[1]
     x = g.bfloat16()
     x = x.T if tall else x                  # iterate on the wide side: X X^T is the small Gram
-    x = x / x.norm().clamp(min=eps)         # ||X||_2 <= ||X||_F = 1: inside the convergence range
+    # ||X||_2 <= ||X||_F = 1: inside the convergence range. A new row-major tensor (the loop
+    # below writes it in place; on X^T's strides the products copy their operands)
+    x = torch.div(x, x.norm().clamp(min=eps), out=torch.empty(x.shape, dtype=x.dtype,
+                                                               device=x.device))
     for _ in range(steps):
         gram = x @ x.T                                          # A = X X^T
         poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)   # B = b A + c A^2
-        x = torch.addmm(x, poly, x, beta=a)                     # X <- a X + B X
+        # X <- a X + B X in place, NS_BLOCK_COLUMNS columns at a time (a column of B X needs
+        # only that column of X): no second matrix-sized X
+        for cols in x.split(NS_BLOCK_COLUMNS, dim=1):
+            cols.copy_(torch.addmm(cols, poly, cols, beta=a))
     return x.T if tall else x
 
 
@@ -1228,13 +1235,32 @@ def muon_lr_ratio(shape, rule):
     return 0.2 * math.sqrt(max(rows, cols))
 
 
+# On a CPU, an elementwise op that mixes bfloat16 and float32 copies its bfloat16 input to
+# float32 first, and writes a bfloat16 result through a float32 temporary: a matrix-sized
+# temporary each, 0.14x a 10.75M GPT for its largest matrix. Muon runs those two ops (M_t into
+# bfloat16, O_t into theta) over blocks of rows of about this many elements.
+MIXED_DTYPE_BLOCK_NUMEL = 2 ** 16
+
+
+def _row_blocks(*tensors):
+    """The tensors (same shape) split alike into blocks of rows, MIXED_DTYPE_BLOCK_NUMEL
+    elements or so each: zip of the blocks."""
+    rows = max(1, MIXED_DTYPE_BLOCK_NUMEL // math.prod(tensors[0].shape[1:]))
+    return zip(*(t.split(rows) for t in tensors))
+
+
 def muon_update(param, grad, buf, shard, *, lr, momentum, nesterov, weight_decay, ns_steps,
                 ns_coefficients, ns_eps, lr_rule):
     """One Muon step for one matrix, in place; buf is the momentum B. `shard` is None, or the
     Shard of a sharded matrix (the tensors are this rank's slice): every rank orthogonalises the
     whole update matrix, gathered, and keeps its slice."""
     buf.lerp_(grad, 1 - momentum)                                # B_t = mu B + (1 - mu) g_t
-    update = grad.lerp(buf, momentum) if nesterov else buf       # (1 - mu) g_t + mu B_t, or B_t
+    if nesterov:                                                 # (1 - mu) g_t + mu B_t,
+        update = torch.empty_like(buf, dtype=torch.bfloat16)     # in Newton-Schulz's dtype
+        for g, b, u in _row_blocks(grad, buf, update):
+            torch.lerp(g, b, momentum, out=u)
+    else:
+        update = buf                                             # or B_t
     if shard is None:
         ortho = newton_schulz(update, ns_steps, ns_coefficients, ns_eps)   # O_t = NS(update)
     else:
@@ -1243,7 +1269,8 @@ def muon_update(param, grad, buf, shard, *, lr, momentum, nesterov, weight_decay
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)                        # theta <- theta (1 - lr wd)
     shape = param.shape if shard is None else shard.shape       # the whole matrix's
-    param.add_(ortho, alpha=-lr * muon_lr_ratio(shape, lr_rule))   # theta -= lr r O_t
+    for p, o in _row_blocks(param, ortho):
+        p.add_(o, alpha=-lr * muon_lr_ratio(shape, lr_rule))     # theta -= lr r O_t
 
 
 def _matrix_flag(selected, p, given, what):
@@ -1299,8 +1326,11 @@ class Muon(_SandboxOptimizer):
             flag is stored in its param group ("orthogonalized"): it travels with state_dict().
 
     Deliberate differences from torch.optim.Muon: the other tensors are handled in the same
-    object (torch's takes matrices only); the bfloat16 copy is never written in place (torch's
-    divides it in place, which for a bfloat16 matrix without Nesterov is the momentum buffer).
+    object (torch's takes matrices only); Newton-Schulz writes only a copy of its own in place
+    (torch's divides the bfloat16 cast in place, which for a bfloat16 matrix without Nesterov is
+    the momentum buffer); the step holds one bfloat16 X and the update, not X, its successor and
+    float32 temporaries (`python bench.py --rows=muon,torch_muon`: 0.08-0.09x the 10.75M GPT
+    beyond its state, torch's 0.14-0.19x), with the same numbers.
     """
 
     float16_params = False

@@ -20,11 +20,13 @@ m, v read, p, m, v written: 7 floats per parameter; SGD momentum, SGD-SaI and Ad
 APOLLO's matrices 4, the gradient read twice as its scaling needs the whole projection first;
 Adafactor 4) over the in-place axpy bandwidth measured in the same round. APOLLO's projection
 is matrix products: its bound adds their flops over the matmul rate measured alike. "peak
-extra" is the memory a step takes beyond parameters, gradients and its state (resident set on a
-CPU after returning freed memory to the system, CUDA's allocated peak on a GPU), as a fraction
-of the model. Then the targets (set for 10M parameters or more; printed at every size, where
-below that fixed per-call costs weigh more). Muon's step is bfloat16 matrix products: no bound
-is measured for it.
+extra" is the memory a step takes beyond parameters, gradients and its state, as a fraction of
+the model, in one more step after the timed ones: on a CPU the resident set's peak, with freed
+memory returned to the system first and each freed block of 64 KiB or more returned at once
+(live memory, not what the allocator keeps for reuse); on a GPU CUDA's allocated peak. Then
+the targets (set for 10M parameters or more; printed at every size, where below that fixed
+per-call costs weigh more). Muon's step is bfloat16 matrix products: no bound is measured
+for it.
 
 One thread by default (--threads): on a busy 2-core machine two threads spread a row's steps
 over 10x and flip verdicts between runs; the load average is printed with the table. The timed

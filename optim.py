@@ -1200,26 +1200,34 @@ def apollo_mini(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2
 
 MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)    # (a, b, c) of Jordan et al.'s quintic
 MUON_LR_RULES = ("match_rms_adamw", "original")
-NS_BLOCK_COLUMNS = 256
+NS_BLOCK_COLUMNS = 256     # on a CPU, X <- a X + B X runs in place this many columns at a time
 
 
-def newton_schulz(g, steps, coefficients=MUON_NS_COEFFICIENTS, eps=1e-7):
+def newton_schulz(g, steps, coefficients=MUON_NS_COEFFICIENTS, eps=1e-7, overwrite=False):
     """An approximately orthogonal matrix with g's singular vectors: for g = U S V^T, about
     U S' V^T with S' between ~0.7 and ~1.2, from `steps` quintic Newton-Schulz iterations in
-    bfloat16 (the polynomial's coefficients trade exactness for speed; Jordan et al. 2024)."""
+    bfloat16 (the polynomial's coefficients trade exactness for speed; Jordan et al. 2024).
+    overwrite=True: g is a bfloat16 matrix its caller no longer needs (Muon's Nesterov blend),
+    and X is normalised in it where it is row-major on the wide side, instead of in a copy."""
     a, b, c = coefficients
     tall = g.shape[0] > g.shape[1]
     x = g.bfloat16()
     x = x.T if tall else x                  # iterate on the wide side: X X^T is the small Gram
-    # ||X||_2 <= ||X||_F = 1: inside the convergence range. A new row-major tensor (the loop
-    # below writes it in place; on X^T's strides the products copy their operands)
-    x = torch.div(x, x.norm().clamp(min=eps), out=torch.empty(x.shape, dtype=x.dtype,
-                                                               device=x.device))
+    norm = x.norm().clamp(min=eps)          # ||X||_2 <= ||X||_F = 1: inside the convergence range
+    # X row-major and ours to write (on a CPU the loop writes it in place; on X^T's strides the
+    # products would copy their operands): g's bfloat16 copy, or g itself with overwrite=True
+    if x.is_contiguous() and (overwrite or g.dtype != torch.bfloat16):
+        x.div_(norm)
+    else:
+        x = torch.div(x, norm, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
     for _ in range(steps):
         gram = x @ x.T                                          # A = X X^T
         poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)   # B = b A + c A^2
-        # X <- a X + B X in place, NS_BLOCK_COLUMNS columns at a time (a column of B X needs
-        # only that column of X): no second matrix-sized X
+        if x.device.type != "cpu":
+            x = torch.addmm(x, poly, x, beta=a)                 # X <- a X + B X
+            continue
+        # the same in place, a block of columns at a time (a column of B X needs only that
+        # column of X): no second matrix-sized X. On a GPU each block would be a launch.
         for cols in x.split(NS_BLOCK_COLUMNS, dim=1):
             cols.copy_(torch.addmm(cols, poly, cols, beta=a))
     return x.T if tall else x
@@ -1238,13 +1246,16 @@ def muon_lr_ratio(shape, rule):
 # On a CPU, an elementwise op that mixes bfloat16 and float32 copies its bfloat16 input to
 # float32 first, and writes a bfloat16 result through a float32 temporary: a matrix-sized
 # temporary each, 0.14x a 10.75M GPT for its largest matrix. Muon runs those two ops (M_t into
-# bfloat16, O_t into theta) over blocks of rows of about this many elements.
+# bfloat16, O_t into theta) over blocks of rows of about this many elements. A GPU casts inside
+# the kernel: there they run whole.
 MIXED_DTYPE_BLOCK_NUMEL = 2 ** 16
 
 
 def _row_blocks(*tensors):
     """The tensors (same shape) split alike into blocks of rows, MIXED_DTYPE_BLOCK_NUMEL
-    elements or so each: zip of the blocks."""
+    elements or so each on a CPU, one block elsewhere: zip of the blocks."""
+    if tensors[0].device.type != "cpu":
+        return [tensors]
     rows = max(1, MIXED_DTYPE_BLOCK_NUMEL // math.prod(tensors[0].shape[1:]))
     return zip(*(t.split(rows) for t in tensors))
 
@@ -1255,16 +1266,19 @@ def muon_update(param, grad, buf, shard, *, lr, momentum, nesterov, weight_decay
     Shard of a sharded matrix (the tensors are this rank's slice): every rank orthogonalises the
     whole update matrix, gathered, and keeps its slice."""
     buf.lerp_(grad, 1 - momentum)                                # B_t = mu B + (1 - mu) g_t
-    if nesterov:                                                 # (1 - mu) g_t + mu B_t,
-        update = torch.empty_like(buf, dtype=torch.bfloat16)     # in Newton-Schulz's dtype
+    if nesterov:        # (1 - mu) g_t + mu B_t, in Newton-Schulz's dtype and layout (its X)
+        rows, cols = buf.shape
+        update = (torch.empty(cols, rows, dtype=torch.bfloat16, device=buf.device).T
+                  if rows > cols else torch.empty_like(buf, dtype=torch.bfloat16))
         for g, b, u in _row_blocks(grad, buf, update):
             torch.lerp(g, b, momentum, out=u)
     else:
         update = buf                                             # or B_t
+    ns = dict(steps=ns_steps, coefficients=ns_coefficients, eps=ns_eps, overwrite=nesterov)
     if shard is None:
-        ortho = newton_schulz(update, ns_steps, ns_coefficients, ns_eps)   # O_t = NS(update)
+        ortho = newton_schulz(update, **ns)                      # O_t = NS(update)
     else:
-        ortho = newton_schulz(shard.whole(update), ns_steps, ns_coefficients, ns_eps).narrow(
+        ortho = newton_schulz(shard.whole(update), **ns).narrow(
             shard.dim, shard.start, shard.stop - shard.start)
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)                        # theta <- theta (1 - lr wd)
@@ -1328,9 +1342,10 @@ class Muon(_SandboxOptimizer):
     Deliberate differences from torch.optim.Muon: the other tensors are handled in the same
     object (torch's takes matrices only); Newton-Schulz writes only a copy of its own in place
     (torch's divides the bfloat16 cast in place, which for a bfloat16 matrix without Nesterov is
-    the momentum buffer); the step holds one bfloat16 X and the update, not X, its successor and
-    float32 temporaries (`python bench.py --rows=muon,torch_muon`: 0.08-0.09x the 10.75M GPT
-    beyond its state, torch's 0.14-0.19x), with the same numbers.
+    the momentum buffer); the step holds one bfloat16 matrix, X (with Nesterov the blend,
+    written in X's layout, becomes X), not the update, X, its successor and float32 temporaries
+    (`python bench.py --sizes=6x384 --rows=muon,torch_muon`: 0.07-0.08x the GPT beyond its
+    state, torch's 0.14-0.18x), with the same numbers.
     """
 
     float16_params = False

@@ -18,7 +18,11 @@ row alike. Per size it prints ns per parameter, the step against torch's fused A
 against the row's memory-traffic bound: the bytes the update must read and write (AdamW: p, g,
 m, v read, p, m, v written: 7 floats per parameter; SGD momentum, SGD-SaI and Adam-mini 5;
 APOLLO's matrices 4, the gradient read twice as its scaling needs the whole projection first;
-Adafactor 4) over the in-place axpy bandwidth measured in the same round. APOLLO's projection
+Adafactor's matrices 6: the gradient read three times, as its factored statistics need the whole
+gradient before U = g / sqrt(v_hat), and the clipping RMS(U) all of U before the update, the
+parameter read twice (RMS(theta) with the statistics, then the update) and written once; its
+vectors 8, v read twice and written) over the in-place axpy bandwidth measured in the same
+round. APOLLO's projection
 is matrix products: its bound adds their flops over the matmul rate measured alike. "peak
 extra" is the memory a step takes beyond parameters, gradients and its state, as a fraction of
 the model, in one more step after the timed ones: on a CPU the resident set's peak, with freed
@@ -86,7 +90,8 @@ ROWS = {   # row key: its label in the table
 }
 OFFICIAL = {"official_sgd_sai": "sgd_sai", "official_adam_mini": "adam_mini"}   # row: module
 # floats per parameter an update must read and write (the docstring says why)
-TRAFFIC = {"adamw": 7, "sgd": 5, "adam_mini": 5, "projected": 4, "muon": 5, "adafactor": 4}
+TRAFFIC = {"adamw": 7, "sgd": 5, "adam_mini": 5, "projected": 4, "muon": 5,
+           "adafactor": 6, "adafactor_vector": 8}
 TARGETS = [   # (row, against, at most): step time over another row's; ours on its default path
     ("adamw_fused", "torch_adamw_fused", 1.15),
     ("sgd_sai_fused", "torch_sgd_fused", 1.15),
@@ -114,6 +119,8 @@ class BenchConfig:
     rounds: int = option(3, "rounds the rows take turns in (a rotating order)")
     threads: int = option(1, "torch threads per process (0: torch's default)")
     device: str = option("cpu", "cpu, cuda, cuda:N, mps or auto")
+    results: str = option("", "JSON-lines file keeping each finished row and round: a run "
+                               "stopped part-way, started again with it, measures only the rest")
     data_path: str = option("", "tiny shakespeare for --what=overhead (as nanogpt_sai.py)")
     row: str = option("", "(internal) the one row a child process times")
     result_path: str = option("", "(internal) where a child process writes its timings")
@@ -183,6 +190,9 @@ def traffic_floats(row, model):
         matrices = set(optim.projected_params(model))
         words = TRAFFIC["projected" if name != "muon" else "muon"]
         return sum(p.numel() * (words if p in matrices else TRAFFIC["adamw"])
+                   for p in model.parameters())
+    if name == "adafactor":                       # factored: every tensor of 2 dims or more
+        return sum(p.numel() * TRAFFIC["adafactor" if p.dim() >= 2 else "adafactor_vector"]
                    for p in model.parameters())
     words = TRAFFIC["sgd" if name in ("sgd", "sgd_sai") else name]
     return words * sum(p.numel() for p in model.parameters())
@@ -308,29 +318,76 @@ def bench_steps(cfg):
     if cfg.rows == "all":                              # the official packages, if installed
         rows = [r for r in rows if r not in OFFICIAL or _importable(OFFICIAL[r])]
     per_round = max(1, cfg.steps // cfg.rounds)
+    saved = open_results(cfg.results, dict(machine=machine(device).split(" | ", 1)[1],
+                                           steps_per_round=per_round))
     print(machine(device) + f" | load average {os.getloadavg()[0]:.2f} | median of "
           f"{per_round * cfg.rounds} steps in {cfg.rounds} rotating rounds, one process per "
-          "row and round")
+          "row and round" + (f" | {len(saved)} results from {cfg.results}" if saved else ""))
+
+    def measured(size, round_, row, measure):
+        """The saved result of (size, round, row), else measure() appended to --results."""
+        if (size, round_, row) not in saved:
+            saved[size, round_, row] = measure()
+            if cfg.results:
+                with open(cfg.results, "a") as f:
+                    f.write(json.dumps(dict(size=size, round=round_, row=row,
+                                            result=saved[size, round_, row])) + "\n")
+        return saved[size, round_, row]
+
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             results, rates = {row: [] for row in rows}, []
             for round_ in range(cfg.rounds):
-                rates.append(machine_rates(size, device))
+                rates.append(measured(size, round_, "machine rates",
+                                      lambda: machine_rates(size, device)))
                 for row in rows[round_ % len(rows):] + rows[:round_ % len(rows)]:
-                    print(f"  {size} round {round_ + 1}/{cfg.rounds}: {ROWS[row]}",
+                    print(f"  {size} round {round_ + 1}/{cfg.rounds}: {ROWS[row]}"
+                          + (" (saved)" if (size, round_, row) in saved else ""),
                           file=sys.stderr, flush=True)
-                    result_path = os.path.join(tmp, "result.json")
-                    argv = [f"--row={row}", f"--sizes={size}", f"--steps={per_round}",
-                            f"--device={device}", f"--threads={cfg.threads}",
-                            f"--result_path={result_path}"]
-                    status = run_in_process(__file__, argv, os.path.join(tmp, "child.log"),
-                                            threads=cfg.threads or None)
-                    if status != 0:
-                        with open(os.path.join(tmp, "child.log")) as f:
-                            raise RuntimeError(f"{ROWS[row]} at {size} failed:\n{f.read()}")
-                    with open(result_path) as f:
-                        results[row].append(json.load(f))
+                    results[row].append(measured(size, round_, row,
+                                                 lambda: time_in_process(cfg, tmp, size, row,
+                                                                         per_round, device)))
             report(size, device, rows, results, rates)
+
+
+def time_in_process(cfg, tmp, size, row, steps, device):
+    """Row `row`'s timings at `size` from a child process of its own (time_row)."""
+    result_path = os.path.join(tmp, "result.json")
+    argv = [f"--row={row}", f"--sizes={size}", f"--steps={steps}", f"--device={device}",
+            f"--threads={cfg.threads}", f"--result_path={result_path}"]
+    status = run_in_process(__file__, argv, os.path.join(tmp, "child.log"),
+                            threads=cfg.threads or None)
+    if status != 0:
+        with open(os.path.join(tmp, "child.log")) as f:
+            raise RuntimeError(f"{ROWS[row]} at {size} failed:\n{f.read()}")
+    with open(result_path) as f:
+        return json.load(f)
+
+
+def open_results(path, settings):
+    """The results saved in `path` by earlier runs with the same `settings` (machine, torch,
+    threads, steps per round), keyed (size, round, row); a new file starts with the settings.
+    A line cut short by a kill is dropped (its row is measured again)."""
+    if not path:
+        return {}
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        with open(path, "w") as f:
+            f.write(json.dumps(dict(settings=settings)) + "\n")
+        return {}
+    lines, text = [], []
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                lines.append(json.loads(line))
+                text.append(line.rstrip("\n") + "\n")
+    if not lines or lines[0] != dict(settings=settings):
+        raise ConfigError(f"--results={path} holds results measured with other settings "
+                          f"({lines[0] if lines else 'none readable'}; this run: {settings}): "
+                          "give a new file, or delete that one")
+    if os.path.getsize(path) != sum(map(len, text)):      # a cut line: the next would join it
+        with open(path, "w") as f:
+            f.writelines(text)
+    return {(r["size"], r["round"], r["row"]): r["result"] for r in lines[1:]}
 
 
 def _importable(module):

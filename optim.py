@@ -1403,8 +1403,8 @@ def adafactor_update(param, grad, row_v, col_v, v, shard, *, lr, beta2_complemen
     (..., 1, C), v is None; a vector keeps v. `shard` is None, or the Shard of a sharded tensor
     (the tensors are this rank's slices; row_v or col_v whole where the slice cuts its rows or
     columns): the norms, and the means along the sliced dimension, are summed over the ranks.
-    Returns the step alpha_t / clip (compiled, a result of the graph is computed once, not for
-    every element)."""
+    Returns the step alpha_t / clip and a matrix's row and column factors of 1 / sqrt(v_hat)
+    (compiled, a result of the graph is computed once, not for every element)."""
     n = param.numel() if shard is None else math.prod(shard.shape)
     rms = _norm(param, shard) / math.sqrt(n)
     alpha = rms.clamp(min=eps2) * rho                            # max(eps2, RMS(theta)) rho
@@ -1423,15 +1423,21 @@ def adafactor_update(param, grad, row_v, col_v, v, shard, *, lr, beta2_complemen
         col_v.lerp_(cols_sq.div_(n_rows), beta2_complement)      # C_t: mean over rows of g^2
         row_mean = (row_v.mean(dim=-2, keepdim=True) if sliced != -2 else
                     shard.sum(row_v.sum(dim=-2, keepdim=True)) / n_rows)
-        v_hat = (row_v @ col_v).div_(row_mean.clamp_(min=eps1))
+        # 1 / sqrt(v_hat) = 1 / sqrt(R C / mean(R)) factors as v_hat does: a square root per
+        # row and per column, none per element (a vector unit's sqrt and division made the
+        # compiled step compute-bound on a CPU: 3x slower than its memory traffic)
+        factors = ((row_v / row_mean.clamp_(min=eps1)).rsqrt_(), col_v.rsqrt())
+        rsqrt_v_hat = factors[0] * factors[1]
     else:
         v.lerp_(grad * grad, beta2_complement)                   # v_t, unfactored
-        v_hat = v.clone()
-    update = v_hat.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)   # U = g / sqrt(v_hat)
+        factors = ()
+        rsqrt_v_hat = v.rsqrt()
+    # U = g / sqrt(max(v_hat, eps1^2)), the floor as a cap on 1 / sqrt(v_hat)
+    update = rsqrt_v_hat.clamp_(max=1 / eps1).mul_(grad)
     clip = (_norm(update, shard) / (math.sqrt(n) * d)).clamp(min=1.0)   # max(1, RMS(U) / d)
     step_size = alpha / clip
     param.sub_(update * step_size)                               # theta_t <- theta - alpha U / clip
-    return step_size
+    return step_size, *factors
 
 
 def _norm(t, shard):

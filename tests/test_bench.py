@@ -65,3 +65,31 @@ def test_bench_report_is_complete_and_consistent(capsys):
 def test_bench_rejects_bad_options(capsys, argv, message):
     assert bench.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_resumes_from_its_results_file(tmp_path, capsys, monkeypatch):
+    """--results keeps each finished row: run again, only what is missing is measured (here a
+    row whose line a kill cut short), the saved rows print as before; a file from other
+    settings is refused, untouched."""
+    path = tmp_path / "results.jsonl"
+    argv = ["--sizes=6x16", "--rows=torch_sgd_fused,sgd_sai_eager", "--steps=2", "--rounds=1",
+            f"--results={path}"]
+    assert bench.main(argv) == 0
+    first = table_of(capsys.readouterr().out)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4                        # settings, machine rates, the two rows
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:30])
+    measured, time_in_process = [], bench.time_in_process
+    monkeypatch.setattr(bench, "time_in_process", lambda *args: measured.append(args[3])
+                        or time_in_process(*args))
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert measured == ["sgd_sai_eager"] and "2 results from" in out
+    again = table_of(out)
+    assert again["torch SGD momentum (fused)"] == first["torch SGD momentum (fused)"]
+    assert set(again) == set(first)
+    assert len(path.read_text().splitlines()) == 4
+    before = path.read_text()
+    assert bench.main(argv[:2] + ["--steps=4", "--rounds=1", f"--results={path}"]) == 2
+    assert "holds results measured with other settings" in capsys.readouterr().err
+    assert path.read_text() == before

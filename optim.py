@@ -1424,8 +1424,8 @@ def adafactor_update(param, grad, row_v, col_v, v, shard, *, lr, beta2_complemen
         row_mean = (row_v.mean(dim=-2, keepdim=True) if sliced != -2 else
                     shard.sum(row_v.sum(dim=-2, keepdim=True)) / n_rows)
         # 1 / sqrt(v_hat) = 1 / sqrt(R C / mean(R)) factors as v_hat does: a square root per
-        # row and per column, none per element (a vector unit's sqrt and division made the
-        # compiled step compute-bound on a CPU: 3x slower than its memory traffic)
+        # row and per column, none per element (a sqrt and a division per element bound the
+        # compiled step on a CPU by its vector unit, not by memory)
         factors = ((row_v / row_mean.clamp_(min=eps1)).rsqrt_(), col_v.rsqrt())
         rsqrt_v_hat = factors[0] * factors[1]
     else:

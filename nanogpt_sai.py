@@ -1,7 +1,7 @@
 """
 A nanoGPT-style GPT trained with any optimizer in optim.py (SGD-SaI by default).
 
-    python nanogpt_sai.py                                    # baby GPT, tiny shakespeare, ~3 min
+    python nanogpt_sai.py                                    # baby GPT, tiny shakespeare, ~1.5 min
     python nanogpt_sai.py --optimizer=sgd_sai,adamw,adam_mini # compare (or --optimizer=all)
     python nanogpt_sai.py --dataset=shakespeare --max_iters=500   # GPT-2 BPE tokens
     python nanogpt_sai.py --resume=out/<run dir>             # continue an interrupted run
@@ -52,7 +52,11 @@ class Config(RunOptions):
     block_size: int = option(64, "context length in tokens")
     bias: bool = option(False, "biases in Linear and LayerNorm layers")
     dropout: float = option(0.0, "dropout probability")
-    # training (the optimizer's options are RunOptions'; the decay's length is GPT-only)
+    # training (the optimizer's options are RunOptions'; the per-example optimizers and the
+    # decay's length are GPT-only)
+    optimizer: str = option("sgd_sai", f"{', '.join(optim.OPTIMIZERS)}; per-example: "
+                                       f"{', '.join(optim.PER_EXAMPLE_OPTIMIZERS)}; a comma-"
+                                       "separated list of them, or all (the first seven: compare)")
     weight_decay: float = option(-1.0, "decoupled weight decay of matrices and embeddings; -1 = "
                                        "the optimizer's tuned default (DEFAULT_WEIGHT_DECAY)")
     lr_decay_iters: int = option(0, "step at which the lr decay ends; 0 = max_iters")
@@ -256,6 +260,7 @@ def train(cfg):
     """One run (of this rank, under torchrun); returns its exit status (0 finished, 130 stopped
     by Ctrl-C, 3 diverged)."""
     par, device = parallel.start(cfg.parallel, cfg.device)   # one process: nothing to start
+    mine = parallel.my_micro_batches(cfg.grad_accum, par)   # which micro-batches this rank trains
     if par.main:
         check_out_dir(cfg)   # before the data is loaded: a bad --out_dir is found at once
     try:
@@ -377,7 +382,6 @@ def train(cfg):
     bar = tqdm(total=cfg.max_iters, initial=it, disable=None if par.main else True,
                dynamic_ncols=True, leave=False)
     say = bar.write if par.main else (lambda *args, **kwargs: None)   # console lines
-    mine = parallel.my_micro_batches(cfg.grad_accum, par)   # which micro-batches this rank trains
     # The loop reads nothing back from the GPU between log lines: the loss stays a device tensor
     # (read at the log interval, as nanoGPT does), a non-finite one is remembered on the device
     # (checked at each log line, evaluation and checkpoint), and the clock syncs only there.

@@ -1,7 +1,7 @@
 """
 More than one process (torchrun): plain helpers the trainers call, each doing what its name says.
 
-    torchrun --standalone --nproc_per_node=2 nanogpt_sai.py --parallel=ddp    # or fsdp
+    torchrun --standalone --nproc_per_node=2 nanogpt_sai.py --parallel=ddp --grad_accum=2  # or fsdp
 
 ddp: every rank holds the whole model and optimizer state; gradients are averaged in backward
 (PyTorch's DistributedDataParallel). fsdp: parameters, gradients and optimizer state are sliced
@@ -143,7 +143,10 @@ def my_micro_batches(grad_accum, par):
     """Which of a step's grad_accum micro-batches this rank trains on (every rank draws all)."""
     if grad_accum % par.world:
         raise ConfigError(f"--grad_accum={grad_accum} (micro-batches per step, over all ranks) "
-                          f"must be divisible by the {par.world} processes")
+                          f"must be divisible by the {par.world} processes: pass e.g. "
+                          f"--grad_accum={-(-grad_accum // par.world) * par.world} (a smaller "
+                          "--batch_size keeps the tokens per step), or resume a run on a "
+                          "number of processes that divides its --grad_accum")
     return [i % par.world == par.rank for i in range(grad_accum)]
 
 

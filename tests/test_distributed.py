@@ -130,6 +130,25 @@ def test_parallel_modes_without_torchrun_are_clear_errors(capsys):
         assert err.startswith("error: --parallel") and words in err and len(err.splitlines()) == 1
 
 
+def test_micro_batches_that_do_not_divide_over_the_ranks_are_a_clear_error(tmp_path):
+    """--grad_accum=3 on 2 ranks, fresh or resumed: one line naming the fix, exit status 2 from
+    each rank, before anything is written (no run directory; the resumed run's files unchanged)."""
+    corpus = write_corpus(tmp_path / "input.txt")
+    common = TINY + ["--max_iters=2", "--grad_accum=3", f"--data_path={corpus}",
+                     f"--data_dir={tmp_path / 'cache'}"]
+    fresh = torchrun("nanogpt_sai.py", *common, f"--out_dir={tmp_path / 'fresh'}")
+    assert fresh.returncode != 0 and not (tmp_path / "fresh").exists()
+    expected = ("error: --grad_accum=3 (micro-batches per step, over all ranks) must be "
+                "divisible by the 2 processes: pass e.g. --grad_accum=4")
+    assert fresh.stderr.count(expected) == 2, fresh.stderr[-3000:]
+    one = tmp_path / "one"
+    assert nanogpt_sai.main(common + [f"--out_dir={one}"]) == 0
+    before = {f.name: f.read_bytes() for f in one.iterdir()}
+    resumed = torchrun("nanogpt_sai.py", f"--resume={one}", "--parallel=fsdp")
+    assert resumed.returncode != 0 and resumed.stderr.count(expected) == 2
+    assert {f.name: f.read_bytes() for f in one.iterdir()} == before
+
+
 def test_ctrl_c_on_one_rank_stops_both_and_resume_equals_an_uninterrupted_run(tmp_path):
     """FSDP2 with dropout on (every rank's RNG state must come back): Ctrl-C on rank 0 after step
     5, then --resume under torchrun, gives the uninterrupted run's losses and final weights."""

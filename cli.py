@@ -37,9 +37,9 @@ def parse_value(key, raw, default):
     kind = type(default)
     if kind is str:
         return raw
-    if kind is bool:
-        if raw.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return raw.lower() in ("true", "1", "yes")
+    if kind is bool:   # what --help shows, in any case; yes / 1 / on are not guessed at
+        if raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
         raise ConfigError(f"--{key} expects True or False, got {raw!r}")
     try:
         value = ast.literal_eval(raw)

@@ -256,6 +256,14 @@ class GPT(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # training
 
+def load_data(cfg):
+    """cfg.dataset's token ids (prepared and cached once); a bad --data_path is a ConfigError."""
+    try:
+        return load_text(cfg.dataset, data_dir=cfg.data_dir, text_path=cfg.data_path)
+    except (OSError, ValueError) as err:   # a --data_path that is missing or unreadable
+        raise data_error(err, cfg.data_dir) from None
+
+
 def train(cfg):
     """One run (of this rank, under torchrun); returns its exit status (0 finished, 130 stopped
     by Ctrl-C, 3 diverged)."""
@@ -263,11 +271,8 @@ def train(cfg):
     mine = parallel.my_micro_batches(cfg.grad_accum, par)   # which micro-batches this rank trains
     if par.main:
         check_out_dir(cfg)   # before the data is loaded: a bad --out_dir is found at once
-    try:
-        with parallel.main_first(par):   # rank 0 fills the data cache, the others read it
-            data = load_text(cfg.dataset, data_dir=cfg.data_dir, text_path=cfg.data_path)
-    except (OSError, ValueError) as err:   # a --data_path that is missing or unreadable
-        raise data_error(err, cfg.data_dir) from None
+    with parallel.main_first(par):   # rank 0 fills the data cache, the others read it
+        data = load_data(cfg)
     splits = {"train": torch.from_numpy(data.train.astype("int64")),
               "val": torch.from_numpy(data.val.astype("int64"))}
     shortest = min(len(s) for s in splits.values())
@@ -509,8 +514,11 @@ def main(argv):
                               "python, not torchrun")
         names = optimizer_names(cfg.optimizer)
         if len(names) > 1:   # compare: each optimizer in its own process, then one figure
-            return compare(__file__, resolve_config, names, argv, cfg.out_dir,
-                           f"compare-{cfg.dataset}")
+            # a new folder is named after the data the runs will have (an offline fallback
+            # says so), loaded once here: the runs read the cache this fills
+            name = "" if cfg.out_dir else \
+                f"compare-{data_name(cfg.dataset, load_data(cfg).source)}"
+            return compare(__file__, resolve_config, names, argv, cfg.out_dir, name)
         return train(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -276,18 +276,38 @@ class _SandboxOptimizer(Optimizer):
 
     float16_params = True
     fused_error = None      # why compiling failed here, once it has (the step is eager from then)
+    _caches = {}            # attribute -> its empty value, for caches a copy does not carry
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._check_group(group)
         for i, p in enumerate(group["params"]):
+            if p.is_complex():
+                raise ValueError(
+                    f"{type(self).__name__}: {_param_name(group, len(self.param_groups) - 1, i)} "
+                    f"is complex ({p.dtype}), which these optimizers do not step; hold it as a "
+                    "real parameter of its real and imaginary parts (torch.view_as_real) and "
+                    "form the complex tensor in forward (torch.view_as_complex)")
             if p.dtype == torch.float16 and not self.float16_params:
                 raise ValueError(
                     f"{type(self).__name__}: {_param_name(group, len(self.param_groups) - 1, i)} "
                     "is float16, where eps and small second moments underflow to 0 (and the "
                     "update to NaN or Inf); keep float32 (or bfloat16) parameters and train "
                     "under float16 autocast, as the trainers do")
+
+    def __getstate__(self):
+        """torch's Optimizer copies and pickles defaults, state and param_groups only: the
+        settings a subclass keeps for later add_param_group calls (its attributes named _...)
+        and a failed compile travel with them; a cache (APOLLO's projections) starts empty."""
+        kept = {k: v for k, v in self.__dict__.items()
+                if k.startswith("_") and not k.startswith("_optimizer_") and k not in self._caches}
+        return {**super().__getstate__(), **kept, "fused_error": self.fused_error}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for name, empty in self._caches.items():
+            setattr(self, name, empty())
 
     def load_state_dict(self, state_dict):
         """As torch's, and a saved group's hyperparameters are checked as given ones are (a
@@ -1104,6 +1124,7 @@ class Apollo(_SandboxOptimizer):
     """
 
     float16_params = False
+    _caches = {"_projections": dict}
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  granularity="channel", rank=None, alpha=1.0, update_proj_gap=200, proj_seed=0,
@@ -1336,7 +1357,10 @@ class Muon(_SandboxOptimizer):
         ns_steps, ns_coefficients, ns_eps: the Newton-Schulz iteration (5, Jordan's (a, b, c),
             the floor of ||M||_F).
         lr_rule: "match_rms_adamw" (default) or "original", torch's adjust_lr_fn.
-        betas, eps: the AdamW part's.
+        betas, eps: the AdamW part's. A momentum schedule (OneCycleLR's cycle_momentum) finds
+            betas in the groups and so cycles betas[0], the AdamW part's beta1, and leaves mu
+            as it is (torch.optim.Muon has no betas: there it cycles mu); to schedule mu, set
+            group["momentum"] in a scheduler of your own.
         orthogonalized: the matrices Muon updates; None: every 2-D parameter. Each parameter's
             flag is stored in its param group ("orthogonalized"): it travels with state_dict().
 
@@ -1745,6 +1769,9 @@ LINEAR_NAMES = {
     "proj": ("o_proj", "out_proj", "wo", "out_lin"),
     "head": ("lm_head", "head", "classifier", "output", "fc_out", "score"),
 }
+# An output layer by this name only as a direct child of the model (torchvision's ResNet's fc):
+# deeper down, an fc is an MLP layer
+TOP_HEAD_NAMES = ("fc",)
 POSITION_NAMES = ("wpe", "pos_emb", "pos_embed", "pos_embedding", "position_embeddings",
                   "positional_embedding", "embed_positions")
 HEAD_COUNTS = ("num_heads", "n_heads", "num_attention_heads", "n_head", "nhead", "heads")
@@ -1774,7 +1801,8 @@ def guess_param_kinds(model):
     as in LINEAR_NAMES: Q and K ("qk", n) with n from the attention module, a parent or the
     model (HEAD_COUNTS, or KV_HEAD_COUNTS for K; else K's heads from its rows over Q's head
     width: grouped-query attention), None where no count is found (Adam-mini then refuses); V
-    "v"; output projection "proj"; output layer "head". Other Linear weights "linear",
+    "v"; output projection "proj"; output layer "head" (also TOP_HEAD_NAMES directly under
+    the model). Other Linear weights "linear",
     Embedding weights "embedding" ("position" by name), convolutions "conv", norms "norm",
     biases "bias", the rest "other". A tied weight keeps its first kind (the embedding).
     """
@@ -1794,8 +1822,8 @@ def guess_param_kinds(model):
             elif isinstance(module, nn.Embedding):
                 kinds[p] = "position" if leaf in POSITION_NAMES else "embedding"
             elif isinstance(module, nn.Linear):
-                kinds[p] = next((k for k, names in LINEAR_NAMES.items() if leaf in names),
-                                "linear")
+                kinds[p] = "head" if path in TOP_HEAD_NAMES else next(
+                    (k for k, names in LINEAR_NAMES.items() if leaf in names), "linear")
             elif isinstance(module, nn.modules.conv._ConvNd):
                 kinds[p] = "conv"
             elif isinstance(module, NORMS) or type(module).__name__.endswith("Norm"):
@@ -1822,9 +1850,18 @@ def guess_param_kinds(model):
     return kinds
 
 
-def param_kinds(model):
-    """{parameter: kind}: the model's own `param_kinds()`, else `guess_param_kinds`."""
+def param_kinds(model, kinds=None):
+    """{parameter: kind}: the model's own `param_kinds()`, else `guess_param_kinds`; `kinds`
+    ({parameter: kind}, e.g. {model.out.weight: "head"}) replaces those parameters' kinds."""
+    given = kinds or {}
     kinds = model.param_kinds() if hasattr(model, "param_kinds") else guess_param_kinds(model)
+    if given:
+        params = set(model.parameters())
+        strangers = [tuple(p.shape) for p in given if p not in params]
+        if strangers:
+            raise ValueError(f"kinds= names a tensor of shape {strangers[0]} that is not a "
+                             f"parameter of {type(model).__name__}")
+        kinds = {**kinds, **given}
     for p, kind in kinds.items():
         with_count = isinstance(kind, tuple) and len(kind) == 2 and kind[0] in ("qk", "qkv") \
             and (kind[1] is None or isinstance(kind[1], int) and kind[1] >= 1)
@@ -1839,10 +1876,11 @@ def rule_for(rules, p):
     return rules.get(p, "rows" if p.dim() >= 2 else "full")
 
 
-def block_rules(model):
-    """Adam-mini's partition of `model`: {parameter: rule} from each parameter's kind."""
+def block_rules(model, kinds=None):
+    """Adam-mini's partition of `model`: {parameter: rule} from each parameter's kind
+    (param_kinds(model, kinds))."""
     rules = {}
-    for p, kind in param_kinds(model).items():
+    for p, kind in param_kinds(model, kinds).items():
         name, n_head = kind if isinstance(kind, tuple) else (kind, getattr(model, "n_head", None))
         rule = KIND_RULES[name]
         if rule in ("heads", "qkv"):
@@ -1856,14 +1894,16 @@ def block_rules(model):
     return rules
 
 
-def kinds_source(model):
-    return (f"declared by {type(model).__name__}.param_kinds()" if hasattr(model, "param_kinds")
-            else "guessed from module types and names (declare param_kinds() to change them)")
+def kinds_source(model, kinds=None):
+    source = (f"declared by {type(model).__name__}.param_kinds()"
+              if hasattr(model, "param_kinds") else "guessed from module types and names "
+              "(build_optimizer(kinds=...) or a param_kinds() method changes them)")
+    return source + (f"; {len(kinds)} given as kinds=" if kinds else "")
 
 
-def partition_table(model, rules):
+def partition_table(model, rules, kinds=None):
     """The Adam-mini partition as a text table: parameter, shape, rule, number of blocks."""
-    lines = [f"Adam-mini blocks; parameter kinds {kinds_source(model)}",
+    lines = [f"Adam-mini blocks; parameter kinds {kinds_source(model, kinds)}",
              f"{'parameter':<40} {'shape':<16} {'rule':<14} {'blocks':>8}"]
     total = 0
     for name, p in model.named_parameters():
@@ -1875,17 +1915,18 @@ def partition_table(model, rules):
     return "\n".join(lines)
 
 
-def projected_params(model):
-    """The parameters APOLLO projects: 2-D weights whose kind is in PROJECTED_KINDS."""
-    return [p for p, kind in param_kinds(model).items()
+def projected_params(model, kinds=None):
+    """The parameters APOLLO projects: 2-D weights whose kind (param_kinds(model, kinds)) is in
+    PROJECTED_KINDS."""
+    return [p for p, kind in param_kinds(model, kinds).items()
             if _kind_name(kind) in PROJECTED_KINDS and p.dim() == 2]
 
 
-def matrix_table(model, selected, by):
+def matrix_table(model, selected, by, kinds=None):
     """Which parameters optimizer `by` (APOLLO, Muon) updates as matrices, the others taking
     AdamW steps, as a text table."""
-    kinds, selected = param_kinds(model), set(selected)
-    lines = [f"{by} matrices; parameter kinds {kinds_source(model)}",
+    given, kinds, selected = kinds, param_kinds(model, kinds), set(selected)
+    lines = [f"{by} matrices; parameter kinds {kinds_source(model, given)}",
              f"{'parameter':<40} {'shape':<16} {'kind':<14} {'update':>8}"]
     for name, p in model.named_parameters():
         kind = str(kinds.get(p, "other"))
@@ -1941,13 +1982,15 @@ def trainer_hparams(name, options):
     return hparams | dict(betas=(options.beta1, options.beta2))   # Muon: its AdamW part's
 
 
-def build_optimizer(name, model, log=None, **hparams):
+def build_optimizer(name, model, log=None, kinds=None, **hparams):
     """Optimizer `name` for `model`, as both trainers build it.
 
     The params go in `decay_groups` with their names, so errors name them. Adam-mini gets its
     partition from `block_rules(model)`, APOLLO, APOLLO-Mini and Muon their matrices from
     `projected_params(model)`; `log` (e.g. print) is given the table, which says whether the
-    parameter kinds were declared or guessed. Adam-mini without a single Q/K split warns; APOLLO
+    parameter kinds were declared or guessed; `kinds` ({parameter: kind}, e.g.
+    {model.out.weight: "head"}) replaces the kinds of those parameters (KIND_RULES lists the
+    kinds). Adam-mini without a single Q/K split warns; APOLLO
     or Muon with no matrix is a ValueError. `hparams` are the optimizer's own keyword
     arguments; one it does not take is a TypeError listing those it does.
     """
@@ -1957,9 +2000,9 @@ def build_optimizer(name, model, log=None, **hparams):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = decay_groups(named, hparams.pop("weight_decay", 0.0))
     if name == "adam_mini":
-        hparams["block_rules"] = block_rules(model)
+        hparams["block_rules"] = block_rules(model, kinds)
         if log:
-            log(partition_table(model, hparams["block_rules"]))
+            log(partition_table(model, hparams["block_rules"], kinds))
         if not any(isinstance(rule, tuple) for rule in hparams["block_rules"].values()):
             warnings.warn(f"Adam-mini found no Q or K weight in {type(model).__name__} to split "
                           "per head: every matrix gets one block per row. If the model has "
@@ -1967,9 +2010,9 @@ def build_optimizer(name, model, log=None, **hparams):
                           stacklevel=2)
     if name in ("apollo", "apollo_mini", "muon"):
         by, key = ("Muon", "orthogonalized") if name == "muon" else ("APOLLO", "projected")
-        hparams[key] = projected_params(model)
+        hparams[key] = projected_params(model, kinds)
         if log:
-            log(matrix_table(model, hparams[key], by))
+            log(matrix_table(model, hparams[key], by, kinds))
         if not hparams[key]:
             raise ValueError(f"{by} has nothing to update in {type(model).__name__}: no 2-D "
                              "attention, MLP or other Linear weight (embeddings and heads are "

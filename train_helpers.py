@@ -358,15 +358,16 @@ def write_run_info(run_dir, cfg, model, par, **facts):
 
 
 def report_end(status, step, run_dir, script):
-    """Say how the run ended (a finished run gets its figures); returns the exit status."""
+    """Draw the figures of what the run has (a stopped or diverged one too, up to where it
+    ended) and say how it ended; returns the exit status."""
+    for path in draw_all([run_dir], run_dir):
+        print(f"wrote {path}")
     if status == "diverged":
         print(f"a loss was not finite by step {step}: training diverged (try a lower --lr). The "
               f"last good checkpoint, if any, is intact in {run_dir}.", file=sys.stderr)
     elif status == "stopped":
         print(f"stopped at step {step}; resume with: python {script} --resume={run_dir}")
     else:
-        for path in draw_all([run_dir], run_dir):
-            print(f"wrote {path}")
         print(run_summary(run_dir))
     return EXIT_STATUS[status]
 

@@ -179,19 +179,23 @@ class ViT(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # training
 
+def load_data(cfg):
+    """cfg.dataset's images and labels; a bad --data_path is a ConfigError."""
+    try:
+        # seed 0, not cfg.seed: the rendered digits' test fonts stay the same across seeds
+        return load_images(cfg.dataset, data_dir=cfg.data_dir, data_path=cfg.data_path, seed=0)
+    except (OSError, ValueError) as err:   # a --data_path that is missing or malformed
+        raise data_error(err, cfg.data_dir) from None
+
+
 def train(cfg):
     """One run (of this rank, under torchrun); returns its exit status (0 finished, 130 stopped
     by Ctrl-C, 3 diverged)."""
     par, device = parallel.start(cfg.parallel, cfg.device)   # one process: nothing to start
     if par.main:
         check_out_dir(cfg)   # before the data is loaded: a bad --out_dir is found at once
-    try:
-        # seed 0, not cfg.seed: the rendered digits' test fonts stay the same across seeds
-        with parallel.main_first(par):   # rank 0 fills the data cache, the others read it
-            data = load_images(cfg.dataset, data_dir=cfg.data_dir, data_path=cfg.data_path,
-                               seed=0)
-    except (OSError, ValueError) as err:   # a --data_path that is missing or malformed
-        raise data_error(err, cfg.data_dir) from None
+    with parallel.main_first(par):   # rank 0 fills the data cache, the others read it
+        data = load_data(cfg)
     channels, image_size = data.train_x.shape[1], data.train_x.shape[-1]
     if image_size % cfg.patch_size:
         raise ConfigError(f"--patch_size={cfg.patch_size} must divide the image side "
@@ -396,7 +400,9 @@ def main(argv):
         names = optimizer_names(cfg.optimizer)   # several: compare, each in its own process
         if len(names) == 1:
             return train(cfg)
-        return compare(__file__, resolve_config, names, argv, cfg.out_dir, f"compare-{cfg.dataset}")
+        # a new folder is named after the data the runs will have (an offline fallback says so)
+        name = "" if cfg.out_dir else f"compare-{data_name(cfg.dataset, load_data(cfg).source)}"
+        return compare(__file__, resolve_config, names, argv, cfg.out_dir, name)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,8 @@
 """Loss, accuracy and memory figures from the JSONL metrics the trainers write."""
 import json
 import os
+import statistics
+import textwrap
 from dataclasses import dataclass
 
 import matplotlib
@@ -57,7 +59,8 @@ class Run:
         size = f"{r['n_params'] / 1e6:.3g}M parameters"
         if self.is_vit:
             length = (f"{c['max_iters']:,} steps" if c["max_iters"] else
-                      f"{c['epochs']} epochs of {self.info.get('n_train', 0):,} images")
+                      f"{c['epochs']} epoch{'s' if c['epochs'] != 1 else ''} of "
+                      f"{self.info.get('n_train', 0):,} images")
             return (f"ViT {size}, {length}, batch {c['batch_size']}: {r['per_param']:.2g} "
                     "images per parameter")
         return (f"GPT {size} ({r['n_params_non_embedding'] / 1e6:.3g}M non-embedding), "
@@ -122,8 +125,43 @@ def read_run(path):
     return Run(path, config, records, info)
 
 
+def figure_texts(fig):
+    """Every title and axis label of a figure (the texts that can run long)."""
+    texts = [fig._suptitle]
+    for ax in fig.axes:
+        texts += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label]
+    return [t for t in texts if t is not None and t.get_visible() and t.get_text()]
+
+
+def wrap_to_fit(fig):
+    """Break each text wider than its room (a long regime, a fallback's name) at spaces, so
+    that a projected figure shows it whole: a text centred at x may reach 2 min(x, width - x)
+    across the canvas, and an axes' title or x label no further than its axes' width (side by
+    side panels' texts must not run into each other)."""
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    for text in figure_texts(fig):
+        if text.get_rotation():
+            continue
+        box = text.get_window_extent(renderer)
+        centre = (box.x0 + box.x1) / 2
+        room = 2 * min(centre, fig.bbox.width - centre)
+        axes = next((ax for ax in fig.axes if text in (ax.title, ax._left_title,
+                                                       ax._right_title, ax.xaxis.label)), None)
+        if axes is not None:
+            room = min(room, max(axes.get_window_extent(renderer).width * 1.1, 150))
+        room, width = 0.96 * room, box.width
+        if width <= room:
+            continue
+        lines = text.get_text().split("\n")
+        chars = max(20, int(max(map(len, lines)) * room / width))
+        text.set_text("\n".join(textwrap.fill(line, chars) for line in lines))
+
+
 def save_figure(fig, path):
-    """Lay out, write a PNG at the resolution every figure here uses, close; returns path."""
+    """Lay out (texts wrapped to fit the canvas), write a PNG at the resolution every figure
+    here uses, close; returns path."""
+    wrap_to_fit(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -138,28 +176,77 @@ def figure_title(runs, what):
 
 
 WALL_CLOCK_NOTE = "training seconds (evaluation excluded; slower when the machine is shared)"
+# options that say where or how a run ran, not what it trained: never part of a setting's name
+NOT_A_SETTING = ("seed", "out_dir", "resume", "data_dir", "data_path", "device", "compile",
+                 "parallel", "sample_tokens", "eval_sample_tokens", "log_interval", "preset")
+SHOWN_BY_LABEL = ("optimizer", "lr", "sai_rule", "sign_placement", "preconditioner")
+SHORT_NAMES = {"weight_decay": "wd", "batch_size": "batch", "max_iters": "steps"}
+
+
+def settings(runs):
+    """Runs grouped by what they trained with, seeds apart: [(label, [runs])] in order of first
+    appearance. A label is Run.label (optimizer, its variant, lr) and every other option in
+    which the runs differ, as key=value (SHORT_NAMES shortens a few keys)."""
+    differing = [k for k in dict.fromkeys(k for run in runs for k in run.config)
+                 if k not in NOT_A_SETTING + SHOWN_BY_LABEL
+                 and len({json.dumps(run.config.get(k)) for run in runs}) > 1]
+    groups = {}
+    for run in runs:
+        label = " ".join([run.label] + [f"{SHORT_NAMES.get(k, k)}={run.config.get(k)}"
+                                         for k in differing])
+        groups.setdefault(label, []).append(run)
+    return list(groups.items())
+
+
+def colors(n):
+    """n colours, none repeated: matplotlib's ten, then tab20's twenty, then a colormap."""
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    cmap = plt.cm.tab20 if n <= 20 else plt.cm.turbo
+    return [cmap(i / max(n - 1, 1)) if n > 20 else cmap(i) for i in range(n)]
+
+
+def seed_curves(group, kind, x, y):
+    """One setting's curve over its seeds, at the x values every seed logged: (xs, mean, low,
+    high), low and high the range over seeds (equal to the mean for one seed)."""
+    curves = [{r[x]: r[y] for r in run.events(kind) if y in r} for run in group]
+    xs = [v for v in curves[0] if all(v in c for c in curves[1:])]
+    if x == "train_s":   # each seed's own clock: the mean clock of the i-th record instead
+        rows = [[r for r in run.events(kind) if y in r] for run in group]
+        n = min(map(len, rows))
+        xs = [statistics.mean(rs[i][x] for rs in rows) for i in range(n)]
+        values = [[rs[i][y] for rs in rows] for i in range(n)]
+    else:
+        values = [[c[v] for c in curves] for v in xs]
+    return (xs, [statistics.mean(v) for v in values], [min(v) for v in values],
+            [max(v) for v in values])
 
 
 def loss_curves(runs, path, val_key="val_loss"):
     """Training loss (thin line, each log line) and evaluation loss (markers) vs step and vs
-    training seconds, one color per run."""
+    training seconds, one colour per setting: runs that differ only in their seed are one line,
+    their mean, with a band over the range of the seeds."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     split = "test" if val_key == "test_loss" else "val"
-    for i, run in enumerate(runs):
-        color = f"C{i}"
-        train, evals = run.events("train"), run.events("eval")
+    groups = settings(runs)
+    for color, (label, group) in zip(colors(len(groups)), groups):
+        seeds = f", {len(group)} seeds" if len(group) > 1 else ""
         for ax, x in zip(axes, ("step", "train_s")):
-            ax.plot([r[x] for r in train], [r["loss"] for r in train], color=color, alpha=0.35,
-                    lw=1)
-            ax.plot([r[x] for r in evals], [r[val_key] for r in evals], "o-", color=color,
-                    ms=4, label=f"{run.label}: {split} {evals[-1][val_key]:.3f}"
-                    if evals else run.label)
+            xs, mean, low, high = seed_curves(group, "train", x, "loss")
+            ax.plot(xs, mean, color=color, alpha=0.35, lw=1)
+            xs, mean, low, high = seed_curves(group, "eval", x, val_key)
+            ax.plot(xs, mean, "o-", color=color, ms=4,
+                    label=f"{label}{seeds}: {split} {mean[-1]:.3f}" if xs else label)
+            if len(group) > 1:
+                ax.fill_between(xs, low, high, color=color, alpha=0.2)
     # the two line styles, explained once
     axes[1].plot([], [], color="gray", alpha=0.5, lw=1, label="training loss (log lines)")
     axes[1].plot([], [], "o-", color="gray", ms=4, label=f"{split} loss (evaluations)")
     axes[0].set(xlabel="step", ylabel="loss", title="loss vs step")
     axes[1].set(xlabel=WALL_CLOCK_NOTE, title="loss vs training time")
-    axes[0].legend(title="final evaluation")
+    several = any(len(group) > 1 for _, group in groups)
+    axes[0].legend(title="final evaluation" + (" (mean; band: range over seeds)" if several
+                                               else ""), fontsize=9 if len(groups) > 6 else 10)
     handles, labels = axes[1].get_legend_handles_labels()
     axes[1].legend(handles[-2:], labels[-2:])
     for ax in axes:
@@ -171,15 +258,21 @@ def loss_curves(runs, path, val_key="val_loss"):
 def accuracy_curves(runs, path):
     """Test accuracy vs epoch and vs training seconds."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
-    for i, run in enumerate(runs):
-        evals = run.events("eval")
+    groups = settings(runs)
+    for color, (label, group) in zip(colors(len(groups)), groups):
+        seeds = f", {len(group)} seeds" if len(group) > 1 else ""
         for ax, x in zip(axes, ("epoch", "train_s")):
-            ax.plot([r[x] for r in evals], [100 * r["test_acc"] for r in evals], "o-",
-                    color=f"C{i}", ms=4,
-                    label=f"{run.label}: {100 * evals[-1]['test_acc']:.2f}%" if evals else "")
+            xs, mean, low, high = seed_curves(group, "eval", x, "test_acc")
+            ax.plot(xs, [100 * m for m in mean], "o-", color=color, ms=4,
+                    label=f"{label}{seeds}: {100 * mean[-1]:.2f}%" if xs else label)
+            if len(group) > 1:
+                ax.fill_between(xs, [100 * v for v in low], [100 * v for v in high],
+                                color=color, alpha=0.2)
     axes[0].set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy vs epoch")
     axes[1].set(xlabel=WALL_CLOCK_NOTE, title="test accuracy vs training time")
-    axes[0].legend(title="final test accuracy")
+    several = any(len(group) > 1 for _, group in groups)
+    axes[0].legend(title="final test accuracy" + (" (mean; band: range over seeds)" if several
+                                                  else ""))
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(figure_title(runs, "Test accuracy"))
@@ -189,9 +282,12 @@ def accuracy_curves(runs, path):
 def memory_bars(runs, path):
     """Parameters, gradients and optimizer state per optimizer (left), with AdamW's state (two
     floats per parameter) as the reference line; the measured peak (right: CUDA max allocated,
-    or the process's peak RSS on CPU, which includes PyTorch itself)."""
+    or the process's peak RSS on CPU, which includes PyTorch itself). One bar per setting: its
+    seeds hold the same memory."""
+    groups = settings(runs)
+    runs = [group[0] for _, group in groups]
     last = [next(r for r in reversed(run.records) if "state_bytes" in r) for run in runs]
-    labels = [run.label.replace(" lr=", "\nlr=") for run in runs]   # two short lines each
+    labels = [label.replace(" ", "\n") for label, _ in groups]   # short lines each
     fig, (left, right) = plt.subplots(1, 2, figsize=(max(13, 1.6 * len(runs) + 6), 5.5),
                                       gridspec_kw={"width_ratios": [3, 1.4]})
     parts = [("param_bytes", "parameters"), ("grad_bytes", "gradients"),
@@ -282,6 +378,7 @@ def gradient_diagnostics(run, path):
     axes[2].legend()
     axes[2].grid(alpha=0.3)
     fig.suptitle(figure_title([run], "Gradient statistics over training"))
+    wrap_to_fit(fig)
     fig.tight_layout(rect=(0, 0.04 * (1 + len(names) // 7), 1, 1))   # room for the legend
     fig.savefig(path, dpi=110)
     plt.close(fig)

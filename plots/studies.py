@@ -51,8 +51,8 @@ def study_context(rows, same_regime=True):
 
 
 def lr_sensitivity(rows, path):
-    """Final validation loss vs LR (log axis), mean and sd over seeds, a line per setting;
-    an x at the top marks an LR at which a seed diverged."""
+    """Final validation (GPT) or test (ViT) loss vs LR (log axis), mean and sd over seeds, a
+    line per setting; an x at the top marks an LR at which a seed diverged."""
     fig, ax = plt.subplots(figsize=(9, 6))
     finite = [_final(r) for r in rows if r["status"] == "finished" and _final(r) is not None]
     top = max(finite) if finite else 1.0
@@ -69,7 +69,8 @@ def lr_sensitivity(rows, path):
                     color=f"C{i}", label=label)
         ax.plot(bad, [top * 1.02] * len(bad), "x", color=f"C{i}", ms=8)
     ax.set_xscale("log")
-    ax.set(xlabel="peak learning rate", ylabel="final validation loss",
+    split = "validation" if any("final_val_loss" in r for r in rows) else "test"
+    ax.set(xlabel="peak learning rate", ylabel=f"final {split} loss",
            title="LR sensitivity (mean ± sd over seeds; x = a seed diverged)")
     ax.grid(alpha=0.3, which="both")
     ax.legend()

@@ -9,6 +9,7 @@ from torch import nn
 
 import optim
 from tiny_models import batches, make_model, max_rel_diff, train
+from tolerance import F32_COMPUTATION, F64_COMPUTATION, check
 
 NAMES = ("apollo", "apollo_mini")
 STATE_KEYS = {"step", "seed", "exp_avg", "exp_avg_sq", "update_norm"}   # P is not among them
@@ -65,26 +66,28 @@ def test_full_rank_orthogonal_projection_reproduces_adamw_update_norms(granulari
                             1 - dim, None, **numbers, **hp, granularity=granularity, alpha=1.0)
         optim.adamw_update(adamw_p, grad, m_ref, v_ref, **numbers, **hp)
         update, update_ref = before - apollo_p, before_ref - adamw_p
+        family = "APOLLO at full rank = AdamW's update norms, float64"
         if granularity == "channel":
-            torch.testing.assert_close(update.norm(dim=dim), update_ref.norm(dim=dim),
-                                       rtol=1e-12, atol=0)
+            check(family, update.norm(dim=dim), update_ref.norm(dim=dim), F64_COMPUTATION)
             along_grad = grad * (update.norm(dim=dim, keepdim=True) /
                                  grad.norm(dim=dim, keepdim=True))
         else:
-            torch.testing.assert_close(update.norm(), update_ref.norm(), rtol=1e-12, atol=0)
+            check(family, update.norm(), update_ref.norm(), F64_COMPUTATION)
             along_grad = grad * (update.norm() / grad.norm())
-        torch.testing.assert_close(update, along_grad, rtol=1e-12, atol=1e-15)
+        check(family, update, along_grad, F64_COMPUTATION)
 
 
 @pytest.mark.parametrize("granularity", optim.GRANULARITIES)
 def test_limiter_caps_update_norm_growth_at_1_01(granularity):
     free, free_norm = one_step_update((16, 8), granularity, last_norm=0.0)   # no previous norm
-    assert free_norm.item() == pytest.approx(free.norm().item(), rel=1e-12)
+    family = "APOLLO's limiter, one step, float64"
+    check(family, free_norm, free.norm(), F64_COMPUTATION)
 
     capped, capped_norm = one_step_update((16, 8), granularity, last_norm=0.5 * free_norm.item())
-    assert capped.norm().item() == pytest.approx(1.01 * 0.5 * free_norm.item(), rel=1e-12)
-    assert capped_norm.item() == pytest.approx(capped.norm().item(), rel=1e-12)
-    torch.testing.assert_close(capped, free * (capped.norm() / free.norm()))  # only shorter
+    check(family, capped.norm(), 1.01 * 0.5 * free_norm, F64_COMPUTATION)
+    check(family, capped_norm, capped.norm(), F64_COMPUTATION)
+    check(family, capped, free * (capped.norm() / free.norm()),
+          F64_COMPUTATION)                                        # only shorter
 
     slower, _ = one_step_update((16, 8), granularity, last_norm=free_norm.item() / 1.005)
     torch.testing.assert_close(slower, free, rtol=0, atol=0)     # growth 1.005: untouched
@@ -100,8 +103,9 @@ def test_update_norms_grow_at_most_1_01_per_step_in_training(name):
         train(model, opt, [xy])
         history.append(torch.stack([opt.state[p]["update_norm"] for p in matrices]))
     growth = torch.stack(history[1:]) / torch.stack(history[:-1])
-    assert growth.max().item() <= 1.01 * (1 + 1e-6)
-    assert (growth > 1.01 * (1 - 1e-6)).any()        # the limiter did act in this run
+    # float32 norms and their ratio round by a few u; unlimited, growth reaches ~1.5 here
+    assert growth.max().item() <= 1.01 * (1 + F32_COMPUTATION)
+    assert (growth > 1.01 * (1 - F32_COMPUTATION)).any()        # the limiter did act
 
 
 def test_limiter_ignores_the_learning_rate():
@@ -199,9 +203,10 @@ def test_moments_are_kept_when_the_projection_is_redrawn():
     p.grad = torch.randn(16, 8)
     opt.step()                                      # step 3: a new P
     r_grad = p.grad @ opt.projection(p, opt.param_groups[0]).T
-    torch.testing.assert_close(opt.state[p]["exp_avg"], 0.9 * m_before + 0.1 * r_grad)
-    torch.testing.assert_close(opt.state[p]["exp_avg_sq"],
-                               0.999 * v_before + 0.001 * r_grad ** 2)
+    family = "APOLLO's moments after a new projection, float32"
+    check(family, opt.state[p]["exp_avg"], 0.9 * m_before + 0.1 * r_grad, F32_COMPUTATION)
+    check(family, opt.state[p]["exp_avg_sq"], 0.999 * v_before + 0.001 * r_grad ** 2,
+          F32_COMPUTATION)
 
 
 @pytest.mark.parametrize("name", NAMES)

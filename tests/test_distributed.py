@@ -19,9 +19,17 @@ import parallel
 import vit_sai
 from fake_data import write_corpus, write_fashion_mnist
 from run_helpers import ctrl_c_after_step, records
+from tolerance import F32_TRAINING, check
 from train_helpers import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# float64 on 2 ranks against one process: gradients summed over ranks in another order differ
+# by float64's rounding, and the steps carry it: measured <= 5e-12 (APOLLO), 2e-14 the others.
+# Adafactor alone turns it into ~1e-6: with eps1 = 1e-30 a gradient element that is 0 in one
+# order and 1e-17 in the other takes an O(1) scale-free step. A block statistic summed over one
+# rank's slice only is off by 1e-2 or more.
+TWO_RANKS_F64 = {"adafactor": 1e-4}
+TWO_RANKS_F64_OTHERS = 1e-9
 TINY = ["--n_layer=1", "--n_head=3", "--n_embd=12", "--block_size=16", "--batch_size=4",
         "--eval_iters=3", "--warmup_iters=2", "--sample_tokens=20", "--device=cpu",
         "--max_iters=6", "--log_interval=2", "--eval_interval=3", "--grad_accum=2",
@@ -46,13 +54,16 @@ def optimizer_results(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 @pytest.mark.parametrize("name", list(optim.OPTIMIZERS))
 def test_every_optimizer_on_two_ranks_ends_where_one_process_does(optimizer_results, name, mode):
-    """10 steps of 4 micro-batches (2 per rank) in float64: every parameter within 1e-5
-    (relative) of the one-process run, where a block statistic summed over one rank's slice
-    only (Adam-mini's Q/K head cut by the shard edge, APOLLO-Mini's norms, SGD-SaI's std) is off
-    by 1e-2 or more; the optimizer state per rank is all of it under DDP, about half under FSDP2."""
+    """10 steps of 4 micro-batches (2 per rank) in float64: every parameter within 1e-9
+    (relative; Adafactor 1e-4) of the one-process run, where a block statistic summed over one
+    rank's slice only (Adam-mini's Q/K head cut by the shard edge, APOLLO-Mini's norms, SGD-SaI's
+    std) is off by 1e-2 or more; the optimizer state per rank is all of it under DDP, about half
+    under FSDP2."""
     result = optimizer_results[f"{name}/{mode}"]
-    assert result["param_rel_diff"] < 1e-5
-    assert result["loss_rel_diff"] < 1e-5
+    family = f"2 ranks ({mode}) = one process, 10 steps, float64, {name}"
+    tolerance = TWO_RANKS_F64.get(name, TWO_RANKS_F64_OTHERS)
+    check(family, result["param_rel_diff"], 0.0, tolerance)
+    check(family, result["loss_rel_diff"], 0.0, tolerance)
     one = result["state_bytes_one_process"]
     if mode == "ddp":
         assert result["state_bytes"] == one
@@ -115,12 +126,13 @@ def test_two_rank_fsdp_checkpoint_loads_in_one_process(trainer_runs):
         load_checkpoint(str(base / run), model, opt, scaler, parallel.Parallel())
         states.append((model.state_dict(), opt.state_dict()["state"]))
     (model_one, opt_one), (model_two, opt_two) = states
+    family = "FSDP2 checkpoint = one process's, 6 steps, float32"
     for key in model_one:
-        torch.testing.assert_close(model_two[key], model_one[key], rtol=1e-5, atol=1e-7)
+        check(family, model_two[key], model_one[key], F32_TRAINING)
     assert opt_one.keys() == opt_two.keys()
     for i in opt_one:
         for key, value in opt_one[i].items():
-            torch.testing.assert_close(opt_two[i][key], value, rtol=1e-4, atol=1e-7)
+            check(family, opt_two[i][key], value, F32_TRAINING)
 
 
 def test_parallel_modes_without_torchrun_are_clear_errors(capsys):
@@ -171,11 +183,15 @@ def test_ctrl_c_on_one_rank_stops_both_and_resume_equals_an_uninterrupted_run(tm
 
 
 def assert_same_losses(run_dir, other):
+    """The same events and steps, and float32 training's tolerance on every logged loss (a
+    rank's gradient averaged in over the other's is off by ~1e-2)."""
     one, two = losses(run_dir), losses(other)
     assert [r[:2] for r in one] == [r[:2] for r in two]
     for a, b in zip(one, two):
         for x, y in zip(a[2:], b[2:]):
-            assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-5 * abs(x))
+            assert (x is None) == (y is None)
+            if x is not None:
+                check("2 ranks' logged losses = one process's, float32", y, x, F32_TRAINING)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from torch import nn
 
 import optim
 from tiny_models import batches, make_model, max_rel_diff, train_scheduled
+from tolerance import F32_TRAINING, check
 
 FUSED = ("adamw", "sgd_sai", "adam_mini", "apollo", "apollo_mini", "adafactor")
 STEPS = 12
@@ -32,16 +33,18 @@ def test_fused_step_equals_the_eager_step_it_compiles(name):
     with torch._dynamo.config.patch(error_on_recompile=True):
         fused_losses = train_scheduled(fused, fused_opt, data)
     assert fused_opt.fused() and getattr(fused_opt, "fused_error", None) is None
-    assert fused_losses == pytest.approx(eager_losses, rel=1e-6)
-    assert max_rel_diff(fused, eager) < 1e-6
-    for p in fused.parameters():        # the same state, compiled or not
+    # inductor's vectorised code rounds as the eager kernels do not (fused multiply-adds, its
+    # own reduction order): float32 training's tolerance, far below a wrong compiled update
+    family = f"compiled step = eager step, {STEPS} steps, float32"
+    check(family, fused_losses, eager_losses, F32_TRAINING)
+    check(family, fused, eager, F32_TRAINING)
+    for p, eager_p in zip(fused.parameters(), eager.parameters()):   # the same state
         for key, value in fused_opt.state[p].items():
-            ref = eager_opt.state[dict(zip(fused.parameters(), eager.parameters()))[p]][key]
-            if torch.is_tensor(value):
-                torch.testing.assert_close(value, ref, rtol=1e-5,
-                                           atol=1e-6 * ref.abs().max().item())
+            ref = eager_opt.state[eager_p][key]
+            if torch.is_tensor(value) and value.is_floating_point():
+                check(family, value, ref, F32_TRAINING)
             else:
-                assert value == ref
+                assert torch.equal(value, ref) if torch.is_tensor(value) else value == ref
 
 
 def test_a_failed_compile_warns_once_and_steps_eagerly(monkeypatch):
@@ -65,20 +68,6 @@ def test_a_failed_compile_warns_once_and_steps_eagerly(monkeypatch):
     assert not opt.fused()
     assert losses == train_scheduled(ref, ref_opt, data)      # bit for bit the eager step
     assert max_rel_diff(model, ref) == 0
-
-
-def test_same_shaped_tensors_step_in_loops_of_their_own():
-    """On a CPU the fused step gives each tensor its own loop (FUSED_COMPILE_OPTIONS): inductor's
-    default joins same-shaped tensors into one loop because they read the same 0-d step numbers,
-    and a loop over many tensors' memory streams at once runs slower."""
-    from torch._inductor import metrics
-    params = [nn.Parameter(torch.randn(48, 40)) for _ in range(2)]   # shapes no other test uses
-    for p in params:
-        p.grad = torch.randn_like(p)
-    metrics.reset()
-    with torch._inductor.config.patch(fx_graph_cache=False):         # generate the code anew
-        optim.AdamW(params, lr=1e-2, fused=True).step()
-    assert metrics.generated_cpp_vec_kernel_count == 2     # inductor's default makes it 1
 
 
 def test_fused_by_default_only_where_it_pays():

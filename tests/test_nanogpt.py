@@ -103,6 +103,7 @@ def test_resume_is_exact(corpus, tmp_path, monkeypatch):
     assert run(common + [f"--out_dir={stopped}"]) == 130
     assert torch.load(stopped / "ckpt.pt")["step"] == 5
     assert records(stopped)[-1]["status"] == "stopped"
+    assert is_png(stopped / "loss.png") and is_png(stopped / "memory.png")   # what it has
     monkeypatch.undo()
     assert run([f"--resume={stopped}"]) == 0
 
@@ -124,6 +125,7 @@ def test_divergence_stops_cleanly_and_keeps_the_last_checkpoint(corpus, tmp_path
     assert "diverged" in capsys.readouterr().err
     end = records(out)[-1]     # found at the first log line (the loss is read only there)
     assert end["status"] == "diverged" and end["step"] == 10
+    assert is_png(out / "loss.png")                          # up to where it diverged
     ckpt = torch.load(out / "ckpt.pt")                       # the step-0 checkpoint, intact
     assert ckpt["step"] == 0
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -185,6 +187,21 @@ def test_offline_default_falls_back_to_the_python_manual(tmp_path, monkeypatch, 
     with open(out / "run.json") as f:
         assert json.load(f)["data_source"] == "pydoc_topics"
     assert "--data_path" in capsys.readouterr().out
+
+
+def test_a_new_compare_folder_is_named_after_the_data_the_runs_have(tmp_path, monkeypatch):
+    """Offline, the runs train on the Python manual: a compare folder says so, as a single
+    run's folder does ('pydoc_topics-fallback'), not 'compare-shakespeare_char'."""
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network in this test")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    named = []
+    monkeypatch.setattr(nanogpt_sai, "compare", lambda *args: named.append(args[-2:]) or 0)
+    assert run(TINY + [f"--data_dir={tmp_path / 'cache'}", "--optimizer=adamw,sgd_sai"]) == 0
+    assert named == [("", "compare-pydoc_topics-fallback")]
+    assert run(TINY + [f"--data_dir={tmp_path / 'cache'}", "--optimizer=adamw,sgd_sai",
+                       f"--out_dir={tmp_path / 'given'}"]) == 0
+    assert named[1] == (str(tmp_path / "given"), "")
 
 
 def test_compare_runs_each_optimizer_and_draws_one_figure(corpus, tmp_path):
@@ -251,6 +268,8 @@ def test_plots_redraw_from_logs(corpus, tmp_path):
     (["--n_layer=two"], "--n_layer expects int, got 'two'"),
     (["--lr=1e-3x"], "--lr expects float"),
     (["--compile=maybe"], "--compile expects True or False"),
+    (["--compile=yes"], "--compile expects True or False, got 'yes'"),
+    (["--bias=1"], "--bias expects True or False, got '1'"),
     (["--n_embd=30", "--n_head=4"], "--n_embd=30 must be divisible by --n_head=4"),
     (["--optimizer=adam"], "unknown optimizer 'adam'; choose from adamw, sgd_sai, adam_mini, "
                             "apollo, apollo_mini, muon, adafactor"),

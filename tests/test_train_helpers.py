@@ -22,10 +22,13 @@ def test_clock_counts_running_time_only_and_syncs_only_when_paused(monkeypatch):
 
 
 def test_clock_never_syncs_off_cuda(monkeypatch):
-    monkeypatch.setattr(train_helpers.torch.cuda, "synchronize", lambda: 1 / 0)
+    now = [5.0]
+    monkeypatch.setattr(train_helpers.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(train_helpers.torch.cuda, "synchronize", lambda: 1 / 0)   # would raise
     clock = TrainClock("cpu")
     clock.start()
-    assert clock.pause() >= 0.0
+    now[0] = 7.5
+    assert clock.pause() == 2.5
 
 
 def test_loss_far_above_a_uniform_guess_is_a_warning():

@@ -55,9 +55,9 @@ class TinyLM(nn.Module):
         return kinds
 
 
-def make_model(seed=0, **kw):
+def make_model(seed=0, dtype=torch.float32, **kw):
     torch.manual_seed(seed)
-    return TinyLM(**kw)
+    return TinyLM(**kw).to(dtype)
 
 
 def batches(n, vocab=50, batch=8, block_size=16, seed=1):

@@ -32,9 +32,9 @@ float32); float16 parameters are refused by AdamW, Adam-mini and APOLLO, whose e
 second moments underflow there, and accepted by SGD-SaI. Keep float32 parameters under
 bfloat16 / float16 autocast for the best of both, as the trainers do.
 
-Speed: AdamW, SGD-SaI, Adam-mini and APOLLO take `fused=`: their update function, as written,
-compiled by torch.compile into one pass over memory per tensor (by default where it pays; see
-FUSED_MIN_NUMEL); eager, the same function runs op by op.
+Speed: AdamW, SGD-SaI, Adam-mini, APOLLO and Adafactor take `fused=`: their update function, as
+written, compiled by torch.compile into one pass over memory per tensor (by default where it
+pays; see FUSED_MIN_NUMEL); eager, the same function runs op by op.
 
 Everything that knows optimizer names is at the bottom: `build_optimizer` (what the trainers
 call), `trainer_hparams` (their options -> each optimizer's arguments), the parameter kinds
@@ -613,8 +613,8 @@ class SGDSaI(_SandboxOptimizer):
             as AdamW's.
 
     Deliberate differences from the official code (each tested):
-    - s_i is computed in float32 whatever the gradient dtype, and kept as a 0-d float32 CPU
-      tensor, so reading it each step never waits for a GPU.
+    - s_i is reduced in float64 (norm and std) whatever the gradient dtype, and kept as a 0-d
+      float32 tensor at any parameter dtype (the official code keeps the parameter's dtype).
     - Degenerate blocks (one element, or zero spread) get s_i = sqrt(numel) (`sai_scale`); the
       official code divides by eps there (a step ~1e8 too far) or freezes the block at 0.
     - A block whose first gradient arrives at step k > 1 gets its scale at step k (the official
@@ -902,8 +902,9 @@ class AdamMini(_SandboxOptimizer):
       fused `c_attn` and nn.MultiheadAttention's `in_proj_weight` get Q and K per head, where the
       official name matching gives them one value (its issue #30); a grouped-query K gets one
       block per K head.
-    - Left out: model sharding, the automatic no-decay-by-name (the trainers' param groups put
-      norms and biases at weight_decay 0, as nanoGPT does for AdamW).
+    - Model sharding is FSDP2's (a block cut by a shard edge sums its squares over the ranks);
+      left out: the automatic no-decay-by-name (the trainers' param groups put norms and biases
+      at weight_decay 0, as nanoGPT does for AdamW).
     """
 
     float16_params = False

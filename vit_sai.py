@@ -28,8 +28,9 @@ from tqdm import tqdm
 
 import optim
 import parallel
-from cli import (ConfigError, RunOptions, check_positive, compare, data_error, option,
+from cli import (ConfigError, RunOptions, check_positive, data_error, option,
                  optimizer_names, pick_device, pick_dtype, read_config, warmup_steps)
+from compare import compare
 from data.images import DATASETS, load_images, random_crop_flip
 from train_helpers import (EXIT_STATUS, MetricsLog, StopOnCtrlC, TrainClock, check_out_dir,
                            data_name, load_checkpoint, loss_far_above_chance, lr_at, maybe_compile,

@@ -1,9 +1,6 @@
 """Adam-mini's partition of the baby GPT, drawn: each parameter tensor of the embeddings and of
 the first block as an image in which every Adam-mini block has its own color (one second-moment
-value each). Run: python -m plots.partition [--out=DIR]  (writes adam_mini_partition.png)."""
-import os
-import sys
-
+value each). tools/partition_figure.py draws the baby GPT's."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -44,21 +41,3 @@ def draw_partition(model, names, path, title):
         ax.set_yticks([])
     fig.suptitle(title)
     return save_figure(fig, path)
-
-
-def main(argv):
-    from nanogpt_sai import GPT, Config
-    out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), ".")
-    os.makedirs(out, exist_ok=True)
-    model = GPT(Config(), vocab_size=65)
-    names = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
-             "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
-             "transformer.h.0.mlp.c_fc.weight"]
-    print(draw_partition(model, names, os.path.join(out, "adam_mini_partition.png"),
-                         "Adam-mini's blocks in the baby GPT (one color = one second-moment "
-                         "value; colors repeat every 20 blocks)"))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 import torch
 
-import cli
+import compare
 import nanogpt_sai
 import optim
 from fake_data import write_corpus
@@ -247,7 +247,7 @@ def test_ctrl_c_in_compare_stops_after_the_running_optimizer(corpus, tmp_path, m
         started.append(argv[0])
         os.kill(os.getpid(), signal.SIGINT)     # what the terminal sends the parent too
         return 130
-    monkeypatch.setattr(cli, "run_in_process", child_stopped_by_ctrl_c)
+    monkeypatch.setattr(compare, "run_in_process", child_stopped_by_ctrl_c)
     out = tmp_path / "cmp"
     assert run(TINY + corpus + ["--optimizer=sgd_sai,adamw", f"--out_dir={out}"]) == 130
     assert started == ["--optimizer=sgd_sai"] and not (out / "loss.png").exists()

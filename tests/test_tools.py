@@ -1,13 +1,22 @@
-"""tools/ms_per_iter.py: ms/iter between log lines from step 100 on, from nanoGPT's stamped
-stdout and from a nanogpt_sai.py metrics log alike."""
+"""tools/: ms_per_iter.py reads ms/iter between log lines from step 100 on, from nanoGPT's
+stamped stdout and from a nanogpt_sai.py metrics log alike; partition_figure.py draws the baby
+GPT's Adam-mini blocks."""
 import importlib.util
 import json
 import os
 
-spec = importlib.util.spec_from_file_location(
-    "ms_per_iter", os.path.join(os.path.dirname(__file__), "..", "tools", "ms_per_iter.py"))
-ms_per_iter = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ms_per_iter)
+from run_helpers import is_png
+
+
+def tool(name):
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(os.path.dirname(__file__), "..", "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ms_per_iter = tool("ms_per_iter")
 
 
 def test_ms_per_iter_reads_both_logs(tmp_path, capsys):
@@ -30,3 +39,12 @@ def test_ms_per_iter_reads_both_logs(tmp_path, capsys):
     assert lines[3] == "| ours | 15.00 | 10.00-20.00 | 2 x 50 |"
     assert lines[4].startswith("| short | no two log lines from step 100 on")
     assert ms_per_iter.main(["only a label"]).startswith("python tools/ms_per_iter.py")
+
+
+def test_partition_figure_draws_the_baby_gpts_blocks(tmp_path, capsys):
+    partition_figure = tool("partition_figure")
+    assert partition_figure.main([f"--out={tmp_path}"]) == 0
+    assert is_png(tmp_path / "adam_mini_partition.png")
+    assert partition_figure.main(["--output=x"]) == 2
+    assert capsys.readouterr().err == "error: unknown argument --output=x (the one option is " \
+                                      "--out=DIR)\n"

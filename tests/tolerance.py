@@ -21,7 +21,7 @@ from torch import nn
 # Float32 training over tens of steps of a tiny transformer, two implementations of the same
 # update (ours against torch's, the official package's, or our own other path): each step
 # rounds differently by a few u, and training carries it forward. Measured (relative, losses
-# and weights): see the table of `--error-margins` (up to ~8e-7 here on avx512 / avx2 /
+# and weights): see the table of `--error-margins` (up to 1.1e-6 here on avx512 / avx2 /
 # default, 1 and 2 threads); Intel AVX-512 with one thread has given 1.02e-6 (Adafactor). A real
 # bug is far above: AdamW against torch's over the 50 steps of tests/test_optim.py, weight decay
 # left out moves the weights by 4.9e-2 relative (the losses by 7.3e-4), a bias correction left

@@ -1854,15 +1854,13 @@ def guess_param_kinds(model):
 def param_kinds(model, kinds=None):
     """{parameter: kind}: the model's own `param_kinds()`, else `guess_param_kinds`; `kinds`
     ({parameter: kind}, e.g. {model.out.weight: "head"}) replaces those parameters' kinds."""
-    given = kinds or {}
-    kinds = model.param_kinds() if hasattr(model, "param_kinds") else guess_param_kinds(model)
-    if given:
-        params = set(model.parameters())
-        strangers = [tuple(p.shape) for p in given if p not in params]
-        if strangers:
-            raise ValueError(f"kinds= names a tensor of shape {strangers[0]} that is not a "
-                             f"parameter of {type(model).__name__}")
-        kinds = {**kinds, **given}
+    given, params = kinds or {}, set(model.parameters())
+    strangers = [tuple(p.shape) for p in given if p not in params]
+    if strangers:
+        raise ValueError(f"kinds= names a tensor of shape {strangers[0]} that is not a "
+                         f"parameter of {type(model).__name__}")
+    found = model.param_kinds() if hasattr(model, "param_kinds") else guess_param_kinds(model)
+    kinds = {**found, **given}
     for p, kind in kinds.items():
         with_count = isinstance(kind, tuple) and len(kind) == 2 and kind[0] in ("qk", "qkv") \
             and (kind[1] is None or isinstance(kind[1], int) and kind[1] >= 1)
@@ -1926,11 +1924,11 @@ def projected_params(model, kinds=None):
 def matrix_table(model, selected, by, kinds=None):
     """Which parameters optimizer `by` (APOLLO, Muon) updates as matrices, the others taking
     AdamW steps, as a text table."""
-    given, kinds, selected = kinds, param_kinds(model, kinds), set(selected)
-    lines = [f"{by} matrices; parameter kinds {kinds_source(model, given)}",
+    found, selected = param_kinds(model, kinds), set(selected)
+    lines = [f"{by} matrices; parameter kinds {kinds_source(model, kinds)}",
              f"{'parameter':<40} {'shape':<16} {'kind':<14} {'update':>8}"]
     for name, p in model.named_parameters():
-        kind = str(kinds.get(p, "other"))
+        kind = str(found.get(p, "other"))
         lines.append(f"{name:<40} {str(tuple(p.shape)):<16} {kind:<14} "
                      f"{by if p in selected else 'AdamW':>8}")
     lines.append(f"{len(selected)} of {len(list(model.parameters()))} tensors updated by {by}")

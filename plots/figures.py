@@ -202,21 +202,22 @@ def colors(n):
     """n colours, none repeated: matplotlib's ten, then tab20's twenty, then a colormap."""
     if n <= 10:
         return [f"C{i}" for i in range(n)]
-    cmap = plt.cm.tab20 if n <= 20 else plt.cm.turbo
-    return [cmap(i / max(n - 1, 1)) if n > 20 else cmap(i) for i in range(n)]
+    if n <= 20:
+        return [plt.cm.tab20(i) for i in range(n)]
+    return [plt.cm.turbo(i / (n - 1)) for i in range(n)]
 
 
 def seed_curves(group, kind, x, y):
     """One setting's curve over its seeds, at the x values every seed logged: (xs, mean, low,
     high), low and high the range over seeds (equal to the mean for one seed)."""
-    curves = [{r[x]: r[y] for r in run.events(kind) if y in r} for run in group]
-    xs = [v for v in curves[0] if all(v in c for c in curves[1:])]
+    rows = [[r for r in run.events(kind) if y in r] for run in group]
     if x == "train_s":   # each seed's own clock: the mean clock of the i-th record instead
-        rows = [[r for r in run.events(kind) if y in r] for run in group]
         n = min(map(len, rows))
         xs = [statistics.mean(rs[i][x] for rs in rows) for i in range(n)]
         values = [[rs[i][y] for rs in rows] for i in range(n)]
     else:
+        curves = [{r[x]: r[y] for r in rs} for rs in rows]
+        xs = [v for v in curves[0] if all(v in c for c in curves[1:])]
         values = [[c[v] for c in curves] for v in xs]
     return (xs, [statistics.mean(v) for v in values], [min(v) for v in values],
             [max(v) for v in values])

@@ -5,13 +5,9 @@ import torch
 
 import optim
 from tiny_models import batches, make_model, train, train_scheduled
-from tolerance import F32_TRAINING, F64_TRAINING, check
+from tolerance import BOTH_DTYPES, DTYPE_NAMES, TRAINING, check
 
 STEPS, N_PARAMS = 50, 28_928             # TinyLM: vocab 50, width 32, 2 layers, 4 heads
-# float64 pins the code (any difference is not rounding); float32 is what the trainers run.
-DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-TRAINING = {torch.float64: F64_TRAINING, torch.float32: F32_TRAINING}
-NAMES = {torch.float64: "float64", torch.float32: "float32"}
 
 
 def hidden_and_other(model, weight_decay):
@@ -26,7 +22,7 @@ def hidden_and_other(model, weight_decay):
 @pytest.mark.parametrize("lr_rule,adjust_lr_fn", [("match_rms_adamw", "match_rms_adamw"),
                                                   ("original", "original")])
 @pytest.mark.parametrize("nesterov", [True, False])
-@DTYPES
+@BOTH_DTYPES
 def test_muon_matches_torch(lr_rule, adjust_lr_fn, nesterov, dtype):
     """Newton-Schulz runs in bfloat16 in both (on float64 weights too): the two agree to the
     last bit there, so float64 keeps its tight tolerance."""
@@ -39,19 +35,19 @@ def test_muon_matches_torch(lr_rule, adjust_lr_fn, nesterov, dtype):
                 torch.optim.AdamW(other_groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8)]
     data = batches(STEPS)
     ref_losses = train_scheduled(ref, ref_opts, data)          # both under the same warmup
-    family = f"Muon = torch's, {STEPS} steps, {NAMES[dtype]}"
+    family = f"Muon = torch's, {STEPS} steps, {DTYPE_NAMES[dtype]}"
     check(family, train_scheduled(ours, opt, data), ref_losses, TRAINING[dtype])
     check(family, ours, ref, TRAINING[dtype])
 
 
-@DTYPES
+@BOTH_DTYPES
 def test_adafactor_matches_torch(dtype):
     ours, ref = make_model(dtype=dtype), make_model(dtype=dtype)
     opt = optim.build_optimizer("adafactor", ours, lr=2e-2, weight_decay=0.1)
     ref_opt = torch.optim.Adafactor(optim.decay_groups(ref.parameters(), 0.1), lr=2e-2,
                                     foreach=False)
     data = batches(STEPS)
-    family = f"Adafactor = torch's, {STEPS} steps, {NAMES[dtype]}"
+    family = f"Adafactor = torch's, {STEPS} steps, {DTYPE_NAMES[dtype]}"
     check(family, train_scheduled(ours, opt, data), train_scheduled(ref, ref_opt, data),
           TRAINING[dtype])
     check(family, ours, ref, TRAINING[dtype])

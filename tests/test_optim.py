@@ -14,14 +14,9 @@ from torch import nn
 
 import optim
 from tiny_models import batches, make_model, max_rel_diff, train, train_scheduled
-from tolerance import F32_COMPUTATION, F32_TRAINING, F64_TRAINING, check
+from tolerance import BOTH_DTYPES, DTYPE_NAMES, F32_COMPUTATION, F32_TRAINING, TRAINING, check
 
 STEPS = 50
-# Each reference comparison runs in float64 (a tight pin: any difference is the code, not
-# rounding) and in float32 (the dtype the trainers run), with the tolerances of tolerance.py.
-DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-TRAINING = {torch.float64: F64_TRAINING, torch.float32: F32_TRAINING}
-NAMES = {torch.float64: "float64", torch.float32: "float32"}
 
 
 def decay_groups(model, weight_decay):
@@ -34,7 +29,7 @@ def quiet():
     return contextlib.redirect_stdout(io.StringIO())
 
 
-@DTYPES
+@BOTH_DTYPES
 @pytest.mark.parametrize("foreach", [False, True])
 def test_adamw_matches_torch(foreach, dtype):
     ours, ref = make_model(dtype=dtype), make_model(dtype=dtype)
@@ -43,9 +38,9 @@ def test_adamw_matches_torch(foreach, dtype):
     ref_opt = torch.optim.AdamW(decay_groups(ref, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
                                 amsgrad=False, foreach=foreach)
     data = batches(STEPS)
-    check(f"AdamW = torch's, {STEPS} steps, {NAMES[dtype]}", train_scheduled(ours, opt, data),
+    check(f"AdamW = torch's, {STEPS} steps, {DTYPE_NAMES[dtype]}", train_scheduled(ours, opt, data),
           train_scheduled(ref, ref_opt, data), TRAINING[dtype])
-    check(f"AdamW = torch's, {STEPS} steps, {NAMES[dtype]}", ours, ref, TRAINING[dtype])
+    check(f"AdamW = torch's, {STEPS} steps, {DTYPE_NAMES[dtype]}", ours, ref, TRAINING[dtype])
 
 
 def test_adamw_foreach_matches_single_tensor():
@@ -70,7 +65,7 @@ def test_foreach_in_chunks_equals_foreach_at_once(name, monkeypatch):
     assert max_rel_diff(whole, chunked) == 0
 
 
-@DTYPES
+@BOTH_DTYPES
 def test_sgd_sai_matches_reference(dtype):
     """Our scales are held in float32 at any dtype (the official code keeps them in the
     parameter's): in float64 the two differ by float32's rounding of the scale, so the scales
@@ -81,7 +76,7 @@ def test_sgd_sai_matches_reference(dtype):
     data = batches(STEPS)
     with quiet():
         ref_losses = train_scheduled(ref, ref_opt, data)
-    family = f"SGD-SaI = sgd-sai 1.0.3's, {STEPS} steps, {NAMES[dtype]}"
+    family = f"SGD-SaI = sgd-sai 1.0.3's, {STEPS} steps, {DTYPE_NAMES[dtype]}"
     check(family, train_scheduled(ours, opt, data), ref_losses, F32_TRAINING)
     check(family, ours, ref, F32_TRAINING)
     for p, ref_p in zip(ours.parameters(), ref.parameters()):   # the frozen scales: its g-SNRs
@@ -89,7 +84,7 @@ def test_sgd_sai_matches_reference(dtype):
               ref_opt.state[ref_p]["gsnr"], F32_COMPUTATION)
 
 
-@DTYPES
+@BOTH_DTYPES
 @pytest.mark.parametrize("foreach", [False, True])
 def test_adam_mini_matches_reference(foreach, dtype):
     ours, ref = make_model(dtype=dtype), make_model(dtype=dtype)
@@ -100,7 +95,7 @@ def test_adam_mini_matches_reference(foreach, dtype):
                             weight_decay=0.1, dim=32, n_heads=4)
         data = batches(STEPS)
         ref_losses = train_scheduled(ref, ref_opt, data)
-    family = f"Adam-mini = adam-mini 1.1.1's, {STEPS} steps, {NAMES[dtype]}"
+    family = f"Adam-mini = adam-mini 1.1.1's, {STEPS} steps, {DTYPE_NAMES[dtype]}"
     check(family, train_scheduled(ours, opt, data), ref_losses, TRAINING[dtype])
     check(family, ours, ref, TRAINING[dtype])
 

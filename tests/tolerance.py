@@ -15,6 +15,7 @@ Float32's unit roundoff is u = 2^-24 ~ 6e-8; float64's 2^-53 ~ 1.1e-16.
 """
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -36,6 +37,12 @@ F64_TRAINING = 1e-10
 F32_COMPUTATION = 5e-6
 # One float64 computation: a few u64; measured up to ~1.2e-15.
 F64_COMPUTATION = 1e-12
+
+# A reference comparison runs in float64 (a tight pin: any difference is the code, not rounding)
+# and in float32 (the dtype the trainers run), each at its training tolerance.
+BOTH_DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+TRAINING = {torch.float64: F64_TRAINING, torch.float32: F32_TRAINING}
+DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32"}
 
 MEASURED = {}        # (family, tolerance) -> [largest error, number of checks]
 

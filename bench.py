@@ -61,6 +61,7 @@ import optim
 import per_example
 from cli import ConfigError, check_positive, option, parse_args, pick_device, run_in_process
 from data.text import load_text, sample_batch
+from engine.base import BaseOptimizer
 from nanogpt_sai import GPT, Config
 
 MIB = 2 ** 20
@@ -278,7 +279,7 @@ def time_row(cfg):
     result = dict(times=times, extra_bytes=max(0, peak - before),
                   state_bytes=optim.state_bytes(opt),
                   projected_state_bytes=optim.state_bytes(opt, optim.projected_params(model)),
-                  fused=opt.fused() if isinstance(opt, optim._SandboxOptimizer) else None)
+                  fused=opt.fused() if isinstance(opt, BaseOptimizer) else None)
     with open(cfg.result_path, "w") as f:
         json.dump(result, f)
 

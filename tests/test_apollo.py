@@ -38,7 +38,7 @@ def one_step_update(shape, granularity, last_norm, alpha=4.0):
     m, v = torch.zeros(r_shape, dtype=torch.float64), torch.zeros(r_shape, dtype=torch.float64)
     norm = torch.tensor(last_norm, dtype=torch.float64)
     p = theta.clone()
-    optim.apollo_update(p, grad, proj, m, v, norm, 0 if shape[0] >= shape[1] else 1, None,
+    optim.apollo_update(p, grad, proj, m, v, norm, 0 if shape[0] >= shape[1] else 1,
                         **optim.adam_step_numbers(1, 1.0, 0.9, 0.999), beta1=0.9, beta2=0.999,
                         eps=1e-8, weight_decay=0.0, granularity=granularity, alpha=alpha)
     return theta - p, norm
@@ -63,7 +63,7 @@ def test_full_rank_orthogonal_projection_reproduces_adamw_update_norms(granulari
         before, before_ref = apollo_p.clone(), adamw_p.clone()
         numbers = optim.adam_step_numbers(step, 1.0, 0.9, 0.999)
         optim.apollo_update(apollo_p, grad, proj, m, v, torch.zeros((), dtype=torch.float64),
-                            1 - dim, None, **numbers, **hp, granularity=granularity, alpha=1.0)
+                            1 - dim, **numbers, **hp, granularity=granularity, alpha=1.0)
         optim.adamw_update(adamw_p, grad, m_ref, v_ref, **numbers, **hp)
         update, update_ref = before - apollo_p, before_ref - adamw_p
         family = "APOLLO at full rank = AdamW's update norms, float64"

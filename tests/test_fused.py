@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import engine.base
 import optim
 from tiny_models import batches, make_model, max_rel_diff, train_scheduled
 from tolerance import F32_TRAINING, check
@@ -55,7 +56,7 @@ def test_a_failed_compile_warns_once_and_steps_eagerly(monkeypatch):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore lines")
         return fail
 
-    monkeypatch.setattr(optim, "_compiled", no_compiler)
+    monkeypatch.setattr(engine.base, "compiled_update_each", no_compiler)
     model, ref = make_model(), make_model()
     opt, ref_opt = build("adamw", model, True), build("adamw", ref, False)
     data = batches(3)

@@ -7,7 +7,8 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LAYERS = [  # lowest first
-    {"optim", "per_example", "stats", "data"},          # the math, statistics and data
+    {"engine", "stats", "data"},                       # the optimizers' machinery; statistics; data
+    {"optim", "per_example"},                          # the optimizers' math; per-example gradients
     {"cli", "plots"},                                  # the command line; figures from logs
     {"parallel", "compare"},                           # processes: torchrun ranks, compare mode
     {"train_helpers"},                                 # plain helpers inside a run
@@ -19,11 +20,11 @@ LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 
 def project_modules():
-    """{file: its top-level unit (a module, or a package: data, plots, tools)}."""
+    """{file: its top-level unit (a module, or a package: data, engine, plots, tools)}."""
     units = {}
     for folder, dirs, files in os.walk(ROOT):
         rel = os.path.relpath(folder, ROOT)
-        dirs[:] = [d for d in dirs if rel == "." and d in ("data", "plots", "tools")]
+        dirs[:] = [d for d in dirs if rel == "." and d in ("data", "engine", "plots", "tools")]
         for name in files:
             if name.endswith(".py"):
                 path = os.path.join(folder, name)

@@ -55,12 +55,12 @@ def test_adafactor_matches_torch(dtype):
 
 @pytest.mark.parametrize("shape", [(96, 600), (600, 96), (40, 256)])
 def test_newton_schulz_by_column_blocks_is_torchs(shape):
-    """On a CPU, X <- a X + B X runs in place NS_BLOCK_COLUMNS columns at a time, on its own
+    """On a CPU, X <- a X + B X runs in place NS_COLUMN_SLICE columns at a time, on its own
     copy: bit-identical to torch's whole-matrix iteration where the wide side is cut into blocks
     (the last one partial) or is exactly one, and a bfloat16 input (a bfloat16 matrix's momentum
     buffer) is left as it was, where torch's divides it in place."""
     g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    assert max(shape) >= optim.NS_BLOCK_COLUMNS             # one block or more
+    assert max(shape) >= optim.NS_COLUMN_SLICE              # one slice or more
     ref = torch.optim._muon._zeropower_via_newtonschulz(g, optim.MUON_NS_COEFFICIENTS, 5, 1e-7)
     assert torch.equal(optim.newton_schulz(g, steps=5), ref)
     g16 = g.bfloat16()

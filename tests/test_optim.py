@@ -12,6 +12,8 @@ from adam_mini import Adam_mini
 from sgd_sai import SGD_sai
 from torch import nn
 
+import engine.base
+import engine.foreach
 import optim
 from tiny_models import batches, make_model, max_rel_diff, train, train_scheduled
 from tolerance import BOTH_DTYPES, DTYPE_NAMES, F32_COMPUTATION, F32_TRAINING, TRAINING, check
@@ -59,8 +61,8 @@ def test_foreach_in_chunks_equals_foreach_at_once(name, monkeypatch):
     data = batches(5)
     whole, chunked = make_model(), make_model()
     train_scheduled(whole, optim.build_optimizer(name, whole, lr=1e-2, fused=False), data)
-    monkeypatch.setattr(optim, "FOREACH_CHUNK_NUMEL", 1000)    # the tiny model in ~20 runs
-    assert len(list(optim._numel_chunks([(p,) for p in chunked.parameters()], 1000))) > 10
+    monkeypatch.setattr(engine.base, "FOREACH_CHUNK_NUMEL", 1000)    # the tiny model in ~20 runs
+    assert len(list(engine.foreach.numel_chunks([(p,) for p in chunked.parameters()], 1000))) > 10
     train_scheduled(chunked, optim.build_optimizer(name, chunked, lr=1e-2, fused=False), data)
     assert max_rel_diff(whole, chunked) == 0
 

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from tqdm import tqdm
 
 import optim
 import parallel
@@ -32,7 +31,7 @@ from cli import (ConfigError, RunOptions, check_positive, data_error, option,
                  optimizer_names, pick_device, pick_dtype, read_config, warmup_steps)
 from compare import compare
 from data.text import DATASETS, load_text, sample_batch
-from train_helpers import (EXIT_STATUS, MetricsLog, StopOnCtrlC, TrainClock, check_out_dir,
+from train_helpers import (EXIT_STATUS, MetricsLog, Progress, StopOnCtrlC, check_out_dir,
                            data_name, load_checkpoint, loss_far_above_chance, lr_at, maybe_compile,
                            memory_fields, open_run_dir, report_end, save_checkpoint,
                            write_run_info)
@@ -255,7 +254,8 @@ class GPT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# training
+# training: data and batches, evaluation and samples, the run directory, one step's gradients,
+# then the loop
 
 def load_data(cfg):
     """cfg.dataset's token ids (prepared and cached once); a bad --data_path is a ConfigError."""
@@ -265,15 +265,9 @@ def load_data(cfg):
         raise data_error(err, cfg.data_dir) from None
 
 
-def train(cfg):
-    """One run (of this rank, under torchrun); returns its exit status (0 finished, 130 stopped
-    by Ctrl-C, 3 diverged)."""
-    par, device = parallel.start(cfg.parallel, cfg.device)   # one process: nothing to start
-    mine = parallel.my_micro_batches(cfg.grad_accum, par)   # which micro-batches this rank trains
-    if par.main:
-        check_out_dir(cfg)   # before the data is loaded: a bad --out_dir is found at once
-    with parallel.main_first(par):   # rank 0 fills the data cache, the others read it
-        data = load_data(cfg)
+def token_splits(cfg, data):
+    """{"train": ids, "val": ids} as int64 tensors; a text too short for a batch is a
+    ConfigError."""
     splits = {"train": torch.from_numpy(data.train.astype("int64")),
               "val": torch.from_numpy(data.val.astype("int64"))}
     shortest = min(len(s) for s in splits.values())
@@ -283,119 +277,177 @@ def train(cfg):
     if cfg.block_size >= shortest:
         raise ConfigError(f"--block_size={cfg.block_size} needs more tokens than the "
                           f"{shortest} of the smallest split; use --block_size < {shortest}")
+    return splits
 
-    def get_batch(split, generator):
-        x, y = sample_batch(splits[split], cfg.block_size, cfg.batch_size, generator)
-        if device.startswith("cuda"):   # pinned: the copy overlaps the GPU's work
-            return x.pin_memory().to(device, non_blocking=True), \
-                y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
+
+def get_batch(tokens, cfg, device, generator):
+    """A batch of cfg.batch_size random windows of `tokens`: inputs x and next tokens y."""
+    x, y = sample_batch(tokens, cfg.block_size, cfg.batch_size, generator)
+    if device.startswith("cuda"):   # pinned: the copy overlaps the GPU's work
+        return x.pin_memory().to(device, non_blocking=True), \
+            y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def sequence_loss(out, y):
+    """One sequence's loss, as GPT.forward computes the batch's (per-example statistics)."""
+    return F.cross_entropy(out[0].flatten(0, 1).float(), y.flatten())
+
+
+def sample_text(raw_model, data, n_tokens, ctx, device, generator=None):
+    """n_tokens of text after a newline, as the model writes it now."""
+    start = torch.tensor([data.encode("\n")], device=device)
+    with ctx:
+        return data.decode(raw_model.generate(start, n_tokens, generator=generator)[0].tolist())
+
+
+@torch.no_grad()
+def evaluate(cfg, model, raw_model, opt, splits, data, ctx, device, world):
+    """Mean loss on the same eval_iters batches of each split every time (each rank takes its
+    share; all draw them all), a sample, and with --diagnostics per-block gradient statistics:
+    the evaluation's fields of the metrics log."""
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    out = dict(train_loss=None, val_loss=None, sample=None, diagnostics=None, noise_scale=None)
+    for split in ("train", "val"):
+        losses = []
+        # every rank runs as many forwards (each gathers FSDP2's slices), the last discarded
+        for i in range(-(-cfg.eval_iters // world.size) * world.size):
+            if i < cfg.eval_iters:
+                batch = get_batch(splits[split], cfg, device, gen)
+            if i % world.size == world.rank:
+                with ctx:
+                    loss = model(*batch)[1].item()
+                losses += [loss] if i < cfg.eval_iters else []
+        out[f"{split}_loss"] = parallel.sum_over_ranks(
+            torch.tensor(sum(losses), dtype=torch.float64), world).item() / cfg.eval_iters
+    if cfg.diagnostics:   # the same batch each time; SGD-SaI's frozen scales beside
+        batch = get_batch(splits["train"], cfg, device, torch.Generator().manual_seed(cfg.seed + 2))
+        statistics, _ = per_example.batch_statistics(raw_model, sequence_loss, *batch,
+                                                     write_grad=False)
+        out["diagnostics"] = per_example.block_diagnostics(raw_model, statistics)
+        for p, name in zip(raw_model.parameters(), out["diagnostics"]):
+            if "scale" in opt.state.get(p, {}):
+                out["diagnostics"][name]["sai_scale"] = opt.state[p]["scale"].item()
+        out["noise_scale"] = per_example.noise_scale(statistics)
+    # a sample from its own generator (training's RNG stream is untouched); none from a model
+    # whose loss is not finite (its probabilities are not)
+    if cfg.eval_sample_tokens and math.isfinite(out["train_loss"] + out["val_loss"]):
+        out["sample"] = sample_text(raw_model, data, cfg.eval_sample_tokens, ctx, device,
+                                    torch.Generator(device).manual_seed(cfg.seed))
+    model.train()
+    return out
+
+
+def open_run(cfg, world, device, data, model, raw_model, opt, scaler, batch_gen):
+    """The run directory: a fresh one (named after the data it really has: an offline fallback
+    says so), or the one we resume, whose checkpoint restores the model, optimizer, scaler, RNG
+    and batch_gen's position. Everything a resume needs (checkpoint, data, model, log) is
+    checked before anything in it is rewritten; rank 0 alone writes files and prints. Returns
+    (run_dir, metrics log, step, training seconds, best val loss) to go on from."""
+    run_dir = open_run_dir(cfg, f"{data_name(cfg.dataset, data.source)}-{cfg.optimizer}") \
+        if world.main or cfg.resume else None
+    it, train_s, best_val = 0, 0.0, float("inf")
+    data_facts = dict(data_source=data.source, vocab_size=data.vocab_size)
+    if cfg.resume:
+        ckpt = load_checkpoint(run_dir, model, opt, scaler, world, **data_facts)
+        batch_gen.set_state(ckpt["batch_gen"])
+        it, train_s, best_val = ckpt["step"], ckpt["train_s"], ckpt["best_val"]
+    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if world.main else None,
+                     resume_step=it if cfg.resume else None)
+    if world.main:
+        n_params = write_run_info(run_dir, cfg, raw_model, world, **data_facts)
+        print(f"{n_params / 1e6:.2f}M parameters | {cfg.optimizer} lr {cfg.lr:g} wd "
+              f"{cfg.weight_decay:g} | {device} {cfg.dtype} | "
+              + (f"{cfg.parallel} x {world.size} | " if world.size > 1 else "")
+              + f"run dir {run_dir}")
+    return run_dir, log, it, train_s, best_val
+
+
+def trial_step(compiled, cfg, splits, ctx, device):
+    """One throw-away step through the compiled model, on a batch of its own (maybe_compile
+    undoes its gradients and RNG use)."""
+    with ctx:
+        compiled(*get_batch(splits["train"], cfg, device,
+                            torch.Generator().manual_seed(0)))[1].backward()
+
+
+def write_sample(cfg, raw_model, data, ctx, device, world, run_dir):
+    """The finished model's sample: printed and written to sample.txt (computed on every rank:
+    FSDP2 gathers the parameters in each forward)."""
+    raw_model.eval()
+    text = sample_text(raw_model, data, cfg.sample_tokens, ctx, device)
+    if world.main:
+        print(f"--- sample ---\n{text}\n--------------")
+        with open(os.path.join(run_dir, "sample.txt"), "w") as f:
+            f.write(text)
+
+
+def forward_backward(cfg, model, raw_model, splits, batch_gen, on_this_rank, ctx, scaler, device,
+                     world, per_example_step):
+    """One step's forward and backward over grad_accum micro-batches (the loss scaled under
+    fp16); under torchrun each rank takes its share, and the last backward averages the
+    gradients over the ranks. For a per-example optimizer, each sequence's own gradient instead,
+    summarised as `per_example.batch_statistics`. Returns (the step's loss, a device tensor,
+    and the statistics or None)."""
+    loss, statistics = torch.zeros((), device=device), None
+    share = cfg.grad_accum // world.size
+    for micro in range(cfg.grad_accum):
+        x, y = get_batch(splits["train"], cfg, device, batch_gen)   # every rank draws them all
+        if not on_this_rank[micro]:
+            continue
+        if per_example_step:
+            with ctx:
+                statistics, micro_loss = per_example.batch_statistics(raw_model, sequence_loss,
+                                                                      x, y)
+        else:
+            with parallel.grad_sync(model, world,
+                                    last=micro >= cfg.grad_accum - world.size), ctx:
+                _, micro_loss = model(x, y)
+            scaler.scale(micro_loss / share).backward()
+        loss += micro_loss.detach()
+    return loss / share, statistics
+
+
+def train(cfg):
+    """One run (of this rank, under torchrun); returns its exit status (0 finished, 130 stopped
+    by Ctrl-C, 3 diverged)."""
+    world, device = parallel.start(cfg.parallel, cfg.device)   # one process: nothing to start
+    on_this_rank = parallel.my_micro_batches(cfg.grad_accum, world)   # which micro-batches
+    if world.main:
+        check_out_dir(cfg)   # before the data is loaded: a bad --out_dir is found at once
+    with parallel.main_first(world):   # rank 0 fills the data cache, the others read it
+        data = load_data(cfg)
+    splits = token_splits(cfg, data)
 
     # model, optimizer, and mixed precision: bf16/fp16 autocast on CUDA (parameters and optimizer
-    # state stay float32), a GradScaler only under fp16
-    # (under torchrun: DDP, or FSDP2 slicing each parameter where its optimizer is exact)
+    # state stay float32), a GradScaler only under fp16. `model` is what trains (under torchrun
+    # DDP's, or FSDP2 slicing each parameter where its optimizer is exact; compiled with
+    # --compile); raw_model is the GPT itself, whose parameters the optimizer steps.
     torch.manual_seed(cfg.seed)  # same initial weights for every optimizer
-    model = GPT(cfg, data.vocab_size).to(device)
-    net = parallel.wrap(model, par, model.transformer.h, optim.shard_dims(cfg.optimizer, model))
-    opt = optim.build_optimizer(cfg.optimizer, model, log=print if par.main else None,
+    raw_model = GPT(cfg, data.vocab_size).to(device)
+    model = parallel.wrap(raw_model, world, raw_model.transformer.h,
+                          optim.shard_dims(cfg.optimizer, raw_model))
+    opt = optim.build_optimizer(cfg.optimizer, raw_model, log=print if world.main else None,
                                 **optim.trainer_hparams(cfg.optimizer, cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.dtype == "float16")
     ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(
         device_type="cuda", dtype=getattr(torch, cfg.dtype))
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # training batch order
-
-    # the run directory: a fresh one (named after the data it really has: an offline fallback
-    # says so), or the one we resume, whose checkpoint restores everything. Everything a resume
-    # needs is checked (checkpoint, data, model, log) before anything in it is rewritten.
-    # Rank 0 alone writes files and prints.
-    run_dir = open_run_dir(cfg, f"{data_name(cfg.dataset, data.source)}-{cfg.optimizer}") \
-        if par.main or cfg.resume else None
-    it, train_s, best_val = 0, 0.0, float("inf")
-    data_facts = dict(data_source=data.source, vocab_size=data.vocab_size)
-    if cfg.resume:
-        ckpt = load_checkpoint(run_dir, net, opt, scaler, par, **data_facts)
-        batch_gen.set_state(ckpt["batch_gen"])
-        it, train_s, best_val = ckpt["step"], ckpt["train_s"], ckpt["best_val"]
-    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if par.main else None,
-                     resume_step=it if cfg.resume else None)
-    if par.main:
-        n_params = write_run_info(run_dir, cfg, model, par, **data_facts)
-        print(f"{n_params / 1e6:.2f}M parameters | {cfg.optimizer} lr {cfg.lr:g} wd "
-              f"{cfg.weight_decay:g} | {device} {cfg.dtype} | "
-              + (f"{cfg.parallel} x {par.world} | " if par.world > 1 else "")
-              + f"run dir {run_dir}")
-
-    def trial(m):  # one throw-away step through the compiled model, on a copied batch stream
-        x, y = get_batch("train", torch.Generator().manual_seed(0))
-        with ctx:
-            m(x, y)[1].backward()
-
-    fast_model = maybe_compile(net, cfg.compile, trial)
-
-    @torch.no_grad()
-    def evaluate():
-        """Mean loss on the same eval_iters batches of each split every time (each rank takes
-        its share; all draw them all), and a sample."""
-        fast_model.eval()
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
-        out = {}
-        for split in ("train", "val"):
-            losses = []
-            # every rank runs as many forwards (each gathers FSDP2's slices), the last discarded
-            for i in range(-(-cfg.eval_iters // par.world) * par.world):
-                if i < cfg.eval_iters:
-                    batch = get_batch(split, gen)
-                if i % par.world == par.rank:
-                    with ctx:
-                        loss = fast_model(*batch)[1].item()
-                    losses += [loss] if i < cfg.eval_iters else []
-            out[split] = parallel.sum_over_ranks(torch.tensor(sum(losses), dtype=torch.float64),
-                                                 par).item() / cfg.eval_iters
-        if cfg.diagnostics:   # the same batch each time; SGD-SaI's frozen scales beside
-            statistics, _ = per_example.batch_statistics(
-                model, sequence_loss, *get_batch("train", torch.Generator().manual_seed(
-                    cfg.seed + 2)), write_grad=False)
-            out["diagnostics"] = per_example.block_diagnostics(model, statistics)
-            for p, name in zip(model.parameters(), out["diagnostics"]):
-                if "scale" in opt.state.get(p, {}):
-                    out["diagnostics"][name]["sai_scale"] = opt.state[p]["scale"].item()
-            out["noise_scale"] = per_example.noise_scale(statistics)
-        # a sample from its own generator (training's RNG stream is untouched); none from a
-        # model whose loss is not finite (its probabilities are not)
-        if cfg.eval_sample_tokens and math.isfinite(out["train"] + out["val"]):
-            out["sample"] = sample(cfg.eval_sample_tokens,
-                                   torch.Generator(device).manual_seed(cfg.seed))
-        fast_model.train()
-        return out
-
-    def sample(n_tokens, generator=None):
-        """n_tokens of text after a newline, as the model writes it now."""
-        start = torch.tensor([data.encode("\n")], device=device)
-        with ctx:
-            return data.decode(model.generate(start, n_tokens, generator=generator)[0].tolist())
-
-    def save():   # everything a resume needs, the batch stream's position included
-        save_checkpoint(run_dir, net, opt, scaler, cfg, par, batch_gen=batch_gen.get_state(),
-                        step=it, train_s=clock.pause(), best_val=best_val)
-
+    run_dir, log, it, train_s, best_val = open_run(cfg, world, device, data, model, raw_model,
+                                                   opt, scaler, batch_gen)
+    model = maybe_compile(model, cfg.compile,
+                          lambda compiled: trial_step(compiled, cfg, splits, ctx, device))
     per_example_step = optim.takes_per_example(opt)
-
-    def sequence_loss(out, y):   # one sequence's loss, as GPT.forward computes the batch's
-        return F.cross_entropy(out[0].flatten(0, 1).float(), y.flatten())
-
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     status, resumed_at = "finished", it if cfg.resume else None
-    bar = tqdm(total=cfg.max_iters, initial=it, disable=None if par.main else True,
-               dynamic_ncols=True, leave=False)
-    say = bar.write if par.main else (lambda *args, **kwargs: None)   # console lines
+    progress = Progress(world, device, cfg.max_iters, it, train_s)
     # The loop reads nothing back from the GPU between log lines: the loss stays a device tensor
     # (read at the log interval, as nanoGPT does), a non-finite one is remembered on the device
     # (checked at each log line, evaluation and checkpoint), and the clock syncs only there.
-    clock = TrainClock(device, seconds=train_s)   # training time: evaluations excluded
     all_finite = torch.ones((), dtype=torch.bool, device=device)
-    logged_s, logged_it, warned = train_s, it, False
     t_start = time.time()
-    with StopOnCtrlC(par) as stop:   # under torchrun: agreed by all ranks (below)
+    with StopOnCtrlC(world) as stop:   # under torchrun: agreed by all ranks (below)
         while True:
             # the learning rate of this step
             lr = lr_at(it, cfg.lr, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr_ratio,
@@ -405,47 +457,30 @@ def train(cfg):
 
             # evaluate and checkpoint (the step we resumed at was evaluated before the stop)
             if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != resumed_at:
-                train_s = clock.pause()
-                result = evaluate()
-                if parallel.any_rank(not all_finite.item(), par) or not math.isfinite(
-                        result["train"] + result["val"]):
+                train_s = progress.clock.pause()
+                result = evaluate(cfg, model, raw_model, opt, splits, data, ctx, device, world)
+                if parallel.any_rank(not all_finite.item(), world) or not math.isfinite(
+                        result["train_loss"] + result["val_loss"]):
                     status = "diverged"
                     break
-                best_val = min(best_val, result["val"])
-                log.write(event="eval", step=it, train_loss=result["train"],
-                          val_loss=result["val"], best_val_loss=best_val, lr=lr,
+                best_val = min(best_val, result["val_loss"])
+                log.write(event="eval", step=it, **result, best_val_loss=best_val, lr=lr,
                           tokens=it * tokens_per_step, train_s=train_s,
-                          wall_s=time.time() - t_start, sample=result.get("sample"),
-                          diagnostics=result.get("diagnostics"),
-                          noise_scale=result.get("noise_scale"),
-                          **memory_fields(model, opt, device, par))
-                say(f"step {it}: train loss {result['train']:.4f}, val loss "
-                    f"{result['val']:.4f}" + (f", sample {result['sample'][:60]!r}"
-                                              if "sample" in result else ""))
-                save()
+                          wall_s=time.time() - t_start, **memory_fields(raw_model, opt, device,
+                                                                        world))
+                sample = "" if result["sample"] is None else f", sample {result['sample'][:60]!r}"
+                progress.say(f"step {it}: train loss {result['train_loss']:.4f}, val loss "
+                             f"{result['val_loss']:.4f}{sample}")
+                save_checkpoint(run_dir, model, opt, scaler, cfg, world, step=it, best_val=best_val,
+                                batch_gen=batch_gen.get_state(), train_s=train_s)
             if it == cfg.max_iters:
                 break
 
-            # forward and backward over grad_accum micro-batches (the loss scaled under fp16);
-            # under torchrun each rank takes its share, and the last backward averages gradients
-            clock.start()
-            loss = torch.zeros((), device=device)
-            share = cfg.grad_accum // par.world
-            for micro in range(cfg.grad_accum):
-                x, y = get_batch("train", batch_gen)   # every rank draws every micro-batch
-                if not mine[micro]:
-                    continue
-                if per_example_step:   # each sequence's own gradient, then their statistics
-                    with ctx:
-                        statistics, micro_loss = per_example.batch_statistics(
-                            model, sequence_loss, x, y)
-                else:
-                    with parallel.grad_sync(net, par,
-                                            last=micro >= cfg.grad_accum - par.world), ctx:
-                        _, micro_loss = fast_model(x, y)
-                    scaler.scale(micro_loss / share).backward()
-                loss += micro_loss.detach()
-            loss /= share
+            # forward and backward (each rank its share of the micro-batches)
+            progress.clock.start()
+            loss, statistics = forward_backward(cfg, model, raw_model, splits, batch_gen,
+                                                on_this_rank, ctx, scaler, device, world,
+                                                per_example_step)
             all_finite &= torch.isfinite(loss)
             # the optimizer step: unscale (fp16 only), clip the global norm, step, clear grads
             # (a per-example optimizer steps from the statistics: sign_sgd's and adam_pe's steps
@@ -455,53 +490,44 @@ def train(cfg):
             else:
                 if cfg.grad_clip > 0:
                     scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
                 scaler.step(opt)
                 scaler.update()
             opt.zero_grad(set_to_none=True)
             it += 1
-            bar.update(1)
+            progress.bar.update(1)
 
             # log: the metrics line and the console line (memory is probed here only)
             if it % cfg.log_interval == 0 or it == cfg.max_iters:
-                train_s = clock.pause()
-                loss = parallel.mean_over_ranks(loss, par).item()
-                if parallel.any_rank(not all_finite.item(), par):
+                train_s, ms = progress.lap(it)
+                loss = parallel.mean_over_ranks(loss, world).item()
+                if parallel.any_rank(not all_finite.item(), world):
                     status = "diverged"
                     break
-                warning = loss_far_above_chance(loss, data.vocab_size)
-                if warning and not warned:
-                    say(warning, file=sys.stderr)
-                    warned = True
-                ms = 1000 * (train_s - logged_s) / (it - logged_it)
-                logged_s, logged_it = train_s, it
-                mem = memory_fields(model, opt, device, par)
+                progress.warn_once(loss_far_above_chance(loss, data.vocab_size))
+                mem = memory_fields(raw_model, opt, device, world)
                 log.write(event="train", step=it, loss=loss, lr=lr, ms=ms,
                           tokens=it * tokens_per_step, train_s=train_s,
                           wall_s=time.time() - t_start, **mem)
-                say(f"iter {it} | loss {loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
-                    f"{tokens_per_step * 1000 / ms:,.0f} tok/s | state "
-                    f"{mem['state_bytes'] / (2 * mem['param_bytes']):.2f}x AdamW")
-            if parallel.any_rank(stop.requested, par):   # all ranks stop at the same step
+                progress.say(f"iter {it} | loss {loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
+                             f"{tokens_per_step * 1000 / ms:,.0f} tok/s | state "
+                             f"{mem['state_bytes'] / (2 * mem['param_bytes']):.2f}x AdamW")
+            if parallel.any_rank(stop.requested, world):   # all ranks stop at the same step
                 # checkpoint a model whose losses were all finite, only
-                status = "diverged" if parallel.any_rank(not all_finite.item(), par) \
+                status = "diverged" if parallel.any_rank(not all_finite.item(), world) \
                     else "stopped"
                 if status == "stopped":
-                    save()
+                    save_checkpoint(run_dir, model, opt, scaler, cfg, world, step=it,
+                                    best_val=best_val, batch_gen=batch_gen.get_state(),
+                                    train_s=progress.clock.pause())
                 break
-    bar.close()
-    log.write(event="end", step=it, status=status, train_s=clock.pause())
+    progress.bar.close()
+    log.write(event="end", step=it, status=status, train_s=progress.clock.pause())
     if status == "finished" and cfg.sample_tokens:
-        model.eval()
-        text = sample(cfg.sample_tokens)   # on every rank: FSDP2 gathers in each forward
-        if par.main:
-            print(f"--- sample ---\n{text}\n--------------")
-            with open(os.path.join(run_dir, "sample.txt"), "w") as f:
-                f.write(text)
+        write_sample(cfg, raw_model, data, ctx, device, world, run_dir)
     log.close()
-    if not par.main:
-        return parallel.finish(EXIT_STATUS[status], par)
-    return parallel.finish(report_end(status, it, run_dir, "nanogpt_sai.py"), par)
+    code = report_end(status, it, run_dir, "nanogpt_sai.py") if world.main else EXIT_STATUS[status]
+    return parallel.finish(code, world)
 
 
 def main(argv):

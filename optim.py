@@ -150,7 +150,7 @@ class AdamW(BaseOptimizer):
         for gi, group in enumerate(self.param_groups):
             calls = [adamw_call(p, grad, self.state[p], group)
                      for _, p, grad in params_with_grad(self, gi, group)]
-            self.run_update(group, calls, adam_constants(group), adamw_update,
+            self.run_update(group, calls, adam_hparams(group), adamw_update,
                             adamw_update_foreach)
 
 
@@ -166,7 +166,7 @@ def adamw_call(p, grad, state, group):
             adam_step_numbers(state["step"], group["lr"], *group["betas"]))
 
 
-def adam_constants(group):
+def adam_hparams(group):
     """The hyperparameters of an Adam-like step that are not step numbers."""
     beta1, beta2 = group["betas"]
     return dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
@@ -182,7 +182,7 @@ def matrices_then_adamw(optimizer, group_index, group, flag):
             yield i, p, grad, optimizer.state[p]
         else:
             adamw_calls.append(adamw_call(p, grad, optimizer.state[p], group))
-    optimizer.run_update(group, adamw_calls, adam_constants(group), adamw_update,
+    optimizer.run_update(group, adamw_calls, adam_hparams(group), adamw_update,
                          adamw_update_foreach)
 
 
@@ -485,16 +485,16 @@ class AdamMini(BaseOptimizer):
                         block_count(layout), dtype=p.dtype, device=p.device))
                 state["step"] += 1
                 args = (p, grad, state["exp_avg"], state["exp_avg_sq"], layout)
-                numbers = adam_step_numbers(state["step"], group["lr"], *group["betas"])
+                step_numbers = adam_step_numbers(state["step"], group["lr"], *group["betas"])
                 if shard_of(p) is None:
-                    calls.append((args, numbers))
+                    calls.append((args, step_numbers))
                 else:
-                    sharded.append((param_name(group, gi, i), args, numbers))
-            self.run_update(group, calls, adam_constants(group),
+                    sharded.append((param_name(group, gi, i), args, step_numbers))
+            self.run_update(group, calls, adam_hparams(group),
                             adam_mini_update, adam_mini_update_foreach)
             slices = block_means_over_ranks([(name, args) for name, args, _ in sharded])
-            for slice_args, (_, _, numbers) in zip(slices, sharded):
-                adam_mini_update_slice(*slice_args, **numbers, **adam_constants(group))
+            for slice_args, (_, _, step_numbers) in zip(slices, sharded):
+                adam_mini_update_slice(*slice_args, **step_numbers, **adam_hparams(group))
 
 
 # =============================================================================================
@@ -698,12 +698,12 @@ class Apollo(BaseOptimizer):
                 calls.append(((p, grad, self.projection(p, group), state["exp_avg"],
                                state["exp_avg_sq"], state["update_norm"], channel_dim),
                               adam_step_numbers(state["step"], group["lr"], *group["betas"])))
-            constants = dict(adam_constants(group), alpha=group["alpha"],
+            hparams = dict(adam_hparams(group), alpha=group["alpha"],
                              granularity=group["granularity"])
             # above rank 1 one matrix at a time: compiled as one graph, the projected
             # temporaries (R, R~: half a matrix at rank k / 4) of every matrix would be alive
             for part in [calls] if group["rank"] == 1 else [[call] for call in calls]:
-                self.run_update(group, part, constants, apollo_update)
+                self.run_update(group, part, hparams, apollo_update)
             first_index += len(group["params"])
 
 
@@ -1022,10 +1022,11 @@ class Adafactor(BaseOptimizer):
                     else:
                         state["variance"] = torch.zeros_like(p)     # v
                 state["step"] += 1
-                numbers = adafactor_step_numbers(state["step"], group["lr"], group["beta2_decay"])
-                numbers["eps1"] = torch.finfo(p.dtype).eps if eps1 is None else eps1
+                step_numbers = adafactor_step_numbers(state["step"], group["lr"],
+                                                      group["beta2_decay"])
+                step_numbers["eps1"] = torch.finfo(p.dtype).eps if eps1 is None else eps1
                 calls.append(((p, grad, state.get("row_var"), state.get("col_var"),
-                               state.get("variance")), numbers))
+                               state.get("variance")), step_numbers))
             self.run_update(group, calls, dict(eps2=eps2, d=group["d"],
                                                weight_decay=group["weight_decay"]),
                             adafactor_update)
@@ -1199,7 +1200,7 @@ class PerExampleAdam(_PerExampleOptimizer):
             per_example_adam_update(
                 p, mean, sq_mean, state["exp_avg"], state["exp_avg_sq"], statistics.n,
                 **adam_step_numbers(state["step"], group["lr"], *group["betas"]),
-                **adam_constants(group), preconditioner=group["preconditioner"])
+                **adam_hparams(group), preconditioner=group["preconditioner"])
 
 
 # =============================================================================================

@@ -38,11 +38,12 @@ FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 @dataclass
-class Parallel:
-    """How this process trains: mode "none" (one process), "ddp" or "fsdp"; rank of world."""
+class World:
+    """The processes of this run, as this one sees them: mode "none" (one process), "ddp" or
+    "fsdp"; this process's rank among size; main: rank 0, which writes files and prints."""
     mode: str = "none"
     rank: int = 0
-    world: int = 1
+    size: int = 1
     backend: str = ""
     flags: object = None     # a gloo group for the loop's stop flags (no GPU sync to agree)
 
@@ -59,21 +60,21 @@ def check_mode(cfg, script):
     """The mode --parallel gives this launch, checked: auto is ddp under torchrun with more than
     one process, else none; ddp and fsdp need torchrun. Refused, as not verified: compare mode
     under torchrun, MPS, and with fsdp float16 and --compile (until a GPU run checks them)."""
-    mode, world = cfg.parallel, int(os.environ.get("WORLD_SIZE", "1"))
+    mode, n_procs = cfg.parallel, int(os.environ.get("WORLD_SIZE", "1"))
     if mode not in MODES:
         raise ConfigError(f"--parallel must be one of {', '.join(MODES)}, got {mode!r}")
     if launched_by_torchrun() and ("," in cfg.optimizer or cfg.optimizer == "all"):
         raise ConfigError("compare mode (several --optimizer) does not run under torchrun; "
                           "launch one optimizer at a time")
-    if world > 1 and cfg.optimizer in optim.PER_EXAMPLE_OPTIMIZERS:
+    if n_procs > 1 and cfg.optimizer in optim.PER_EXAMPLE_OPTIMIZERS:
         raise ConfigError(f"--optimizer={cfg.optimizer} (per-example statistics) runs in one "
                           "process only so far; launch it with python, not torchrun")
     if mode == "auto":
-        return "ddp" if launched_by_torchrun() and world > 1 else "none"
+        return "ddp" if launched_by_torchrun() and n_procs > 1 else "none"
     if mode == "none":
-        if world > 1:
-            raise ConfigError(f"--parallel=none under torchrun with {world} processes would "
-                              f"train {world} separate copies; use --parallel=ddp or fsdp")
+        if n_procs > 1:
+            raise ConfigError(f"--parallel=none under torchrun with {n_procs} processes would "
+                              f"train {n_procs} separate copies; use --parallel=ddp or fsdp")
         return mode
     if not launched_by_torchrun():
         raise ConfigError(f"--parallel={mode} needs several processes: launch with torchrun "
@@ -90,98 +91,99 @@ def check_mode(cfg, script):
 
 
 def start(mode, device):
-    """Join the other ranks (gloo on the CPU, nccl on cuda:LOCAL_RANK); returns (Parallel,
+    """Join the other ranks (gloo on the CPU, nccl on cuda:LOCAL_RANK); returns (World,
     this rank's device). Mode "none" starts nothing."""
     if mode == "none":
-        return Parallel(), device
+        return World(), device
     if device.startswith("cuda"):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
     backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, device_id=torch.device(device) if backend == "nccl"
                             else None)
-    return Parallel(mode, dist.get_rank(), dist.get_world_size(), backend,
+    return World(mode, dist.get_rank(), dist.get_world_size(), backend,
                     dist.new_group(backend="gloo")), device
 
 
-def wrap(model, par, blocks, shard_dims):
+def wrap(model, world, shard_units, shard_dims):
     """The module to train through: the model itself (none), wrapped in DDP, or, for fsdp, the
-    model sharded in place: each of `blocks` (gathered one at a time in forward and backward),
-    then the rest, every parameter sliced along shard_dims[p] (optim.shard_dims)."""
-    if par.mode == "ddp":
+    model sharded in place: each of the modules `shard_units` (its transformer blocks, gathered
+    one at a time in forward and backward), then the rest, every parameter sliced along
+    shard_dims[p] (optim.shard_dims)."""
+    if world.mode == "ddp":
         return DistributedDataParallel(model)
-    if par.mode == "fsdp":
+    if world.mode == "fsdp":
         def placement(p):
             return Shard(shard_dims[p])
-        for block in blocks:
-            fully_shard(block, shard_placement_fn=placement)
+        for unit in shard_units:
+            fully_shard(unit, shard_placement_fn=placement)
         fully_shard(model, shard_placement_fn=placement)
     return model
 
 
 @contextmanager
-def main_first(par):
-    """Rank 0 runs the block first (e.g. a download into the cache), the others after it."""
-    if not par.main:
+def main_first(world):
+    """Rank 0 runs the `with` body first (e.g. a download into the cache), the others after it."""
+    if not world.main:
         dist.barrier()
     yield
-    if par.main and par.world > 1:
+    if world.main and world.size > 1:
         dist.barrier()
 
 
-def grad_sync(model, par, last):
+def grad_sync(model, world, last):
     """The context of one backward: gradients are reduced over the ranks only on the last
     micro-batch of a step (`last`), accumulated locally before it."""
-    if par.mode == "ddp" and not last:
+    if world.mode == "ddp" and not last:
         return model.no_sync()
-    if par.mode == "fsdp":
+    if world.mode == "fsdp":
         model.set_requires_gradient_sync(last)
     return nullcontext()
 
 
-def my_micro_batches(grad_accum, par):
+def my_micro_batches(grad_accum, world):
     """Which of a step's grad_accum micro-batches this rank trains on (every rank draws all)."""
-    if grad_accum % par.world:
+    if grad_accum % world.size:
         raise ConfigError(f"--grad_accum={grad_accum} (micro-batches per step, over all ranks) "
-                          f"must be divisible by the {par.world} processes: pass e.g. "
-                          f"--grad_accum={-(-grad_accum // par.world) * par.world} (a smaller "
+                          f"must be divisible by the {world.size} processes: pass e.g. "
+                          f"--grad_accum={-(-grad_accum // world.size) * world.size} (a smaller "
                           "--batch_size keeps the tokens per step), or resume a run on a "
                           "number of processes that divides its --grad_accum")
-    return [i % par.world == par.rank for i in range(grad_accum)]
+    return [i % world.size == world.rank for i in range(grad_accum)]
 
 
-def mean_over_ranks(x, par):
+def mean_over_ranks(x, world):
     """The mean of tensor x over the ranks (x itself in one process)."""
-    if par.world > 1:
+    if world.size > 1:
         x = x.clone()
-        dist.all_reduce(x, group=None if x.is_cuda else par.flags)
-        x /= par.world
+        dist.all_reduce(x, group=None if x.is_cuda else world.flags)
+        x /= world.size
     return x
 
 
-def sum_over_ranks(x, par):
+def sum_over_ranks(x, world):
     """The sum of tensor x over the ranks (x itself in one process)."""
-    if par.world > 1:
+    if world.size > 1:
         x = x.clone()
-        dist.all_reduce(x, group=None if x.is_cuda else par.flags)
+        dist.all_reduce(x, group=None if x.is_cuda else world.flags)
     return x
 
 
-def any_rank(flag, par):
+def any_rank(flag, world):
     """Whether `flag` (a bool) is true on any rank: all ranks decide the same, on the CPU."""
-    if par.world == 1:
+    if world.size == 1:
         return flag
     t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=par.flags)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=world.flags)
     return bool(t.item())
 
 
-def gather_to_main(obj, par):
+def gather_to_main(obj, world):
     """[obj of rank 0, obj of rank 1, ...] on rank 0 (None elsewhere); [obj] in one process."""
-    if par.world == 1:
+    if world.size == 1:
         return [obj]
-    out = [None] * par.world if par.main else None
-    dist.gather_object(obj, out, dst=0, group=par.flags)
+    out = [None] * world.size if world.main else None
+    dist.gather_object(obj, out, dst=0, group=world.flags)
     return out
 
 
@@ -203,11 +205,11 @@ def load_optimizer_state(model, optimizer, state):
                              options=StateDictOptions(full_state_dict=True))
 
 
-def finish(code, par):
+def finish(code, world):
     """End the process with exit status `code`: flushed, the process group destroyed, and
     os._exit (interpreter teardown after a distributed run sometimes aborts: 'terminate called
     without an active exception')."""
-    if par.mode == "none":
+    if world.mode == "none":
         return code
     sys.stdout.flush()
     sys.stderr.flush()

@@ -15,6 +15,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 import optim
 import parallel
@@ -88,6 +89,34 @@ class TrainClock:
         return self.seconds
 
 
+class Progress:
+    """A run's console and timing: the progress bar, above which rank 0 alone prints its lines
+    (`say`); the training clock, evaluations excluded (`clock`); the ms per step since the last
+    log line (`lap`); a warning said once (`warn_once`)."""
+
+    def __init__(self, world, device, total, step, train_s):
+        self.bar = tqdm(total=total, initial=step, disable=None if world.main else True,
+                        dynamic_ncols=True, leave=False)
+        self.main, self.clock = world.main, TrainClock(device, seconds=train_s)
+        self.logged_s, self.logged_step, self.warned = train_s, step, False
+
+    def say(self, *args, **kwargs):
+        if self.main:
+            self.bar.write(*args, **kwargs)
+
+    def lap(self, step):
+        """(training seconds so far, ms per step since the last lap); the clock pauses."""
+        train_s = self.clock.pause()
+        ms = 1000 * (train_s - self.logged_s) / (step - self.logged_step)
+        self.logged_s, self.logged_step = train_s, step
+        return train_s, ms
+
+    def warn_once(self, warning):
+        if warning and not self.warned:
+            self.say(warning, file=sys.stderr)
+            self.warned = True
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints, RNG, Ctrl-C
 
@@ -104,24 +133,24 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir, model, optimizer, scaler, cfg, par, **entries):
+def save_checkpoint(run_dir, model, optimizer, scaler, cfg, world, **entries):
     """run_dir/ckpt.pt: everything a resume needs (the trainer adds its data position and loop
     counters in `entries`), written by rank 0 to a temp file and renamed, so a crash or Ctrl-C
     never leaves half a checkpoint. Model and optimizer state are whole tensors (gathered from
     the ranks under FSDP2), so the checkpoint loads at any world size; every rank's RNG state is
     kept. Every rank must call it."""
     model_state, optimizer_state = parallel.full_state(model, optimizer)
-    rngs = parallel.gather_to_main(rng_state(), par)
-    if not par.main:
+    rngs = parallel.gather_to_main(rng_state(), world)
+    if not world.main:
         return
     path = os.path.join(run_dir, "ckpt.pt")
     torch.save(dict(model=model_state, optimizer=optimizer_state, scaler=scaler.state_dict(),
-                    rng=rngs, world_size=par.world, config=dataclasses.asdict(cfg), **entries),
+                    rng=rngs, world_size=world.size, config=dataclasses.asdict(cfg), **entries),
                path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(run_dir, model, optimizer, scaler, par, **data_facts):
+def load_checkpoint(run_dir, model, optimizer, scaler, world, **data_facts):
     """Restore what save_checkpoint saved (SGD-SaI's frozen scales travel in the optimizer's
     state) into `model`, the module trained through (plain, DDP or FSDP2), on every rank; returns
     the checkpoint, for the trainer's own entries. Anything that makes the run unresumable (no or
@@ -157,11 +186,11 @@ def load_checkpoint(run_dir, model, optimizer, scaler, par, **data_facts):
                           f"{missing[0]!r}: it was written by an older optim.py; start a new run")
     parallel.load_optimizer_state(model, optimizer, ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"][par.rank % len(ckpt["rng"])])   # another world size: dropout's
-    if par.main:                                                # masks then differ
+    set_rng_state(ckpt["rng"][world.rank % len(ckpt["rng"])])   # another world size: dropout's
+    if world.main:                                                # masks then differ
         print(f"resuming {run_dir} at step {ckpt['step']}"
-              + (f" (saved by {ckpt['world_size']} processes, now {par.world})"
-                 if ckpt["world_size"] != par.world else ""))
+              + (f" (saved by {ckpt['world_size']} processes, now {world.size})"
+                 if ckpt["world_size"] != world.size else ""))
     return ckpt
 
 
@@ -187,11 +216,11 @@ def check_same_data(run_dir, data_facts):
 class StopOnCtrlC:
     """The first Ctrl-C asks the loop to stop after the current iteration (so the checkpoint it
     writes is consistent); a second one interrupts at once, in one process. Under torchrun
-    (`par`: more than one rank), whose launcher passes the terminal's Ctrl-C on to the ranks a
+    (`world`: more than one rank), whose launcher passes the terminal's Ctrl-C on to the ranks a
     second time, a second one changes nothing, and rank 0 alone says so."""
 
-    def __init__(self, par):
-        self.requested, self.second_aborts, self.announce = False, par.world == 1, par.main
+    def __init__(self, world):
+        self.requested, self.second_aborts, self.announce = False, world.size == 1, world.main
 
     def __enter__(self):
         self.previous = signal.signal(signal.SIGINT, self._handle)
@@ -254,7 +283,7 @@ class MetricsLog:
             self.file.close()
 
 
-def memory_fields(model, optimizer, device, par):
+def memory_fields(model, optimizer, device, world):
     """Bytes of parameters, gradients and optimizer state this rank holds (a slice of each under
     FSDP2), and the peak so far: CUDA max allocated on a GPU, the process's peak RSS elsewhere
     (which includes PyTorch itself). With more than one rank, the totals over ranks too (every
@@ -272,8 +301,8 @@ def memory_fields(model, optimizer, device, par):
     fields = {"param_bytes": sum(held(p) for p in params),
               "grad_bytes": sum(held(p) for p in params if p.requires_grad),
               "state_bytes": optim.state_bytes(optimizer), "peak_bytes": peak}
-    if par.world > 1:
-        totals = parallel.sum_over_ranks(torch.tensor(list(fields.values())), par).tolist()
+    if world.size > 1:
+        totals = parallel.sum_over_ranks(torch.tensor(list(fields.values())), world).tolist()
         fields |= {f"{key}_all_ranks": total for key, total in zip(list(fields), totals)}
     return fields | {"peak_kind": peak_kind}
 
@@ -339,7 +368,7 @@ def unwritable(run_dir, err):
                        "directory you can write to")
 
 
-def write_run_info(run_dir, cfg, model, par, **facts):
+def write_run_info(run_dir, cfg, model, world, **facts):
     """run.json: what the figures were measured on (the processes too: world size, backend and
     mode under torchrun), and the model's size: all parameters and those outside the token and
     position embeddings (Kaplan et al.'s non-embedding count). Returns the parameter count."""
@@ -352,7 +381,7 @@ def write_run_info(run_dir, cfg, model, par, **facts):
                        python=platform.python_version(), cpus=os.cpu_count(),
                        threads=torch.get_num_threads(), n_params=n_params,
                        n_params_non_embedding=non_embedding, argv=sys.argv,
-                       world_size=par.world, backend=par.backend, parallel=par.mode,
+                       world_size=world.size, backend=world.backend, parallel=world.mode,
                        **facts), f, indent=1)
     return n_params
 

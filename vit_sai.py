@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from einops.layers.torch import Rearrange
 from torch import nn
-from tqdm import tqdm
 
 import optim
 import parallel
@@ -32,7 +31,7 @@ from cli import (ConfigError, RunOptions, check_positive, data_error, option,
                  optimizer_names, pick_device, pick_dtype, read_config, warmup_steps)
 from compare import compare
 from data.images import DATASETS, load_images, random_crop_flip
-from train_helpers import (EXIT_STATUS, MetricsLog, StopOnCtrlC, TrainClock, check_out_dir,
+from train_helpers import (EXIT_STATUS, MetricsLog, Progress, StopOnCtrlC, check_out_dir,
                            data_name, load_checkpoint, loss_far_above_chance, lr_at, maybe_compile,
                            memory_fields, open_run_dir, report_end, save_checkpoint,
                            write_run_info)
@@ -178,7 +177,7 @@ class ViT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# training
+# training: data and batches, evaluation, the run directory, then the loop
 
 def load_data(cfg):
     """cfg.dataset's images and labels; a bad --data_path is a ConfigError."""
@@ -189,33 +188,114 @@ def load_data(cfg):
         raise data_error(err, cfg.data_dir) from None
 
 
-def train(cfg):
-    """One run (of this rank, under torchrun); returns its exit status (0 finished, 130 stopped
-    by Ctrl-C, 3 diverged)."""
-    par, device = parallel.start(cfg.parallel, cfg.device)   # one process: nothing to start
-    if par.main:
-        check_out_dir(cfg)   # before the data is loaded: a bad --out_dir is found at once
-    with parallel.main_first(par):   # rank 0 fills the data cache, the others read it
-        data = load_data(cfg)
-    channels, image_size = data.train_x.shape[1], data.train_x.shape[-1]
-    if image_size % cfg.patch_size:
+def input_normalizer(cfg, data, device):
+    """uint8 images -> the model's float input on `device`, each channel normalised by the mean
+    and std of the training pixels; a --patch_size that does not divide the images is a
+    ConfigError."""
+    if data.train_x.shape[-1] % cfg.patch_size:
         raise ConfigError(f"--patch_size={cfg.patch_size} must divide the image side "
-                          f"{image_size} of {data.source}")
-    # per-channel mean and std of the training pixels, to normalise inputs
+                          f"{data.train_x.shape[-1]} of {data.source}")
     pixels = data.train_x.float().div_(255).transpose(0, 1).flatten(1)
     mean, std = (s.view(1, -1, 1, 1).to(device) for s in (pixels.mean(1), pixels.std(1)))
-    del pixels
 
     def to_input(x_uint8):
         return (x_uint8.to(device).float() / 255 - mean) / std
+    return to_input
 
-    # model, optimizer, and mixed precision as in nanogpt_sai.py (and DDP or FSDP2, with each
-    # attention and MLP block sharded on its own)
+
+def get_batch(cfg, data, order, step, shuffle_gen, to_input, device, world):
+    """This rank's share (inputs, labels) of batch `step` of the current epoch's `order`, and
+    the batch's size (every rank draws it whole); cifar10 gets crop + flip."""
+    steps_per_epoch = math.ceil(len(data.train_y) / cfg.batch_size)
+    idx = order[(step % steps_per_epoch) * cfg.batch_size:][:cfg.batch_size]
+    x = data.train_x[idx]
+    if data.augment:
+        x = random_crop_flip(x, shuffle_gen)
+    x, y = to_input(x), data.train_y[idx].to(device)
+    return x.tensor_split(world.size)[world.rank], y.tensor_split(world.size)[world.rank], len(y)
+
+
+def trial_step(compiled, cfg, data, ctx, to_input, device):
+    """One throw-away forward/backward through the compiled model (maybe_compile undoes it)."""
+    with ctx:
+        F.cross_entropy(compiled(to_input(data.train_x[:cfg.batch_size])),
+                        data.train_y[:cfg.batch_size].to(device)).backward()
+
+
+@torch.no_grad()
+def evaluate(model, data, ctx, to_input, device, world):
+    """Loss, accuracy and the confusion matrix (rows: true class, columns: predicted) on the
+    whole test set, in chunks of 1000 images that the ranks share: the evaluation's fields of
+    the metrics log."""
+    model.eval()
+    n_classes = len(data.classes)
+    loss_sum, confusion = 0.0, torch.zeros(n_classes * n_classes, dtype=torch.long)
+    starts = range(0, len(data.test_y), 1000)
+    # every rank runs as many forwards (each gathers FSDP2's slices), the last discarded
+    for j in range(-(-len(starts) // world.size) * world.size):
+        if j % world.size != world.rank:
+            continue
+        i = starts[min(j, len(starts) - 1)]
+        y = data.test_y[i:i + 1000].to(device)
+        with ctx:
+            logits = model(to_input(data.test_x[i:i + 1000])).float()
+        if j >= len(starts):
+            continue
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        pairs = (y * n_classes + logits.argmax(1)).cpu()
+        confusion += torch.bincount(pairs, minlength=n_classes * n_classes)
+    model.train()
+    loss_sum = parallel.sum_over_ranks(torch.tensor(loss_sum, dtype=torch.float64), world).item()
+    confusion = parallel.sum_over_ranks(confusion, world).view(n_classes, n_classes)
+    return dict(test_loss=loss_sum / len(data.test_y),
+                test_acc=confusion.trace().item() / len(data.test_y), confusion=confusion.tolist())
+
+
+def open_run(cfg, world, device, data, model, raw_model, opt, scaler, shuffle_gen, order,
+             warmup_iters):
+    """The run directory, fresh or resumed, as nanogpt_sai.py's open_run (the checkpoint also
+    restores the epoch's order and shuffle_gen). Returns (run_dir, metrics log, step, training
+    seconds, best test accuracy, order) to go on from."""
+    run_dir = open_run_dir(cfg, f"{data_name(cfg.dataset, data.source)}-{cfg.optimizer}") \
+        if world.main or cfg.resume else None   # rank 0 alone writes files and prints
+    it, train_s, best_acc = 0, 0.0, 0.0
+    data_facts = dict(data_source=data.source, n_train=len(data.train_y),
+                      n_test=len(data.test_y))
+    if cfg.resume:
+        ckpt = load_checkpoint(run_dir, model, opt, scaler, world, **data_facts)
+        shuffle_gen.set_state(ckpt["shuffle_gen"])
+        order = ckpt["order"]
+        it, train_s, best_acc = ckpt["step"], ckpt["train_s"], ckpt["best_acc"]
+    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if world.main else None,
+                     resume_step=it if cfg.resume else None)
+    if world.main:
+        n_params = write_run_info(run_dir, cfg, raw_model, world, warmup_iters=warmup_iters,
+                                  classes=data.classes, **data_facts)
+        print(f"{n_params / 1e6:.2f}M parameters | {data.source} {len(data.train_y)} train "
+              f"images | {cfg.optimizer} lr {cfg.lr:g} wd {cfg.weight_decay:g} | {device} "
+              f"{cfg.dtype} | " + (f"{cfg.parallel} x {world.size} | " if world.size > 1 else "")
+              + f"run dir {run_dir}")
+    return run_dir, log, it, train_s, best_acc, order
+
+
+def train(cfg):
+    """One run (of this rank, under torchrun); returns its exit status (0 finished, 130 stopped
+    by Ctrl-C, 3 diverged)."""
+    world, device = parallel.start(cfg.parallel, cfg.device)   # one process: nothing to start
+    if world.main:
+        check_out_dir(cfg)   # before the data is loaded: a bad --out_dir is found at once
+    with parallel.main_first(world):   # rank 0 fills the data cache, the others read it
+        data = load_data(cfg)
+    to_input = input_normalizer(cfg, data, device)
+
+    # model, optimizer, and mixed precision as in nanogpt_sai.py (`model` what trains, under
+    # DDP or FSDP2 with each attention and MLP sublayer sharded on its own; raw_model the ViT)
     torch.manual_seed(cfg.seed)  # same initial weights for every optimizer
-    model = ViT(cfg, image_size, channels, len(data.classes)).to(device)
-    net = parallel.wrap(model, par, [block for layer in model.layers for block in layer],
-                        optim.shard_dims(cfg.optimizer, model))
-    opt = optim.build_optimizer(cfg.optimizer, model, log=print if par.main else None,
+    raw_model = ViT(cfg, data.train_x.shape[-1], data.train_x.shape[1],
+                    len(data.classes)).to(device)
+    sublayers = [sublayer for layer in raw_model.layers for sublayer in layer]   # attention, MLP
+    model = parallel.wrap(raw_model, world, sublayers, optim.shard_dims(cfg.optimizer, raw_model))
+    opt = optim.build_optimizer(cfg.optimizer, raw_model, log=print if world.main else None,
                                 **optim.trainer_hparams(cfg.optimizer, cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.dtype == "float16")
     ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(
@@ -226,85 +306,19 @@ def train(cfg):
     warmup_iters = warmup_steps(cfg.warmup_iters, total_steps)   # known once the data is
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)      # epoch order and augmentation
     order = torch.randperm(n_train, generator=shuffle_gen)
-
-    # the run directory, named after the data it really has (see nanogpt_sai.py)
-    run_dir = open_run_dir(cfg, f"{data_name(cfg.dataset, data.source)}-{cfg.optimizer}") \
-        if par.main or cfg.resume else None   # rank 0 alone writes files and prints
-    it, train_s, best_acc = 0, 0.0, 0.0
-    data_facts = dict(data_source=data.source, n_train=n_train, n_test=len(data.test_y))
-    if cfg.resume:
-        ckpt = load_checkpoint(run_dir, net, opt, scaler, par, **data_facts)
-        shuffle_gen.set_state(ckpt["shuffle_gen"])
-        order = ckpt["order"]
-        it, train_s, best_acc = ckpt["step"], ckpt["train_s"], ckpt["best_acc"]
-    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if par.main else None,
-                     resume_step=it if cfg.resume else None)
-    if par.main:
-        n_params = write_run_info(run_dir, cfg, model, par, warmup_iters=warmup_iters,
-                                  classes=data.classes, **data_facts)
-        print(f"{n_params / 1e6:.2f}M parameters | {data.source} {n_train} train images | "
-              f"{cfg.optimizer} lr {cfg.lr:g} wd {cfg.weight_decay:g} | {device} {cfg.dtype} | "
-              + (f"{cfg.parallel} x {par.world} | " if par.world > 1 else "")
-              + f"run dir {run_dir}")
-
-    def get_batch(step):
-        """Batch `step` of the current epoch's order; cifar10 gets crop + flip."""
-        idx = order[(step % steps_per_epoch) * cfg.batch_size:][:cfg.batch_size]
-        x = data.train_x[idx]
-        if data.augment:
-            x = random_crop_flip(x, shuffle_gen)
-        return to_input(x), data.train_y[idx].to(device)
-
-    def trial(m):  # one throw-away forward/backward through the compiled model
-        with ctx:
-            F.cross_entropy(m(to_input(data.train_x[:cfg.batch_size])),
-                            data.train_y[:cfg.batch_size].to(device)).backward()
-
-    fast_model = maybe_compile(net, cfg.compile, trial)
-
-    @torch.no_grad()
-    def evaluate():
-        """Loss, accuracy and the confusion matrix (rows: true class, columns: predicted) on
-        the whole test set, in chunks of 1000 images that the ranks share."""
-        fast_model.eval()
-        n_classes = len(data.classes)
-        loss_sum, confusion = 0.0, torch.zeros(n_classes * n_classes, dtype=torch.long)
-        starts = range(0, len(data.test_y), 1000)
-        # every rank runs as many forwards (each gathers FSDP2's slices), the last discarded
-        for j in range(-(-len(starts) // par.world) * par.world):
-            if j % par.world != par.rank:
-                continue
-            i = starts[min(j, len(starts) - 1)]
-            y = data.test_y[i:i + 1000].to(device)
-            with ctx:
-                logits = fast_model(to_input(data.test_x[i:i + 1000])).float()
-            if j >= len(starts):
-                continue
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            pairs = (y * n_classes + logits.argmax(1)).cpu()
-            confusion += torch.bincount(pairs, minlength=n_classes * n_classes)
-        fast_model.train()
-        loss_sum = parallel.sum_over_ranks(torch.tensor(loss_sum, dtype=torch.float64), par).item()
-        confusion = parallel.sum_over_ranks(confusion, par).view(n_classes, n_classes)
-        return (loss_sum / len(data.test_y), confusion.trace().item() / len(data.test_y),
-                confusion.tolist())
-
-    def save():
-        save_checkpoint(run_dir, net, opt, scaler, cfg, par, shuffle_gen=shuffle_gen.get_state(),
-                        order=order, step=it, train_s=clock.pause(), best_acc=best_acc)
+    run_dir, log, it, train_s, best_acc, order = open_run(
+        cfg, world, device, data, model, raw_model, opt, scaler, shuffle_gen, order, warmup_iters)
+    model = maybe_compile(model, cfg.compile, lambda compiled: trial_step(
+        compiled, cfg, data, ctx, to_input, device))
 
     status, resumed_at = "finished", it if cfg.resume else None
-    bar = tqdm(total=total_steps, initial=it, disable=None if par.main else True,
-               dynamic_ncols=True, leave=False)
-    say = bar.write if par.main else (lambda *args, **kwargs: None)   # console lines
+    progress = Progress(world, device, total_steps, it, train_s)
     # Nothing is read back from the GPU between log lines (see nanogpt_sai.py): losses are summed
     # on the device, a non-finite one is remembered there, and the clock syncs only when read.
-    clock = TrainClock(device, seconds=train_s)   # training time: evaluations excluded
     all_finite = torch.ones((), dtype=torch.bool, device=device)
     epoch_loss, epoch_steps = torch.zeros((), device=device), 0
-    logged_s, logged_it, warned = train_s, it, False
     t_start = time.time()
-    with StopOnCtrlC(par) as stop:   # under torchrun: agreed by all ranks (below)
+    with StopOnCtrlC(world) as stop:   # under torchrun: agreed by all ranks (below)
         while True:
             lr = lr_at(it, cfg.lr, warmup_iters, total_steps, cfg.min_lr_ratio, cfg.schedule,
                        cfg.cooldown)
@@ -313,83 +327,80 @@ def train(cfg):
 
             # evaluate and checkpoint at each epoch's end (the resumed step was evaluated)
             if (it % steps_per_epoch == 0 or it == total_steps) and it != resumed_at:
-                train_s = clock.pause()
-                test_loss, test_acc, confusion = evaluate()
-                if parallel.any_rank(not all_finite.item(), par) or not math.isfinite(test_loss):
+                train_s = progress.clock.pause()
+                result = evaluate(model, data, ctx, to_input, device, world)
+                if parallel.any_rank(not all_finite.item(), world) or not math.isfinite(
+                        result["test_loss"]):
                     status = "diverged"
                     break
-                best_acc = max(best_acc, test_acc)
-                epoch_mean = parallel.sum_over_ranks(epoch_loss, par).item() / max(epoch_steps, 1)
+                best_acc = max(best_acc, result["test_acc"])
+                epoch_mean = parallel.sum_over_ranks(epoch_loss, world).item() / max(epoch_steps, 1)
                 log.write(event="eval", step=it, epoch=it / steps_per_epoch,
-                          train_loss=epoch_mean if epoch_steps else None,
-                          test_loss=test_loss, test_acc=test_acc, best_test_acc=best_acc, lr=lr,
-                          samples=it * cfg.batch_size, train_s=train_s, confusion=confusion,
-                          wall_s=time.time() - t_start, **memory_fields(model, opt, device, par))
-                say(f"epoch {it / steps_per_epoch:.2f}: test loss {test_loss:.4f}, "
-                    f"test accuracy {100 * test_acc:.2f}%")
+                          train_loss=epoch_mean if epoch_steps else None, **result,
+                          best_test_acc=best_acc, lr=lr, samples=it * cfg.batch_size,
+                          train_s=train_s, wall_s=time.time() - t_start,
+                          **memory_fields(raw_model, opt, device, world))
+                progress.say(f"epoch {it / steps_per_epoch:.2f}: test loss "
+                             f"{result['test_loss']:.4f}, test accuracy "
+                             f"{100 * result['test_acc']:.2f}%")
                 epoch_loss, epoch_steps = torch.zeros((), device=device), 0
-                save()
+                save_checkpoint(run_dir, model, opt, scaler, cfg, world, step=it, order=order,
+                                shuffle_gen=shuffle_gen.get_state(), train_s=train_s,
+                                best_acc=best_acc)
             if it == total_steps:
                 break
 
             # clear the gradients, forward, backward (scaled under fp16), then the optimizer
-            # step: unscale (fp16 only), clip the global norm, step. Under torchrun each rank
-            # takes its share of the batch (all draw it whole) and its loss is its part of the
-            # batch's mean; backward averages the gradients over the ranks, hence * world.
-            clock.start()
+            # step: unscale (fp16 only), clip the global norm, step. Under torchrun each rank's
+            # loss is its part of the batch's mean; backward averages over ranks: * world.size.
+            progress.clock.start()
             opt.zero_grad(set_to_none=True)
-            x, y = get_batch(it)
-            n_batch = len(y)
-            x, y = x.tensor_split(par.world)[par.rank], y.tensor_split(par.world)[par.rank]
+            x, y, n_batch = get_batch(cfg, data, order, it, shuffle_gen, to_input, device, world)
             with ctx:
-                loss = F.cross_entropy(fast_model(x), y, label_smoothing=cfg.label_smoothing,
+                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing,
                                        reduction="sum") / n_batch
             all_finite &= torch.isfinite(loss.detach())
-            scaler.scale(loss * par.world).backward()
+            scaler.scale(loss * world.size).backward()
             if cfg.grad_clip > 0:
                 scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
             scaler.step(opt)
             scaler.update()
             it += 1
             if it % steps_per_epoch == 0:  # drawn before the epoch-end checkpoint, saved with it
                 order = torch.randperm(n_train, generator=shuffle_gen)
-            bar.update(1)
+            progress.bar.update(1)
             epoch_loss, epoch_steps = epoch_loss + loss.detach(), epoch_steps + 1
 
             # log: the metrics line and the console line (memory is probed here only)
             if it % cfg.log_interval == 0 or it == total_steps:
-                train_s = clock.pause()
-                step_loss = parallel.sum_over_ranks(loss.detach(), par).item()
-                if parallel.any_rank(not all_finite.item(), par):
+                train_s, ms = progress.lap(it)
+                step_loss = parallel.sum_over_ranks(loss.detach(), world).item()
+                if parallel.any_rank(not all_finite.item(), world):
                     status = "diverged"
                     break
-                warning = loss_far_above_chance(step_loss, len(data.classes))
-                if warning and not warned:
-                    say(warning, file=sys.stderr)
-                    warned = True
-                ms = 1000 * (train_s - logged_s) / (it - logged_it)
-                logged_s, logged_it = train_s, it
-                mem = memory_fields(model, opt, device, par)
+                progress.warn_once(loss_far_above_chance(step_loss, len(data.classes)))
+                mem = memory_fields(raw_model, opt, device, world)
                 log.write(event="train", step=it, loss=step_loss, lr=lr, ms=ms,
                           epoch=it / steps_per_epoch, samples=it * cfg.batch_size,
                           train_s=train_s, wall_s=time.time() - t_start, **mem)
-                say(f"iter {it} | loss {step_loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
-                    f"{cfg.batch_size * 1000 / ms:,.0f} img/s | state "
-                    f"{mem['state_bytes'] / (2 * mem['param_bytes']):.2f}x AdamW")
-            if parallel.any_rank(stop.requested, par):   # all ranks stop at the same step
+                progress.say(f"iter {it} | loss {step_loss:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
+                             f"{cfg.batch_size * 1000 / ms:,.0f} img/s | state "
+                             f"{mem['state_bytes'] / (2 * mem['param_bytes']):.2f}x AdamW")
+            if parallel.any_rank(stop.requested, world):   # all ranks stop at the same step
                 # checkpoint a model whose losses were all finite, only
-                status = "diverged" if parallel.any_rank(not all_finite.item(), par) \
+                status = "diverged" if parallel.any_rank(not all_finite.item(), world) \
                     else "stopped"
                 if status == "stopped":
-                    save()
+                    save_checkpoint(run_dir, model, opt, scaler, cfg, world, step=it, order=order,
+                                    shuffle_gen=shuffle_gen.get_state(),
+                                    train_s=progress.clock.pause(), best_acc=best_acc)
                 break
-    bar.close()
-    log.write(event="end", step=it, status=status, train_s=clock.pause())
+    progress.bar.close()
+    log.write(event="end", step=it, status=status, train_s=progress.clock.pause())
     log.close()
-    if not par.main:
-        return parallel.finish(EXIT_STATUS[status], par)
-    return parallel.finish(report_end(status, it, run_dir, "vit_sai.py"), par)
+    code = report_end(status, it, run_dir, "vit_sai.py") if world.main else EXIT_STATUS[status]
+    return parallel.finish(code, world)
 
 
 def main(argv):

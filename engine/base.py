@@ -127,22 +127,22 @@ class BaseOptimizer(Optimizer):
                     and all(p.device.type in FUSED_DEVICES for p in params))
         return True in wanted
 
-    def run_update(self, group, calls, constants, update, update_foreach=None):
+    def run_update(self, group, calls, hparams, update, update_foreach=None):
         """One step of a param group's tensors: each call is (the args `update` takes first:
         the tensor, its gradient and state; the tensor's step numbers, a dict of what changes
-        every step); `constants` holds the group's other hyperparameters. Compiled if
+        every step); `hparams` holds the group's other hyperparameters. Compiled if
         self.fused(), else all at once with update_foreach if group["foreach"], else one tensor
         at a time. If the compile fails (no C++ compiler, an unsupported device), one warning,
         and eager from then on. Sharded tensors step through their local slices, and an update
         that takes `whole` gets the slice's Shard (engine/sharding.py)."""
         if not calls:
             return
-        args, numbers = by_position(calls)
+        args, step_numbers = by_position(calls)
         if self.fused():   # never for sharded tensors (see fused): no local slices to take
             try:
                 device = args[0][0].device
-                compiled_update_each(device.type)(update, args, number_tensors(numbers, device),
-                                                  constants)
+                compiled_update_each(device.type)(
+                    update, args, number_tensors(step_numbers, device), hparams)
                 return
             except Exception as err:   # compiling happens before any tensor is written
                 self.fused_error = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
@@ -153,14 +153,14 @@ class BaseOptimizer(Optimizer):
         args = [[local(t) for t in a] for a in args]
         if update_foreach is not None and group.get("foreach", True):
             for chunk in numel_chunks(args, FOREACH_CHUNK_NUMEL):
-                update_foreach(*by_position([args[i] for i in chunk]), **constants,
-                               **{name: [numbers[i][name] for i in chunk] for name in numbers[0]})
+                update_foreach(*by_position([args[i] for i in chunk]), **hparams, **{
+                    name: [step_numbers[i][name] for i in chunk] for name in step_numbers[0]})
             return
-        for a, n, shard in zip(args, numbers, shards):
+        for a, n, shard in zip(args, step_numbers, shards):
             if shard is not None and _takes_whole(update):
-                update(*a, **n, **constants, whole=shard)
+                update(*a, **n, **hparams, whole=shard)
             else:
-                update(*a, **n, **constants)
+                update(*a, **n, **hparams)
 
     @torch.no_grad()
     def step(self, closure=None):

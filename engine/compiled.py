@@ -23,13 +23,13 @@ FUSED_COMPILE_OPTIONS = {"cpu": {"score_fusion_memory_threshold": 1024, "size_as
 _compiled_update_each = {}   # device type: update_each compiled for it
 
 
-def update_each(update, args, numbers, constants):
-    """update(*args, **numbers, **constants) for every tensor's args and step numbers, and what
+def update_each(update, args, step_numbers, hparams):
+    """update(*args, **step_numbers, **hparams) for every tensor's args and step numbers, and what
     each returned: the loop the fused path compiles (torch.compile unrolls it into one graph).
     An update returns a small tensor it scales by (APOLLO, Adafactor, Adam-mini) so that, as an
     output of the graph, it is computed once: an intermediate would be inlined into, and
     recomputed by, every element."""
-    return [update(*a, **n, **constants) for a, n in zip(args, numbers)]
+    return [update(*a, **n, **hparams) for a, n in zip(args, step_numbers)]
 
 
 def compiled_update_each(device_type):
@@ -43,15 +43,15 @@ def compiled_update_each(device_type):
     return _compiled_update_each[device_type]
 
 
-def number_tensors(numbers, device):
+def number_tensors(step_numbers, device):
     """Each tensor's step numbers as 0-d float32 tensors on `device`, one tensor per distinct
     name and value (the tensors of a group usually share a step). torch.full launches a fill,
     where torch.tensor(x, device="cuda") would copy from the host and wait for the GPU."""
     made = {}
     out = []
-    for tensor_numbers in numbers:
+    for tensor_step_numbers in step_numbers:
         out.append({})
-        for name, value in tensor_numbers.items():
+        for name, value in tensor_step_numbers.items():
             key = (name, float(value))
             if key not in made:
                 made[key] = torch.full((), key[1], dtype=torch.float32, device=device)

@@ -29,55 +29,55 @@ def batches(step):
             for _ in range(GRAD_ACCUM)]
 
 
-def train(name, par, mode):
+def train(name, world, mode):
     torch.manual_seed(0)
     model = GPT(CFG, VOCAB).double()   # float64: rounding is not what the test compares
     if mode != "none":
-        par = dataclasses.replace(par, mode=mode)
+        world = dataclasses.replace(world, mode=mode)
     else:
-        par = parallel.Parallel()
+        world = parallel.World()
     shard_dims = optim.shard_dims(name, model)
-    net = parallel.wrap(model, par, model.transformer.h, shard_dims)
+    net = parallel.wrap(model, world, model.transformer.h, shard_dims)
     opt = optim.build_optimizer(name, model, weight_decay=0.1,
                                 **HPARAMS.get(name, dict(lr=3e-3)))
-    mine = parallel.my_micro_batches(GRAD_ACCUM, par)
-    share = GRAD_ACCUM // par.world
+    on_this_rank = parallel.my_micro_batches(GRAD_ACCUM, world)
+    share = GRAD_ACCUM // world.size
     losses = []
     for step in range(STEPS):
         loss = torch.zeros((), dtype=torch.float64)
         for i, xy in enumerate(batches(step)):
-            if not mine[i]:
+            if not on_this_rank[i]:
                 continue
-            with parallel.grad_sync(net, par, last=i >= GRAD_ACCUM - par.world):
+            with parallel.grad_sync(net, world, last=i >= GRAD_ACCUM - world.size):
                 micro = net(xy[:, :-1], xy[:, 1:])[1]
                 (micro / share).backward()
             loss += micro.detach() / share
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(parallel.mean_over_ranks(loss, par).item())
+        losses.append(parallel.mean_over_ranks(loss, world).item())
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
               for p in model.parameters()]
     state = optim.state_bytes(opt)
-    return losses, params, state, parallel.sum_over_ranks(torch.tensor(state), par).item()
+    return losses, params, state, parallel.sum_over_ranks(torch.tensor(state), world).item()
 
 
 def main():
     out, names = sys.argv[1], sys.argv[2:] or list(optim.OPTIMIZERS)
-    par, _ = parallel.start("ddp", "cpu")
+    world, _ = parallel.start("ddp", "cpu")
     results = {}
     for name in names:
-        ref_losses, ref_params, ref_state, _ = train(name, par, "none")
+        ref_losses, ref_params, ref_state, _ = train(name, world, "none")
         for mode in ("ddp", "fsdp"):
-            losses, params, state, total = train(name, par, mode)
+            losses, params, state, total = train(name, world, mode)
             results[f"{name}/{mode}"] = dict(
                 param_rel_diff=max(((a - b).norm() / b.norm()).item()
                                    for a, b in zip(params, ref_params)),
                 loss_rel_diff=max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
                 state_bytes=state, state_bytes_total=total, state_bytes_one_process=ref_state)
-    if par.main:
+    if world.main:
         with open(out, "w") as f:
             json.dump(results, f, indent=1)
-    parallel.finish(0, par)
+    parallel.finish(0, world)
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def test_two_rank_fsdp_checkpoint_loads_in_one_process(trainer_runs):
         model = nanogpt_sai.GPT(cfg, vocab)
         opt = optim.build_optimizer("adam_mini", model, **optim.trainer_hparams("adam_mini", cfg))
         scaler = torch.amp.GradScaler("cuda", enabled=False)
-        load_checkpoint(str(base / run), model, opt, scaler, parallel.Parallel())
+        load_checkpoint(str(base / run), model, opt, scaler, parallel.World())
         states.append((model.state_dict(), opt.state_dict()["state"]))
     (model_one, opt_one), (model_two, opt_two) = states
     family = "FSDP2 checkpoint = one process's, 6 steps, float32"

@@ -12,6 +12,7 @@ import torch
 import compare
 import nanogpt_sai
 import optim
+import train_helpers
 from fake_data import write_corpus
 from run_helpers import ctrl_c_after_step, is_png, records
 
@@ -135,7 +136,7 @@ def test_ctrl_c_after_a_non_finite_loss_keeps_the_last_good_checkpoint(corpus, t
                                                                        monkeypatch):
     """The loss is read only at log lines; a stop between them must not checkpoint a model that
     has already diverged."""
-    class CtrlCAtStep3(nanogpt_sai.tqdm):   # the progress bar moves every step; no log line
+    class CtrlCAtStep3(train_helpers.tqdm):   # the progress bar moves every step; no log line
         steps = 0
 
         def update(self, n=1):
@@ -143,7 +144,7 @@ def test_ctrl_c_after_a_non_finite_loss_keeps_the_last_good_checkpoint(corpus, t
             CtrlCAtStep3.steps += n
             if CtrlCAtStep3.steps == 3:
                 os.kill(os.getpid(), signal.SIGINT)
-    monkeypatch.setattr(nanogpt_sai, "tqdm", CtrlCAtStep3)
+    monkeypatch.setattr(train_helpers, "tqdm", CtrlCAtStep3)
     out = tmp_path / "run"     # lr 1e12: the loss of step 2 is not finite
     args = TINY + corpus + ["--optimizer=sgd_sai", "--lr=1e12", "--warmup_iters=0",
                             "--max_iters=50", "--log_interval=10", "--eval_interval=50",

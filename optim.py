@@ -49,12 +49,10 @@ and partitions (kinds), and the builder and accounting (build). Its public names
 from here too (optim.build_optimizer, optim.block_rules, optim.state_bytes, ...).
 """
 import math
-from itertools import chain
-from types import SimpleNamespace
 
 import torch
 
-from engine.base import BaseOptimizer, param_name, params_with_grad
+from engine.base import BaseOptimizer, PerExampleOptimizer, param_name, params_with_grad
 from engine.blocks import (block_count, block_layout, block_mean_sq, broadcast_blocks,
                            step_blocks)
 from engine.build import (build, decay_groups, shard_dims, state_bytes, takes_per_example,
@@ -65,6 +63,7 @@ from engine.compiled import FUSED_MIN_NUMEL
 from engine.foreach import adam_mini_update_foreach, adamw_update_foreach
 from engine.kinds import (KIND_RULES, PROJECTED_KINDS, block_rules, guess_param_kinds,
                           matrix_flag, param_kinds, partition_table, projected_params, rule_for)
+from engine.slices import row_slices
 from engine.sharding import (WHOLE, all_finite, block_means_over_ranks, local, reduced_zeros,
                              replicated_state, require_sliced_along, shard_of, sliced_state,
                              whole_of)
@@ -285,6 +284,8 @@ class SGDSaI(BaseOptimizer):
       still kept, so memory is the same for every momentum.
     """
 
+    float32_cpu_state = ("scale",)   # a bfloat16 copy would move the step size by up to 0.4%
+
     def __init__(self, params, lr=1e-2, momentum=0.9, weight_decay=1e-2, eps=1e-8,
                  sai_rule="gsnr", fused=None):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps,
@@ -349,17 +350,6 @@ class SGDSaI(BaseOptimizer):
             self.run_update(group, calls, dict(momentum=group["momentum"],
                                                weight_decay=group["weight_decay"]),
                             sgd_sai_update)
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        # torch casts floating state to each parameter's dtype and device; the frozen scales stay
-        # float32 on the CPU (a bf16 copy would move the step size by up to 0.4%).
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(saved_id, {})
-            if "scale" in saved:
-                self.state[p]["scale"] = saved["scale"].detach().to("cpu", torch.float32).clone()
 
 
 # =============================================================================================
@@ -731,11 +721,6 @@ def apollo_mini(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2
 MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)    # (a, b, c) of Jordan et al.'s quintic
 MUON_LR_RULES = ("match_rms_adamw", "original")
 NS_COLUMN_SLICE = 256      # on a CPU, X <- a X + B X runs in place this many columns at a time
-# On a CPU, an elementwise op that mixes bfloat16 and float32 copies its bfloat16 input to
-# float32 first, and writes a bfloat16 result through a float32 temporary: a matrix-sized
-# temporary each. Muon runs those two ops (M_t into bfloat16, O_t into theta) over slices of
-# rows of about this many elements. A GPU casts inside the kernel: there they run whole.
-MIXED_DTYPE_SLICE_NUMEL = 2 ** 16
 
 
 def newton_schulz(g, steps, coefficients=MUON_NS_COEFFICIENTS, eps=1e-7, overwrite=False):
@@ -778,15 +763,6 @@ def muon_lr_ratio(shape, rule):
     return 0.2 * math.sqrt(max(rows, cols))
 
 
-def _row_slices(*tensors):
-    """The tensors (same shape) split alike into slices of rows, MIXED_DTYPE_SLICE_NUMEL
-    elements or so each on a CPU, one slice elsewhere: zip of the slices."""
-    if tensors[0].device.type != "cpu":
-        return [tensors]
-    rows = max(1, MIXED_DTYPE_SLICE_NUMEL // math.prod(tensors[0].shape[1:]))
-    return zip(*(t.split(rows) for t in tensors))
-
-
 def muon_update(param, grad, buf, *, lr, momentum, nesterov, weight_decay, ns_steps,
                 ns_coefficients, ns_eps, lr_rule, whole=WHOLE):
     """One Muon step for one matrix, in place; buf is the momentum B. Newton-Schulz needs the
@@ -797,7 +773,7 @@ def muon_update(param, grad, buf, *, lr, momentum, nesterov, weight_decay, ns_st
         rows, cols = buf.shape
         update = (torch.empty(cols, rows, dtype=torch.bfloat16, device=buf.device).T
                   if rows > cols else torch.empty_like(buf, dtype=torch.bfloat16))
-        for g, b, u in _row_slices(grad, buf, update):
+        for g, b, u in row_slices(grad, buf, update):
             torch.lerp(g, b, momentum, out=u)
     else:
         update = buf                                             # or B_t
@@ -807,7 +783,7 @@ def muon_update(param, grad, buf, *, lr, momentum, nesterov, weight_decay, ns_st
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)                        # theta <- theta (1 - lr wd)
     ratio = muon_lr_ratio(whole.shape(param), lr_rule)           # of the whole matrix
-    for p, o in _row_slices(param, ortho):
+    for p, o in row_slices(param, ortho):
         p.add_(o, alpha=-lr * ratio)                             # theta -= lr r O_t
 
 
@@ -1087,40 +1063,7 @@ def per_example_adam_update(param, mean, sq_mean, m, v, n, *, lr, bias_correctio
     param.addcdiv_(m, denom, value=-lr / bias_correction1)      # theta -= lr * m_hat / denom
 
 
-class _PerExampleOptimizer(BaseOptimizer):
-    """Base of the optimizers whose step takes `per_example.batch_statistics`' result."""
-
-    per_example = True
-
-    @torch.no_grad()
-    def step(self, statistics=None, closure=None):
-        """One step from `statistics` (per_example.batch_statistics'). Without them each .grad
-        is taken as the gradient of a batch of one example (what torch.distributed.checkpoint's
-        state initialisation needs: one step at lr 0 with zero gradients)."""
-        if closure is not None:
-            with torch.enable_grad():
-                closure()
-        if statistics is None:
-            grads = {p: p.grad for group in self.param_groups for p in group["params"]
-                     if p.grad is not None}
-            statistics = SimpleNamespace(mean=grads, sq_mean={p: g * g for p, g in grads.items()},
-                                         sign_mean={p: g.sign() for p, g in grads.items()}, n=1)
-        if not hasattr(statistics, "sign_mean"):
-            raise TypeError(f"{type(self).__name__}.step takes the batch's per-example "
-                            "statistics: step(per_example.batch_statistics(model, loss_of, x, "
-                            f"y)), got {statistics!r}")
-        self._update(statistics)
-
-    def _rows(self, statistics):
-        """(group, param, state, mean, sq_mean, sign_mean) of every param with statistics."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p in statistics.mean:
-                    yield (group, p, self.state[p], statistics.mean[p], statistics.sq_mean[p],
-                           statistics.sign_mean[p])
-
-
-class PerExampleSignSGD(_PerExampleOptimizer):
+class PerExampleSignSGD(PerExampleOptimizer):
     r"""Sign-SGD with momentum, the sign placed where `placement` says (arXiv 2510.00236, sec. 4).
 
     .. code-block:: text
@@ -1159,7 +1102,7 @@ class PerExampleSignSGD(_PerExampleOptimizer):
                                     placement=group["placement"])
 
 
-class PerExampleAdam(_PerExampleOptimizer):
+class PerExampleAdam(PerExampleOptimizer):
     r"""AdamW whose second moment is built from per-example statistics (arXiv 2510.00236,
     sec. 5): Adam's g^2 split into its mean part and its variance part, or replaced by the
     examples' own second moment (`per_example_v_term`).

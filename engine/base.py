@@ -4,6 +4,8 @@ travel with state_dict(), and the step loop that runs an update function over a 
 import functools
 import inspect
 import warnings
+from itertools import chain
+from types import SimpleNamespace
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -49,6 +51,7 @@ class BaseOptimizer(Optimizer):
     float16_params = False; those whose step takes per-example statistics set per_example."""
 
     float16_params = True
+    float32_cpu_state = ()  # state entries kept float32 on the CPU whatever the parameter's
     per_example = False
     fused_error = None      # why compiling failed here, once it has (the step is eager from then)
     _caches = {}            # attribute -> its empty value, for caches a copy does not carry
@@ -90,6 +93,15 @@ class BaseOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             self._check_group(group)
+        # torch casts floating state to each parameter's dtype and device: put back the entries
+        # this optimizer keeps float32 on the CPU (SGD-SaI's frozen scales)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id, {})
+            for key in self.float32_cpu_state:
+                if key in saved:
+                    self.state[p][key] = saved[key].detach().to("cpu", torch.float32).clone()
 
     def _set_per_param(self, key, value_for):
         """A per-parameter setting (Adam-mini's block rule, APOLLO's projected flag) kept as a
@@ -171,3 +183,36 @@ class BaseOptimizer(Optimizer):
                 loss = closure()
         self._update()
         return loss
+
+
+class PerExampleOptimizer(BaseOptimizer):
+    """Base of the optimizers whose step takes `per_example.batch_statistics`' result."""
+
+    per_example = True
+
+    @torch.no_grad()
+    def step(self, statistics=None, closure=None):
+        """One step from `statistics` (per_example.batch_statistics'). Without them each .grad
+        is taken as the gradient of a batch of one example (what torch.distributed.checkpoint's
+        state initialisation needs: one step at lr 0 with zero gradients)."""
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        if statistics is None:
+            grads = {p: p.grad for group in self.param_groups for p in group["params"]
+                     if p.grad is not None}
+            statistics = SimpleNamespace(mean=grads, sq_mean={p: g * g for p, g in grads.items()},
+                                         sign_mean={p: g.sign() for p, g in grads.items()}, n=1)
+        if not hasattr(statistics, "sign_mean"):
+            raise TypeError(f"{type(self).__name__}.step takes the batch's per-example "
+                            "statistics: step(per_example.batch_statistics(model, loss_of, x, "
+                            f"y)), got {statistics!r}")
+        self._update(statistics)
+
+    def _rows(self, statistics):
+        """(group, param, state, mean, sq_mean, sign_mean) of every param with statistics."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in statistics.mean:
+                    yield (group, p, self.state[p], statistics.mean[p], statistics.sq_mean[p],
+                           statistics.sign_mean[p])

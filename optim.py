@@ -34,19 +34,12 @@ FSDP2 each rank steps its slice of a tensor; an update that needs a statistic of
 takes `whole`, through which the engine sums it over the ranks (engine/sharding.py; the plain
 operation in one process).
 
-What every optimizer here does on any model (tests/test_foreign_models.py): a parameter whose
-.grad is None is skipped (no state, no update, no weight decay); lr = 0 leaves a group unchanged;
-all-zero gradients move nothing. A NaN or Inf gradient is written into the tensor that has it
-(Adam-mini: its block; APOLLO: its matrix) and nowhere else, as in torch.optim; SGD-SaI raises
-instead at the step that freezes its scale. State takes the parameter's dtype: bfloat16
-parameters work (SGD-SaI's scales stay float32); float16 parameters are refused by AdamW,
-Adam-mini and APOLLO, whose eps and small second moments underflow there, and accepted by
-SGD-SaI. Keep float32 parameters under bfloat16 / float16 autocast, as the trainers do.
+What every optimizer does on any model (frozen, NaN, float16 parameters): docs/optimizers.md.
 
 The machinery is in engine/: the base class and step loop (base), compiling (compiled), the
-foreach twins (foreach), FSDP2 (sharding), Adam-mini's block layouts (blocks), parameter kinds
-and partitions (kinds), and the builder and accounting (build). Its public names are importable
-from here too (optim.build_optimizer, optim.block_rules, optim.state_bytes, ...).
+foreach twins (foreach), FSDP2 (sharding), Adam-mini's block layouts (blocks), CPU row slices
+(slices), parameter kinds and partitions (kinds), and the builder and accounting (build). Its
+public names are importable from here too (optim.build_optimizer, optim.block_rules, ...).
 """
 import math
 
@@ -271,17 +264,7 @@ class SGDSaI(BaseOptimizer):
         fused: compile `sgd_sai_update` (True), step eagerly (False), or where it pays (None),
             as AdamW's.
 
-    Deliberate differences from the official code (each tested):
-    - s_i's sums are taken in float64 whatever the gradient dtype, and s_i is kept as a 0-d
-      float32 tensor at any parameter dtype (the official code keeps the parameter's dtype).
-    - Degenerate blocks (one element, or zero spread) get s_i = sqrt(numel) (`sai_scale`); the
-      official code divides by eps there (a step ~1e8 too far) or freezes the block at 0.
-    - A block whose first gradient arrives at step k > 1 gets its scale at step k (the official
-      code raises KeyError).
-    - A NaN or Inf in a gradient at the step its scale is computed raises FloatingPointError
-      naming the parameter, before anything is updated, instead of freezing a NaN scale.
-    - Left out: Nesterov momentum, coupled (L2) weight decay; at momentum = 0 the buffer is
-      still kept, so memory is the same for every momentum.
+    Deliberate differences from sgd-sai 1.0.3: docs/optimizers.md.
     """
 
     float32_cpu_state = ("scale",)   # a bfloat16 copy would move the step size by up to 0.4%
@@ -428,15 +411,7 @@ class AdamMini(BaseOptimizer):
             (None), as AdamW's.
         foreach: when eager, its foreach twin (engine/foreach.py) instead of one tensor at a time.
 
-    Deliberate differences from the official code:
-    - The partition is given, not matched on parameter names: `block_rules(model)` derives it
-      from the model's parameter kinds (declared, or guessed from module types), so nanoGPT's
-      fused `c_attn` and nn.MultiheadAttention's `in_proj_weight` get Q and K per head, where the
-      official name matching gives them one value (its issue #30); a grouped-query K gets one
-      block per K head.
-    - Model sharding is FSDP2's (a block cut by a shard edge sums its squares over the ranks:
-      `adam_mini_update_slice`); left out: the automatic no-decay-by-name (the trainers' param
-      groups put norms and biases at weight_decay 0, as nanoGPT does for AdamW).
+    Deliberate differences from adam-mini 1.1.1: docs/optimizers.md.
     """
 
     float16_params = False
@@ -528,7 +503,7 @@ def apollo_update(param, grad, proj, m, v, update_norm, channel_dim, *, lr, bias
     rows_are_channels = channel_dim == 0
     dim = 1 - channel_dim                                          # the projected dimension
     # ||G||^2 (below) per channel; APOLLO-Mini needs only its sum, taken along the rows: along
-    # the columns a compiled reduction reads G 1.6x slower (a strided loop)
+    # the columns a compiled reduction is a strided loop (docs/performance.md)
     norm_dim = 1 if granularity == "tensor" else dim
     if proj.shape[0] == 1 and norm_dim == dim and torch.compiler.is_compiling():
         # rank 1, compiled: R_t as a reduction that shares its pass over G with ||G||^2's
@@ -612,17 +587,7 @@ class Apollo(BaseOptimizer):
         fused: compile `apollo_update` and the AdamW part (True), step eagerly (False), or
             where it pays (None), as AdamW's.
 
-    Deliberate differences from the official code (the README explains each):
-    - The seed of each regeneration is derived from the parameter's seed and (t - 1) // T
-      (the official code chains seeds), so any step's P follows from the state.
-    - m and v are bias-corrected before forming R~ (the paper's AdamW on R); the official code
-      corrects the final step after the limiter, which changes what the limiter sees early on.
-    - The limiter compares ||U|| before the learning rate (an lr warmup is not undone by it); a
-      previous norm of 0 disables it for the next step (the official code divides by
-      ||U_{t-1}|| + 1e-8). A channel whose projected gradient is exactly 0 gets s = 0 (the
-      official code divides by ||R|| + 1e-8).
-    - Weight decay is applied to theta_{t-1}, as in Algorithm 1; eps defaults to 1e-8 (1e-6).
-    - Moments are kept at a regeneration of P, as the official code does.
+    Deliberate differences from apollo-torch 1.0.3: docs/optimizers.md.
     """
 
     float16_params = False
@@ -830,12 +795,7 @@ class Muon(BaseOptimizer):
         orthogonalized: the matrices Muon updates; None: every 2-D parameter. Each parameter's
             flag is stored in its param group ("orthogonalized"): it travels with state_dict().
 
-    Deliberate differences from torch.optim.Muon: the other tensors are handled in the same
-    object (torch's takes matrices only); Newton-Schulz writes only a copy of its own in place
-    (torch's divides the bfloat16 cast in place, which for a bfloat16 matrix without Nesterov is
-    the momentum buffer); the step holds one bfloat16 matrix, X (with Nesterov the blend,
-    written in X's layout, becomes X), not the update, X, its successor and float32 temporaries
-    (docs/performance.md), with the same numbers.
+    Deliberate differences from torch.optim.Muon: docs/optimizers.md.
     """
 
     float16_params = False
@@ -896,7 +856,7 @@ def adafactor_update(param, grad, row_v, col_v, v, *, lr, beta2_complement, rho,
     and column factors of 1 / sqrt(v_hat) (compiled, a result of the graph is computed once, not
     for every element)."""
     n = whole.numel(param)
-    rms = whole.norm(param) / math.sqrt(n)
+    rms = whole.norm_by_rows(param) / math.sqrt(n)
     alpha = rms.clamp(min=eps2) * rho                            # max(eps2, RMS(theta)) rho
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)                        # theta <- theta (1 - lr wd)
@@ -919,7 +879,7 @@ def adafactor_update(param, grad, row_v, col_v, v, *, lr, beta2_complement, rho,
         rsqrt_v_hat = v.rsqrt()
     # U = g / sqrt(max(v_hat, eps1^2)), the floor as a cap on 1 / sqrt(v_hat)
     update = rsqrt_v_hat.clamp_(max=1 / eps1).mul_(grad)
-    clip = (whole.norm(update) / (math.sqrt(n) * d)).clamp(min=1.0)   # max(1, RMS(U) / d)
+    clip = (whole.norm_by_rows(update) / (math.sqrt(n) * d)).clamp(min=1.0)   # max(1, RMS(U) / d)
     step_size = alpha / clip
     param.sub_(update * step_size)                               # theta_t <- theta - alpha U / clip
     return step_size, *factors
@@ -961,8 +921,7 @@ class Adafactor(BaseOptimizer):
         fused: compile `adafactor_update` (True), step eagerly (False), or where it pays (None),
             as AdamW's.
 
-    Deliberate differences from torch.optim.Adafactor: the step is a Python int and the RMS and
-    clipping factors stay tensors (no host sync per tensor); no maximize or foreach variants.
+    Deliberate differences from torch.optim.Adafactor: docs/optimizers.md.
     """
 
     float16_params = False

@@ -35,7 +35,11 @@ class Whole:
         return t.mean(dim=dim, keepdim=True)
 
     def norm(self, t):
-        """||t||_2. A matrix's is the norm of its rows' norms: compiled, a flat sum over
+        """||t||_2, of all its elements."""
+        return torch.linalg.vector_norm(t)
+
+    def norm_by_rows(self, t):
+        """||t||_2, a matrix's as the norm of its rows' norms: compiled, a flat sum over
         Adafactor's U = g x row factor x column factor would find each element's factors by a
         division and a modulo of its flat index, where a sum along rows walks both dimensions
         (docs/performance.md: Adafactor's compiled matrix step 1.3x faster)."""
@@ -91,6 +95,8 @@ class Shard(Whole):
 
     def norm(self, t):
         return self.sum(t.square().sum()).sqrt()
+
+    norm_by_rows = norm
 
     def shape(self, t):
         return self.whole_shape

@@ -1,5 +1,7 @@
 """The training clock: it counts only between start() and pause(), and waits for a GPU only when
 paused (the trainers' time per step and train_s come from it)."""
+from types import SimpleNamespace
+
 import train_helpers
 from train_helpers import TrainClock
 
@@ -45,3 +47,27 @@ def test_a_fallback_run_is_named_after_the_data_it_has():
         "pydoc_topics-fallback"
     assert train_helpers.data_name("fashion_mnist", "digits") == "digits-fallback"
     assert train_helpers.data_name("digits", "digits") == "digits"       # asked for by name
+
+
+def test_progress_times_the_steps_since_the_last_line_and_warns_once(monkeypatch, capsys):
+    """ms per step covers only the steps since the last log line (a resumed run's first line
+    counts from the resumed step), and an evaluation in between is not timed; a warning is
+    said once, by rank 0 only."""
+    now = [0.0]
+    monkeypatch.setattr(train_helpers.time, "perf_counter", lambda: now[0])
+    main = SimpleNamespace(main=True)
+    progress = train_helpers.Progress(main, "cpu", total=100, step=40, train_s=8.0)
+    progress.clock.start()
+    now[0] = 0.5                                       # 10 steps in 0.5 s
+    assert progress.lap(50) == (8.5, 50.0)
+    now[0] = 3.0                                       # an evaluation: the clock is paused
+    progress.clock.start()
+    now[0] = 3.25                                      # 5 steps in 0.25 s
+    assert progress.lap(55) == (8.75, 50.0)
+    progress.warn_once("warning: high")
+    progress.warn_once("warning: high")
+    other = train_helpers.Progress(SimpleNamespace(main=False), "cpu", 100, 0, 0.0)
+    other.warn_once("warning: high")
+    progress.bar.close()
+    other.bar.close()
+    assert capsys.readouterr().err.count("warning: high") == 1

@@ -84,9 +84,10 @@ PRESETS = {
                 max_iters=5000, eval_interval=250, eval_iters=200, warmup_iters=100,
                 log_interval=100),
 }
-# Peak learning rates and weight decays: cpu, each optimizer's tuned setting (README, "GPT on
-# tiny shakespeare": lr x weight decay, python sweep.py --study=tune); gpu, not tuned: the cpu
-# lrs times nanoGPT's own AdamW ratio between the two (1e-3 / 4e-3), the same weight decays.
+# Peak learning rates and weight decays: cpu, each optimizer's tuned setting (docs/results.md,
+# "GPT on tiny shakespeare": lr x weight decay, python sweep.py --study=tune); gpu, not tuned:
+# the cpu lrs times nanoGPT's own AdamW ratio between the two (1e-3 / 4e-3), the same weight
+# decays.
 DEFAULT_LR = {
     "cpu": {"adamw": 4e-3, "sgd_sai": 2e-2, "adam_mini": 4e-3, "apollo": 6.4e-2,
             "apollo_mini": 8e-3, "muon": 4e-3, "adafactor": 4e-2,
@@ -102,7 +103,7 @@ DEFAULT_WEIGHT_DECAY = {"adamw": 0.1, "sgd_sai": 0.0111, "adam_mini": 0.1, "apol
 # embedding (sparse rows, so std small and ||g||/std large) makes the cpu lr 2e-2 blow the loss up
 # (10.8 -> 35.7 in 100 steps). Measured at the cpu preset, 300 steps, seed 1337, val loss 6.25e-4:
 # 5.98, 1.25e-3: 5.83, 2.5e-3: 5.93, 5e-3: 6.08; the other optimizers' table lrs all train on BPE
-# (README, "GPT-2 BPE"); they are not tuned for it.
+# (docs/results.md, "GPT-2 BPE"); they are not tuned for it.
 BPE_LR_FACTOR = {"sgd_sai": 1 / 16}
 USAGE = __doc__.strip().splitlines()[0] + "\n\n" + "\n".join(__doc__.strip().splitlines()[2:7])
 

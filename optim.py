@@ -245,7 +245,7 @@ class SGDSaI(BaseOptimizer):
 
     No second moment: the state is m plus one float per block, half of AdamW's. sai_rule picks
     s_i, the ablation this sandbox exists for (the usable lr differs by orders of magnitude
-    between rules; see the README):
+    between rules; docs/results.md):
 
     - "gsnr" (default; the official package sgd-sai 1.0.3): s_i = gsnr_i, not normalised.
     - "gsnr_max" (Algorithm 1): s_i = gsnr_i / max_j gsnr_j. The maximum is frozen at the first

@@ -65,7 +65,8 @@ class Config(RunOptions):
     seed: int = option(1337, "seed of weights, shuffling, augmentation and dropout")
 
 
-# Peak learning rates: the best of the README's Fashion-MNIST sweep (3-epoch runs, 4-6 values)
+# Peak learning rates: the best of the Fashion-MNIST sweep in docs/results.md (3-epoch runs,
+# 4-6 values)
 DEFAULT_LR = {"adamw": 4e-3, "sgd_sai": 4e-2, "adam_mini": 4e-3, "apollo": 8e-3,
               "apollo_mini": 8e-3, "muon": 4e-3, "adafactor": 4e-2}
 USAGE = __doc__.strip().splitlines()[0] + "\n\n" + "\n".join(__doc__.strip().splitlines()[2:7])

@@ -44,6 +44,7 @@ import re
 import shutil
 import statistics
 import sys
+import tarfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -95,6 +96,9 @@ class SweepConfig:
     sweep_dir: str = option("", "where runs and the summary go; default out/sweep-<study>")
     jobs: int = option(1, "runs at a time; above 1 each gets cores/jobs threads, and the "
                           "wall-clock figures are then those of a shared machine")
+    pack: str = option("", "a study's packed logs (results/<study>.tar.xz, tools/pack_study.py): "
+                           "unpacked into the sweep folder first, never over a file there, "
+                           "then its tables and figures are redrawn and what it lacks is run")
     keep_checkpoints: bool = option(True, "keep each ended run's ckpt.pt (False deletes it "
                                           "once the run has finished or diverged)")
 
@@ -145,7 +149,7 @@ STUDIES = {
             ("variance", "3e-4,1e-3,3e-3,1e-2"), ("second_moment", "1e-3,3e-3,1e-2"))]),
         seeds="1,2,3", set=BABY, baseline="preconditioner=batch"),
     # centred where the trainer's defaults were when it ran (pinned: the study's lattice, and so
-    # its results in results/gpt-tune, stay the same when the defaults move)
+    # its results in results/gpt-tune.tar.xz, stay the same when the defaults move)
     "tune": dict(tune="all", seeds="1,2,3,4,5", set=TUNE_SET, tune_centre=(
         "adamw=4e-3,0.1 sgd_sai=2e-2,0.1 adam_mini=8e-3,0.1 apollo=3.2e-2,0.1 "
         "apollo_mini=8e-3,0.1 muon=8e-3,0.1 adafactor=2e-2,0.1")),
@@ -634,6 +638,23 @@ def check_runs(runs, sweep_dir):
             "those run directories to re-run them")
 
 
+def unpack(pack, sweep_dir):
+    """Extract a study's pack into sweep_dir, each file only where sweep_dir has none (a resumed
+    or newer run is never overwritten); what it did, in one line. A missing or unreadable pack
+    is a ConfigError."""
+    try:
+        with tarfile.open(pack) as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            new = [m for m in members if not os.path.exists(os.path.join(sweep_dir, m.name))]
+            tar.extractall(sweep_dir, members=new, filter="data")
+    except (OSError, tarfile.TarError) as err:
+        raise ConfigError(f"--pack={pack}: cannot be read ({type(err).__name__}: {err}); give "
+                          "a study's .tar.xz (python tools/pack_study.py DIR makes one)") from None
+    return (f"unpacked {len(new)} of {len(members)} files of {pack} into {sweep_dir}"
+            + (f" ({len(members) - len(new)} already there, kept)" if len(new) < len(members)
+               else ""))
+
+
 def main(argv):
     try:
         cfg, given = parse_args(SweepConfig(), argv, __doc__.strip().splitlines()[0])
@@ -664,6 +685,8 @@ def main(argv):
             raise ConfigError(f"--max_extra must be >= 0, got {cfg.max_extra}")
         baseline = parse_filter(cfg.baseline)
         sweep_dir = cfg.sweep_dir or os.path.join("out", f"sweep-{cfg.study or 'custom'}")
+        if cfg.pack:
+            print(unpack(cfg.pack, sweep_dir))
         trainer = TRAINERS[cfg.trainer]
         fixed = [f"--{item}" for item in cfg.set.split()]
         runs = []

@@ -3,6 +3,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from run_helpers import ctrl_c_after_step, is_png
 from tiny_models import batches, make_model
 from tolerance import F32_COMPUTATION, F64_COMPUTATION, check
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_GPT = ("n_layer=1 n_head=2 n_embd=16 block_size=16 batch_size=4 max_iters=6 "
             "eval_interval=3 eval_iters=2 warmup_iters=0 sample_tokens=0 device=cpu")
 
@@ -238,3 +241,34 @@ def test_snr_command_writes_table_and_figure(tmp_path, text):
     assert {r["kind"] for r in rows} == {"embedding", "position", "norm", "qkv", "proj", "mlp"}
     assert all(float(r["example_snr"]) > 0 for r in rows)
     assert is_png(out / "snr.png")
+
+
+def test_a_packed_study_redraws_its_table_and_runs_only_what_it_lacks(tmp_path, text, capsys):
+    """A study's logs packed into one file (tools/pack_study.py: the same bytes twice) give the
+    same table from the pack as from the folder, and a run missing from the pack is run."""
+    out = tmp_path / "study"
+    args = ["--grid=optimizer=adamw,sgd_sai", "--seeds=1", f"--set={TINY_GPT} {text}"]
+    assert sweep.main(args + [f"--sweep_dir={out}"]) == 0
+    def losses(folder):
+        with open(folder / "summary.csv") as f:
+            return [(row["optimizer"], row["final_val_loss"]) for row in csv.DictReader(f)]
+    table = losses(out)
+    shutil.rmtree(out / "optimizer=sgd_sai-seed1")            # a run the pack will lack
+    pack = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "pack_study.py"),
+                           str(out)], capture_output=True, text=True)
+    assert pack.returncode == 0, pack.stderr
+    first = (tmp_path / "study.tar.xz").read_bytes()
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "pack_study.py"), str(out)],
+                   check=True, capture_output=True)
+    assert (tmp_path / "study.tar.xz").read_bytes() == first
+    capsys.readouterr()
+    again = tmp_path / "unpacked"
+    assert sweep.main(args + [f"--pack={tmp_path / 'study.tar.xz'}",
+                              f"--sweep_dir={again}"]) == 0
+    said = capsys.readouterr().out
+    assert "unpacked" in said and "optimizer=adamw-seed1: finished (skipped" in said
+    assert "optimizer=sgd_sai-seed1: finished (exit 0)" in said      # run again, fresh
+    assert losses(again) == table                                   # CPU runs are exact
+    assert sweep.main(args + [f"--pack={tmp_path / 'nowhere.tar.xz'}",
+                              f"--sweep_dir={again}"]) == 2
+    assert "--pack=" in capsys.readouterr().err

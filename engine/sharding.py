@@ -67,8 +67,9 @@ WHOLE = Whole()
 
 class Shard(Whole):
     """A DTensor sliced along one dimension: this rank holds indices start ... stop of dimension
-    `dim` of the whole tensor (of shape `shape`, placed like `like`); `ranks` is the process
-    group that holds the other slices. Each statistic is summed over the ranks (all_reduce)."""
+    `dim` of the whole tensor (of shape `whole_shape`, placed like `like`); `ranks` is the
+    process group that holds the other slices. Each statistic is summed over the ranks
+    (all_reduce)."""
 
     def __init__(self, like):
         (placement,) = like.placements

@@ -23,7 +23,8 @@ def pack(folder):
     out = folder + ".tar.xz"
     with tarfile.open(out, "w:xz", format=tarfile.PAX_FORMAT) as tar:
         for path in sorted(files):
-            data = open(path, "rb").read()
+            with open(path, "rb") as f:
+                data = f.read()
             info = tarfile.TarInfo(os.path.relpath(path, folder))
             info.size, info.mode, info.mtime = len(data), 0o644, 0
             tar.addfile(info, io.BytesIO(data))

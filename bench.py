@@ -59,6 +59,7 @@ import torch.nn.functional as F
 import nanogpt_sai
 import optim
 import per_example
+import vit_sai
 from cli import ConfigError, check_positive, option, parse_args, pick_device, run_in_process
 from data.text import load_text, sample_batch
 from engine.base import BaseOptimizer
@@ -521,33 +522,78 @@ def bench_overhead(cfg):
         print(f"| {name} | {1000 * ms:.1f} | {ms / base:.3f}x |")
 
 
+# --what=per_example: the batch (examples x positions) of each model; the GPTs' 4x128 is the
+# cpu preset, 6x384 the gpu preset's shapes, "vit" vit_sai.py's default (Fashion-MNIST's 28x28
+# in 4x4 patches: 50 positions)
+PER_EXAMPLE_BATCHES = {"6x16": (4, 16), "4x128": (12, 64), "6x384": (64, 256),
+                       "12x768": (12, 1024), "vit": (128, 50)}
+PER_EXAMPLE_TARGET = 1.3   # surgery against a plain forward + backward (arXiv 2510.00236)
+
+
+def per_example_case(size, device):
+    """(model, loss_of, inputs, targets) of one --what=per_example size, seeded."""
+    g = torch.Generator().manual_seed(0)
+    n, positions = PER_EXAMPLE_BATCHES[size]
+    if size == "vit":
+        torch.manual_seed(0)
+        model = vit_sai.ViT(vit_sai.Config(), image_size=28, channels=1, num_classes=10)
+        x, y = torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+        return model.to(device), F.cross_entropy, x.to(device), y.to(device)
+    x, y = (torch.randint(0, 65, (n, positions), generator=g).to(device) for _ in range(2))
+    return gpt(size, device), nanogpt_sai.sequence_loss, x, y
+
+
+def per_example_paths(model, loss_of, x, y):
+    """The three passes --what=per_example compares, by name."""
+    return {"plain": lambda: loss_of(model(x), y).backward(),
+            "vmap": lambda: per_example.batch_statistics(model, loss_of, x, y, method="vmap"),
+            "surgery": lambda: per_example.batch_statistics(model, loss_of, x, y)}
+
+
+def sums_alone(model, n):
+    """Seconds of the three sums by themselves: per_example.add_example n times on every
+    weight's shape, in place on a gradient kept in the cache (sign_ of +-1 costs what sign_ of
+    anything does): the elementwise work any implementation of the statistics adds to a plain
+    backward, done with eager torch operations."""
+    total = 0.0
+    for p in model.parameters():
+        g, sums = torch.randn_like(p), [torch.zeros_like(p) for _ in per_example.KEYS]
+        per_example.add_example(sums, g)
+        sync(str(p.device))
+        t0 = time.perf_counter()
+        for _ in range(n):
+            per_example.add_example(sums, g)
+        sync(str(p.device))
+        total += time.perf_counter() - t0
+    return total
+
+
 def bench_per_example(cfg):
-    """Seconds of per_example.batch_statistics (each sequence's gradient by vmap, summed into
-    mean, mean square and mean sign) against a plain forward and backward of the same batch:
-    at the CPU preset (4x128: 12 sequences of 64 tokens) and at the GPU preset's shapes (6x384:
-    64 of 256), rounds interleaved, median of --steps per round."""
+    """Seconds and peak memory of per_example.batch_statistics by its two paths, vmap and
+    surgery, against a plain forward and backward of the same batch (rounds interleaved,
+    median of --steps per round), with the bound the surgery is compared with: the plain
+    forward + backward plus the three sums alone (`sums_alone`). Peak extra: the memory a
+    pass takes beyond what a plain one takes, in model sizes (bench's memory step, once per
+    path after the timed ones)."""
     device = pick_device(cfg.device)
-    presets = {"4x128": (12, 64), "6x384": (64, 256), "12x768": (12, 1024)}
-    print(f"{machine(device)} | median of {cfg.steps} passes in {cfg.rounds} interleaved rounds")
+    sizes = cfg.sizes.split(",")
+    for size in sizes:
+        if size not in PER_EXAMPLE_BATCHES:
+            raise ConfigError(f"--sizes: unknown size {size!r} for --what=per_example; choose "
+                              f"from {', '.join(PER_EXAMPLE_BATCHES)}")
+    print(f"{machine(device)} | load average {os.getloadavg()[0]:.2f} | median of {cfg.steps} "
+          f"passes in each of {cfg.rounds} interleaved rounds")
     print()
-    print("| GPT | batch x tokens | plain backward s | per-example statistics s | ratio |")
-    print("|---|---|---:|---:|---:|")
-    for size in cfg.sizes.split(","):
-        batch, block = presets[size]
-        model = gpt(size, device)
-        x, y = (torch.randint(0, 65, (batch, block), generator=torch.Generator().manual_seed(i))
-                .to(device) for i in (0, 1))
-
-        def plain():
-            model(x, y)[1].backward()
-
-        def statistics_pass():
-            per_example.batch_statistics(model, lambda out, t: F.cross_entropy(
-                out[0].flatten(0, 1).float(), t.flatten()), x, y)
-
-        times = {"plain": [], "per_example": []}
+    print("| model | examples x positions | plain forward + backward s | vmap s | surgery s | "
+          "plain + sums alone s | peak extra, model sizes: vmap / surgery |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    timed = {}
+    for size in sizes:
+        model, loss_of, x, y = per_example_case(size, device)
+        paths = per_example_paths(model, loss_of, x, y)
+        times = {name: [] for name in paths}
         for _ in range(cfg.rounds):
-            for name, fn in (("plain", plain), ("per_example", statistics_pass)):
+            for name, fn in paths.items():
                 for _ in range(cfg.steps):
                     model.zero_grad(set_to_none=True)
                     sync(device)
@@ -555,8 +601,33 @@ def bench_per_example(cfg):
                     fn()
                     sync(device)
                     times[name].append(time.perf_counter() - t0)
-        a, b = (statistics.median(times[k]) for k in ("plain", "per_example"))
-        print(f"| {size} | {batch} x {block} | {a:.3f} | {b:.3f} | {b / a:.2f}x |")
+        timed[size] = [statistics.median(times[k]) for k in paths]
+        timed[size].append(timed[size][0] + sums_alone(model, len(x)))
+    free_memory_at_once()   # from here on the peaks count live memory (time_row's memory step)
+    verdicts = []
+    for size in sizes:
+        model, loss_of, x, y = per_example_case(size, device)
+        extra = {}
+        for name, fn in per_example_paths(model, loss_of, x, y).items():
+            model.zero_grad(set_to_none=True)
+            release_freed_memory(device)
+            before, _ = memory_now_and_peak(device)
+            fn()
+            sync(device)
+            extra[name] = max(0, memory_now_and_peak(device)[1] - before)
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        vm, sg = ((extra[k] - extra["plain"]) / model_bytes for k in ("vmap", "surgery"))
+        plain, vmap, surgery, bound = timed[size]
+        n, positions = PER_EXAMPLE_BATCHES[size]
+        print(f"| {size} | {n} x {positions} | {plain:.4g} | {vmap:.4g} ({vmap / plain:.2f}x) | "
+              f"{surgery:.4g} ({surgery / plain:.2f}x) | {bound:.4g} ({bound / plain:.2f}x) | "
+              f"{vm:.1f} / {sg:.1f} |")
+        verdicts.append((size, surgery / plain, bound / plain))
+    print()
+    for size, ratio, bound in verdicts:
+        print(f"- {size} surgery: {ratio:.2f}x a plain forward + backward (target <= "
+              f"{PER_EXAMPLE_TARGET}x): {'met' if ratio <= PER_EXAMPLE_TARGET else 'MISSED'}; "
+              f"its bound (the three sums alone added) {bound:.2f}x")
 
 
 def main(argv):

@@ -32,9 +32,9 @@ from cli import (ConfigError, RunOptions, check_positive, data_error, option,
 from compare import compare
 from data.text import DATASETS, load_text, sample_batch
 from train_helpers import (EXIT_STATUS, MetricsLog, Progress, StopOnCtrlC, check_out_dir,
-                           data_name, load_checkpoint, loss_far_above_chance, lr_at, maybe_compile,
-                           memory_fields, open_run_dir, report_end, save_checkpoint,
-                           write_run_info)
+                           data_name, gradient_diagnostics, load_checkpoint,
+                           loss_far_above_chance, lr_at, maybe_compile, memory_fields,
+                           open_run_dir, report_end, save_checkpoint, write_run_info)
 
 
 @dataclass
@@ -135,11 +135,10 @@ def resolve_config(argv):
         raise ConfigError(f"--n_embd={cfg.n_embd} must be divisible by --n_head={cfg.n_head}")
     if not 0 <= cfg.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.optimizer in optim.PER_EXAMPLE_OPTIMIZERS and (
-            cfg.grad_accum > 1 or pick_dtype(cfg.dtype, device) == "float16"):
-        raise ConfigError(f"--optimizer={cfg.optimizer} steps from one micro-batch's "
-                          "per-example statistics: use --grad_accum=1 (a larger --batch_size "
-                          "instead) and not --dtype=float16")
+    if cfg.optimizer in optim.PER_EXAMPLE_OPTIMIZERS and \
+            pick_dtype(cfg.dtype, device) == "float16":
+        raise ConfigError(f"--optimizer={cfg.optimizer} steps from per-example statistics, "
+                          "which float16's loss scaling would distort: use --dtype=bfloat16")
     return dataclasses.replace(cfg, preset=preset, device=device,
                                dtype=pick_dtype(cfg.dtype, device),
                                lr=cfg.lr or default_lr(preset, cfg.dataset, cfg.optimizer),
@@ -220,8 +219,11 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(self, idx, targets=None):
-        t = idx.shape[1]
-        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(t, device=idx.device))
+        b, t = idx.shape
+        # each sequence looks up its own positions (per_example's layer rules need the batch's
+        # examples in every layer; the values are nanoGPT's)
+        pos = torch.arange(t, device=idx.device).expand(b, t)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x)
@@ -344,15 +346,9 @@ def evaluate(cfg, model, raw_model, opt, splits, data, ctx, device, world):
     out = dict(train_loss=None, val_loss=None, sample=None, diagnostics=None, noise_scale=None)
     for split in ("train", "val"):
         out[f"{split}_loss"] = split_loss(cfg, model, splits[split], gen, ctx, device, world)
-    if cfg.diagnostics:   # the same batch each time; SGD-SaI's frozen scales beside
+    if cfg.diagnostics:   # the same batch each time
         batch = get_batch(splits["train"], cfg, device, torch.Generator().manual_seed(cfg.seed + 2))
-        statistics, _ = per_example.batch_statistics(raw_model, sequence_loss, *batch,
-                                                     write_grad=False)
-        out["diagnostics"] = per_example.block_diagnostics(raw_model, statistics)
-        for p, name in zip(raw_model.parameters(), out["diagnostics"]):
-            if "scale" in opt.state.get(p, {}):
-                out["diagnostics"][name]["sai_scale"] = opt.state[p]["scale"].item()
-        out["noise_scale"] = per_example.noise_scale(statistics)
+        out.update(gradient_diagnostics(raw_model, opt, sequence_loss, *batch))
     # a sample from its own generator (training's RNG stream is untouched); none from a model
     # whose loss is not finite (its probabilities are not)
     if cfg.eval_sample_tokens and math.isfinite(out["train_loss"] + out["val_loss"]):
@@ -411,9 +407,10 @@ def forward_backward(cfg, model, raw_model, splits, batch_gen, on_this_rank, ctx
     """One step's forward and backward over grad_accum micro-batches (the loss scaled under
     fp16); under torchrun each rank takes its share, and the last backward averages the
     gradients over the ranks. For a per-example optimizer, each sequence's own gradient instead,
-    summarised as `per_example.batch_statistics`. Returns (the step's loss, a device tensor,
-    and the statistics or None)."""
-    loss, statistics = torch.zeros((), device=device), None
+    summarised as `per_example.batch_statistics` over all the step's sequences (every
+    micro-batch, every rank). Returns (the step's loss, a device tensor, and the statistics or
+    None)."""
+    loss, parts = torch.zeros((), device=device), []
     share = cfg.grad_accum // world.size
     for micro in range(cfg.grad_accum):
         x, y = get_batch(splits["train"], cfg, device, batch_gen)   # every rank draws them all
@@ -421,14 +418,17 @@ def forward_backward(cfg, model, raw_model, splits, batch_gen, on_this_rank, ctx
             continue
         if per_example_step:
             with ctx:
-                statistics, micro_loss = per_example.batch_statistics(raw_model, sequence_loss,
-                                                                      x, y)
+                part, micro_loss = per_example.batch_statistics(raw_model, sequence_loss, x, y,
+                                                                write_grad=False)
+            parts.append(part)
         else:
             with parallel.grad_sync(model, world,
                                     last=micro >= cfg.grad_accum - world.size), ctx:
                 _, micro_loss = model(x, y)
             scaler.scale(micro_loss / share).backward()
         loss += micro_loss.detach()
+    over_ranks = (lambda t: parallel.sum_over_ranks(t, world)) if world.size > 1 else None
+    statistics = per_example.merge(parts, over_ranks) if parts else None
     return loss / share, statistics
 
 
@@ -562,9 +562,6 @@ def main(argv):
     try:
         cfg = resolve_config(argv)
         cfg = dataclasses.replace(cfg, parallel=parallel.check_mode(cfg, "nanogpt_sai.py"))
-        if cfg.diagnostics and cfg.parallel != "none":
-            raise ConfigError("--diagnostics runs in one process only so far; launch it with "
-                              "python, not torchrun")
         names = optimizer_names(cfg.optimizer)
         if len(names) > 1:   # compare: each optimizer in its own process, then one figure
             # a new folder is named after the data the runs will have (an offline fallback

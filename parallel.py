@@ -66,9 +66,11 @@ def check_mode(cfg, script):
     if launched_by_torchrun() and ("," in cfg.optimizer or cfg.optimizer == "all"):
         raise ConfigError("compare mode (several --optimizer) does not run under torchrun; "
                           "launch one optimizer at a time")
-    if n_procs > 1 and cfg.optimizer in optim.PER_EXAMPLE_OPTIMIZERS:
-        raise ConfigError(f"--optimizer={cfg.optimizer} (per-example statistics) runs in one "
-                          "process only so far; launch it with python, not torchrun")
+    if mode == "fsdp" and (cfg.optimizer in optim.PER_EXAMPLE_OPTIMIZERS
+                           or getattr(cfg, "diagnostics", False)):
+        raise ConfigError("per-example statistics (--optimizer=sign_sgd / adam_pe, "
+                          "--diagnostics) run the whole model in each process: use "
+                          "--parallel=ddp, not fsdp")
     if mode == "auto":
         return "ddp" if launched_by_torchrun() and n_procs > 1 else "none"
     if mode == "none":

@@ -138,7 +138,7 @@ STUDIES = {
     # arXiv 2510.00236's two questions at the baby size: where the sign goes (sign_sgd), and
     # what Adam's second moment is built from (adam_pe; "batch" is Adam itself), each over its
     # LR range (grids extended where a first run's best lr was at an edge: the mean of signs
-    # takes larger steps, signum smaller). Each step is ~1.7x a plain one (the per-example pass).
+    # takes larger steps, signum smaller). Each step is ~1.5x a plain one (the per-example pass).
     "per_example": dict(grid=" | ".join(
         [f"optimizer=sign_sgd sign_placement={p} lr={lrs}" for p, lrs in (
             ("sign_of_mean", "3e-4,1e-3,3e-3,1e-2"),

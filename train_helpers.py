@@ -1,7 +1,8 @@
 """
 Plain helpers for inside one training run, each doing what its name says: the LR schedule,
 torch.compile with a fallback, a training clock without per-step GPU syncs, checkpoints with RNG
-state, Ctrl-C, the metrics log and memory probe, the run directory and how the run ended. Nothing
+state, Ctrl-C, the metrics log and memory probe, gradient diagnostics, the run directory and how the
+run ended. Nothing
 here calls a trainer back; the command line is in cli.py.
 """
 import dataclasses
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 import optim
 import parallel
+import per_example
 from cli import ConfigError, last_status, new_run_dir
 from plots.figures import FALLBACK_SOURCES, draw_all, run_summary
 
@@ -305,6 +307,18 @@ def memory_fields(model, optimizer, device, world):
         totals = parallel.sum_over_ranks(torch.tensor(list(fields.values())), world).tolist()
         fields |= {f"{key}_all_ranks": total for key, total in zip(list(fields), totals)}
     return fields | {"peak_kind": peak_kind}
+
+
+def gradient_diagnostics(raw_model, optimizer, loss_of, x, y):
+    """--diagnostics' fields of an evaluation, from the per-example gradients of one batch:
+    per parameter, per_example.block_diagnostics (and SGD-SaI's frozen scale beside, once
+    taken), and the whole model's noise scale. Under DDP every rank computes the same."""
+    statistics, _ = per_example.batch_statistics(raw_model, loss_of, x, y, write_grad=False)
+    diagnostics = per_example.block_diagnostics(raw_model, statistics)
+    for p, name in zip(raw_model.parameters(), diagnostics):
+        if "scale" in optimizer.state.get(p, {}):
+            diagnostics[name]["sai_scale"] = optimizer.state[p]["scale"].item()
+    return dict(diagnostics=diagnostics, noise_scale=per_example.noise_scale(statistics))
 
 
 def loss_far_above_chance(loss, n_classes):

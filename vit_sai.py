@@ -21,20 +21,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import nn
 
 import optim
 import parallel
+import per_example
 from cli import (ConfigError, RunOptions, check_positive, data_error, option,
                  optimizer_names, pick_device, pick_dtype, read_config, warmup_steps)
 from compare import compare
 from data.images import DATASETS, load_images, random_crop_flip
 from train_helpers import (EXIT_STATUS, MetricsLog, Progress, StopOnCtrlC, check_out_dir,
-                           data_name, load_checkpoint, loss_far_above_chance, lr_at, maybe_compile,
-                           memory_fields, open_run_dir, report_end, save_checkpoint,
-                           write_run_info)
+                           data_name, gradient_diagnostics, load_checkpoint,
+                           loss_far_above_chance, lr_at, maybe_compile, memory_fields,
+                           open_run_dir, report_end, save_checkpoint, write_run_info)
 
 
 @dataclass
@@ -57,18 +58,25 @@ class Config(RunOptions):
     min_lr_ratio: float = option(0.01, "the decay ends at lr * min_lr_ratio")
     weight_decay: float = option(0.05, "decoupled weight decay of matrices and embeddings")
     # training
+    optimizer: str = option("sgd_sai", f"{', '.join(optim.OPTIMIZERS)}; per-example: "
+                                       f"{', '.join(optim.PER_EXAMPLE_OPTIMIZERS)}; a comma-"
+                                       "separated list of them, or all (the first seven: compare)")
     label_smoothing: float = option(0.1, "cross-entropy label smoothing")
     batch_size: int = option(128, "images per step")
     epochs: int = option(8, "passes over the training set")
     max_iters: int = option(0, "stop after this many steps; 0 = all epochs")
     log_interval: int = option(50, "console and metrics line every this many steps")
     seed: int = option(1337, "seed of weights, shuffling, augmentation and dropout")
+    diagnostics: bool = option(False, "at each evaluation, per-block gradient statistics from "
+                                      "one fixed batch's per-example gradients (g-SNR, "
+                                      "per-example SNR, noise scale): diagnostics.png")
 
 
 # Peak learning rates: the best of the Fashion-MNIST sweep in docs/results.md (3-epoch runs,
 # 4-6 values)
 DEFAULT_LR = {"adamw": 4e-3, "sgd_sai": 4e-2, "adam_mini": 4e-3, "apollo": 8e-3,
-              "apollo_mini": 8e-3, "muon": 4e-3, "adafactor": 4e-2}
+              "apollo_mini": 8e-3, "muon": 4e-3, "adafactor": 4e-2,
+              "sign_sgd": 1e-3, "adam_pe": 4e-3}     # the per-example two: not tuned yet
 USAGE = __doc__.strip().splitlines()[0] + "\n\n" + "\n".join(__doc__.strip().splitlines()[2:7])
 
 
@@ -78,10 +86,6 @@ def resolve_config(argv):
     cfg, _ = read_config(Config, argv, USAGE)
     if cfg.resume or len(optimizer_names(cfg.optimizer)) > 1:
         return cfg
-    if cfg.optimizer in optim.PER_EXAMPLE_OPTIMIZERS:
-        raise ConfigError(f"--optimizer={cfg.optimizer} (per-example statistics) is built into "
-                          "nanogpt_sai.py only so far; choose one of "
-                          f"{', '.join(optim.OPTIMIZERS)}")
     if cfg.dataset not in DATASETS:
         raise ConfigError(f"--dataset must be {', '.join(DATASETS[:-1])} or {DATASETS[-1]}, "
                           f"got {cfg.dataset!r}")
@@ -95,6 +99,10 @@ def resolve_config(argv):
     if not 0 <= cfg.dropout < 1 or not 0 <= cfg.label_smoothing < 1:
         raise ConfigError("--dropout and --label_smoothing must be in [0, 1)")
     device = pick_device(cfg.device)
+    if cfg.optimizer in optim.PER_EXAMPLE_OPTIMIZERS and \
+            pick_dtype(cfg.dtype, device) == "float16":
+        raise ConfigError(f"--optimizer={cfg.optimizer} steps from per-example statistics, "
+                          "which float16's loss scaling would distort: use --dtype=bfloat16")
     return dataclasses.replace(cfg, device=device, dtype=pick_dtype(cfg.dtype, device),
                                lr=cfg.lr or DEFAULT_LR[cfg.optimizer])
 
@@ -137,8 +145,11 @@ class ViT(nn.Module):
         self.to_patch_embedding = nn.Sequential(
             Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p),
             nn.LayerNorm(patch_dim), nn.Linear(patch_dim, cfg.dim), nn.LayerNorm(cfg.dim))
-        self.pos_embedding = nn.Parameter(0.02 * torch.randn(1, num_patches + 1, cfg.dim))
-        self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, cfg.dim))
+        # learned position embeddings (position 0: the class token's) and the class token, as
+        # Embedding tables that each image looks up (per_example's layer rules cover them)
+        self.pos_embedding = nn.Embedding(num_patches + 1, cfg.dim,
+                                          _weight=0.02 * torch.randn(num_patches + 1, cfg.dim))
+        self.cls_token = nn.Embedding(1, cfg.dim, _weight=0.02 * torch.randn(1, cfg.dim))
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(nn.ModuleList([
             Attention(cfg.dim, cfg.heads, cfg.dropout),
@@ -149,8 +160,10 @@ class ViT(nn.Module):
 
     def forward(self, img):                                   # (B, C, H, W), normalised
         x = self.to_patch_embedding(img)                      # (B, N, dim)
-        cls = repeat(self.cls_token, "1 1 d -> b 1 d", b=x.shape[0])
-        x = self.dropout(torch.cat([cls, x], dim=1) + self.pos_embedding)
+        b, n = x.shape[:2]
+        cls = self.cls_token(torch.zeros(b, 1, dtype=torch.long, device=x.device))  # (B, 1, dim)
+        pos = torch.arange(n + 1, device=x.device).expand(b, n + 1)
+        x = self.dropout(torch.cat([cls, x], dim=1) + self.pos_embedding(pos))
         for attn, ff in self.layers:
             x = x + attn(x)
             x = x + ff(x)
@@ -162,7 +175,7 @@ class ViT(nn.Module):
         the fused to_qkv per head, V/proj/MLP/patch embedding per neuron, head per class, class
         token and position embedding one block each."""
         # the patch embedding is a Linear that embeds: per neuron for Adam-mini, AdamW in APOLLO
-        kinds = {self.pos_embedding: "position", self.cls_token: "position",
+        kinds = {self.pos_embedding.weight: "position", self.cls_token.weight: "position",
                  self.mlp_head.weight: "head", self.to_patch_embedding[2].weight: "embedding"}
         for module in self.modules():
             if isinstance(module, nn.LayerNorm):
@@ -221,6 +234,13 @@ def trial_step(compiled, cfg, data, ctx, to_input, device):
     with ctx:
         F.cross_entropy(compiled(to_input(data.train_x[:cfg.batch_size])),
                         data.train_y[:cfg.batch_size].to(device)).backward()
+
+
+def diagnostics_batch(cfg, data, to_input, device):
+    """--diagnostics' fixed batch: batch_size training images drawn by the seed."""
+    idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(
+        cfg.seed + 2))[:cfg.batch_size]
+    return to_input(data.train_x[idx]), data.train_y[idx].to(device)
 
 
 @torch.no_grad()
@@ -312,6 +332,12 @@ def train(cfg):
     model = maybe_compile(model, cfg.compile, lambda compiled: trial_step(
         compiled, cfg, data, ctx, to_input, device))
 
+    per_example_step = optim.takes_per_example(opt)
+
+    def image_loss(logits, labels):   # the batch's mean loss (per-example statistics, diagnostics)
+        return F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+    over_ranks = (lambda t: parallel.sum_over_ranks(t, world)) if world.size > 1 else None
+
     status, resumed_at = "finished", it if cfg.resume else None
     progress = Progress(world, device, total_steps, it, train_s)
     # Nothing is read back from the GPU between log lines (see nanogpt_sai.py): losses are summed
@@ -330,6 +356,11 @@ def train(cfg):
             if (it % steps_per_epoch == 0 or it == total_steps) and it != resumed_at:
                 train_s = progress.clock.pause()
                 result = evaluate(model, data, ctx, to_input, device, world)
+                if cfg.diagnostics:   # the same images each time, in eval mode
+                    x, y = diagnostics_batch(cfg, data, to_input, device)
+                    raw_model.eval()
+                    result.update(gradient_diagnostics(raw_model, opt, image_loss, x, y))
+                    raw_model.train()
                 if parallel.any_rank(not all_finite.item(), world) or not math.isfinite(
                         result["test_loss"]):
                     status = "diverged"
@@ -354,19 +385,29 @@ def train(cfg):
             # clear the gradients, forward, backward (scaled under fp16), then the optimizer
             # step: unscale (fp16 only), clip the global norm, step. Under torchrun each rank's
             # loss is its part of the batch's mean; backward averages over ranks: * world.size.
+            # A per-example optimizer steps from each image's own gradient instead, summarised
+            # over the whole batch (every rank's share), unclipped (as in nanogpt_sai.py).
             progress.clock.start()
             opt.zero_grad(set_to_none=True)
             x, y, n_batch = get_batch(cfg, data, order, it, shuffle_gen, to_input, device, world)
-            with ctx:
-                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing,
-                                       reduction="sum") / n_batch
-            all_finite &= torch.isfinite(loss.detach())
-            scaler.scale(loss * world.size).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
+            if per_example_step:
+                with ctx:
+                    part, loss = per_example.batch_statistics(raw_model, image_loss, x, y,
+                                                              write_grad=False)
+                loss = loss * len(y) / n_batch
+                all_finite &= torch.isfinite(loss)
+                opt.step(per_example.merge([part], over_ranks))
+            else:
+                with ctx:
+                    loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing,
+                                           reduction="sum") / n_batch
+                all_finite &= torch.isfinite(loss.detach())
+                scaler.scale(loss * world.size).backward()
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
             it += 1
             if it % steps_per_epoch == 0:  # drawn before the epoch-end checkpoint, saved with it
                 order = torch.randperm(n_train, generator=shuffle_gen)

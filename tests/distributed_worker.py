@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py under torchrun (2 ranks, gloo): every optimizer trained 10
 steps with gradient accumulation on a tiny GPT in one process (each rank on its own, the
-reference), under DDP and under FSDP2; rank 0 writes the differences and state bytes as JSON.
+reference), under DDP and under FSDP2 (the per-example two under DDP, from statistics merged
+over the ranks); rank 0 writes the differences and state bytes as JSON.
 
     torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py OUT.json [names...]
 """
@@ -14,7 +15,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import optim  # noqa: E402
 import parallel  # noqa: E402
-from nanogpt_sai import GPT, Config  # noqa: E402
+import per_example  # noqa: E402
+from nanogpt_sai import GPT, Config, sequence_loss  # noqa: E402
 
 # 3 heads of 2 rows in each of Q, K, V: the 18 rows of c_attn split 9 | 9, inside K's second head;
 # 65 embedding rows split 33 | 32; biases (one Adam-mini block per element) split 3 | 3
@@ -61,10 +63,32 @@ def train(name, world, mode):
     return losses, params, state, parallel.sum_over_ranks(torch.tensor(state), world).item()
 
 
+def train_per_example(name, world, mode):
+    """The per-example optimizers: each rank's micro-batches' statistics, merged over the
+    micro-batches and the ranks (as nanogpt_sai.py's forward_backward)."""
+    torch.manual_seed(0)
+    model = GPT(CFG, VOCAB).double()
+    world = dataclasses.replace(world, mode=mode) if mode != "none" else parallel.World()
+    parallel.wrap(model, world, model.transformer.h, optim.shard_dims(name, model))
+    opt = optim.build_optimizer(name, model, weight_decay=0.1, lr=3e-3)
+    on_this_rank = parallel.my_micro_batches(GRAD_ACCUM, world)
+    over_ranks = (lambda t: parallel.sum_over_ranks(t, world)) if world.size > 1 else None
+    for step in range(STEPS):
+        parts = [per_example.batch_statistics(model, sequence_loss, xy[:, :-1], xy[:, 1:],
+                                              write_grad=False)[0]
+                 for i, xy in enumerate(batches(step)) if on_this_rank[i]]
+        opt.step(per_example.merge(parts, over_ranks))
+    return [p.detach() for p in model.parameters()]
+
+
 def main():
     out, names = sys.argv[1], sys.argv[2:] or list(optim.OPTIMIZERS)
     world, _ = parallel.start("ddp", "cpu")
     results = {}
+    for name in optim.PER_EXAMPLE_OPTIMIZERS:
+        ref, ddp = (train_per_example(name, world, mode) for mode in ("none", "ddp"))
+        results[f"{name}/ddp"] = dict(param_rel_diff=max(((a - b).norm() / b.norm()).item()
+                                                         for a, b in zip(ddp, ref)))
     for name in names:
         ref_losses, ref_params, ref_state, _ = train(name, world, "none")
         for mode in ("ddp", "fsdp"):

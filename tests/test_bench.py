@@ -93,3 +93,29 @@ def test_bench_resumes_from_its_results_file(tmp_path, capsys, monkeypatch):
     assert bench.main(argv[:2] + ["--steps=4", "--rounds=1", f"--results={path}"]) == 2
     assert "holds results measured with other settings" in capsys.readouterr().err
     assert path.read_text() == before
+
+
+def test_per_example_report_is_complete_and_consistent(capsys):
+    """--what=per_example: a row per size with the three paths and the bound, each ratio its
+    time over the plain pass's, the bound at least the plain pass, and a verdict per size that
+    agrees with the target."""
+    assert bench.main(["--what=per_example", "--sizes=6x16,vit", "--steps=1",
+                       "--rounds=1"]) == 0
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| 6x16 ") or line.startswith("| vit ")]
+    assert [r[0] for r in rows] == ["6x16", "vit"]
+    for r in rows:
+        plain = float(r[2])
+        assert plain > 0
+        for cell in r[3:6]:   # times to 4 significant figures, ratios to 2 decimals
+            seconds, ratio = re.fullmatch(r"([\de.-]+) \(([\d.]+)x\)", cell).groups()
+            assert float(ratio) == pytest.approx(float(seconds) / plain,
+                                                 abs=1e-3 * float(ratio) + 0.005)
+        assert float(re.match(r"[\de.-]+ \(([\d.]+)x\)", r[5]).group(1)) >= 1.0   # >= plain
+        assert re.fullmatch(r"[\d.]+ / [\d.]+", r[6])
+    verdicts = re.findall(r"^- (\S+) surgery: ([\d.]+)x .* \(target <= ([\d.]+)x\): (met|MISSED)",
+                          out, re.MULTILINE)
+    assert [v[0] for v in verdicts] == ["6x16", "vit"]
+    for _, ratio, target, verdict in verdicts:
+        assert verdict == ("met" if float(ratio) <= float(target) else "MISSED")

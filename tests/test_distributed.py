@@ -17,6 +17,7 @@ import nanogpt_sai
 import optim
 import parallel
 import vit_sai
+from cli import ConfigError
 from fake_data import write_corpus, write_fashion_mnist
 from run_helpers import ctrl_c_after_step, records
 from tolerance import F32_TRAINING, check
@@ -70,6 +71,48 @@ def test_every_optimizer_on_two_ranks_ends_where_one_process_does(optimizer_resu
     else:
         assert 0.45 * one < result["state_bytes"] < 0.65 * one
         assert result["state_bytes_total"] < 1.25 * one   # replicated: Adam-mini's v and the like
+
+
+@pytest.mark.parametrize("name", list(optim.PER_EXAMPLE_OPTIMIZERS))
+def test_per_example_optimizers_on_two_ranks_end_where_one_process_does(optimizer_results,
+                                                                         name):
+    """10 steps of 4 micro-batches (2 per rank) in float64: the statistics merged over the
+    micro-batches and the ranks give one process's steps (a rank's own statistics alone are
+    off by far more: half the examples)."""
+    check(f"2 ranks (ddp) = one process, 10 steps, float64, {name}",
+          optimizer_results[f"{name}/ddp"]["param_rel_diff"], 0.0, TWO_RANKS_F64_OTHERS)
+
+
+def test_per_example_trainer_with_diagnostics_on_two_ranks_logs_one_process(tmp_path):
+    """adam_pe with --grad_accum=2 (a micro-batch per rank) and --diagnostics under DDP: rank 0
+    logs the losses and the per-block g-SNR of one process."""
+    corpus = write_corpus(tmp_path / "input.txt")
+    args = TINY + ["--optimizer=adam_pe", "--diagnostics=True", f"--data_path={corpus}",
+                   f"--data_dir={tmp_path / 'cache'}"]
+    assert nanogpt_sai.main(args + [f"--out_dir={tmp_path / 'one'}"]) == 0
+    done = torchrun("nanogpt_sai.py", *args, "--parallel=ddp", f"--out_dir={tmp_path / 'ddp'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_losses(tmp_path / "one", tmp_path / "ddp")
+    evals = [[r for r in records(tmp_path / run) if r["event"] == "eval"]
+             for run in ("one", "ddp")]
+    for a, b in zip(*evals):
+        assert a["diagnostics"].keys() == b["diagnostics"].keys()
+        for name, block in a["diagnostics"].items():
+            check("2 ranks' logged g-SNR = one process's, float32",
+                  b["diagnostics"][name]["gsnr"], block["gsnr"], F32_TRAINING)
+
+
+@pytest.mark.parametrize("args", [["--optimizer=sign_sgd"], ["--diagnostics=True"]])
+def test_per_example_statistics_under_fsdp_are_a_clear_error(monkeypatch, args):
+    """FSDP2 slices each parameter over the ranks; the per-example pass needs the whole model
+    in each process: one line naming --parallel=ddp (as a rank under torchrun would see it)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    cfg = nanogpt_sai.resolve_config(["--device=cpu", "--parallel=fsdp"] + args)
+    with pytest.raises(ConfigError, match=r"use --parallel=ddp, not fsdp$"):
+        parallel.check_mode(cfg, "nanogpt_sai.py")
+    cfg = nanogpt_sai.resolve_config(["--device=cpu", "--parallel=ddp"] + args)
+    assert parallel.check_mode(cfg, "nanogpt_sai.py") == "ddp"
 
 
 def losses(run_dir):
@@ -231,15 +274,19 @@ def test_two_rank_checkpoint_resumes_in_one_process(straight_one_process, tmp_pa
     assert_same_losses(straight, stopped)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_vit_on_two_ranks_logs_the_losses_of_one_process(tmp_path, mode):
+@pytest.mark.parametrize("mode, optimizer", [("ddp", "adam_mini"), ("fsdp", "adam_mini"),
+                                             ("ddp", "adam_pe")])
+def test_vit_on_two_ranks_logs_the_losses_of_one_process(tmp_path, mode, optimizer):
     """61 training images in batches of 16 (the last, 13, splits 7 | 6 between the ranks) and
-    2,100 test images in chunks of 1000 (three chunks: the ranks run two forwards each)."""
+    2,100 test images in chunks of 1000 (three chunks: the ranks run two forwards each); the
+    per-example optimizer's statistics merged over the ranks by their counts, with
+    --diagnostics."""
     write_fashion_mnist(tmp_path / "fmnist", n_train=61, n_test=2100)
     args = ["--dim=12", "--depth=1", "--heads=3", "--mlp_ratio=2", "--batch_size=16",
             "--warmup_iters=2", "--log_interval=2", "--device=cpu", "--max_iters=8",
-            "--optimizer=adam_mini", f"--data_path={tmp_path / 'fmnist'}",
+            f"--optimizer={optimizer}", f"--data_path={tmp_path / 'fmnist'}",
             f"--data_dir={tmp_path / 'cache'}"]
+    args += ["--diagnostics=True"] if optimizer == "adam_pe" else []
     assert vit_sai.main(args + [f"--out_dir={tmp_path / 'one'}"]) == 0
     done = torchrun("vit_sai.py", *args, f"--parallel={mode}", f"--out_dir={tmp_path / mode}")
     assert done.returncode == 0, done.stderr[-3000:]

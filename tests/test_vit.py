@@ -26,7 +26,7 @@ def test_model_output_shapes():
     for channels, size in ((1, 28), (3, 32)):
         model = vit_sai.ViT(cfg, image_size=size, channels=channels, num_classes=10)
         assert model(torch.randn(5, channels, size, size)).shape == (5, 10)
-        assert model.pos_embedding.shape == (1, (size // 4) ** 2 + 1, 32)
+        assert model.pos_embedding.weight.shape == ((size // 4) ** 2 + 1, 32)
     mean_pool = vit_sai.ViT(vit_sai.Config(pool="mean", dim=32, heads=4), 28, 1, 7)
     assert mean_pool(torch.randn(2, 1, 28, 28)).shape == (2, 7)
 
@@ -42,7 +42,7 @@ def test_adam_mini_partition_of_the_vit():
     assert rules[ff.net[1].weight] == rules[ff.net[4].weight] == "rows"
     assert rules[model.to_patch_embedding[2].weight] == "rows"     # per neuron
     assert rules[model.mlp_head.weight] == "rows"                  # per class
-    assert rules[model.cls_token] == rules[model.pos_embedding] == "tensor"
+    assert rules[model.cls_token.weight] == rules[model.pos_embedding.weight] == "tensor"
     assert rules[model.norm.weight] == "tensor" and rules[model.norm.bias] == "full"
     blocks = {p: sum(n for n, _ in optim.block_layout(r, tuple(p.shape))) for p, r in rules.items()}
     assert blocks[attn.to_qkv.weight] == 4 + 4 + 32 and blocks[model.mlp_head.weight] == 10

@@ -23,7 +23,8 @@ from `batch_statistics`, two ways:
 
 A parameter no layer rule covers (a bare nn.Parameter, a layer of another type, a weight used
 outside its layer's forward) is computed by vmap, with a warning naming it. Memory beyond a
-plain step: the largest layer's size times the chunk (all the batch by default).
+plain step: the three sums, and one layer's per-example gradients for a piece of the batch.
+`merge` adds the statistics of several micro-batches, and of several processes.
 """
 import math
 import warnings
@@ -66,6 +67,8 @@ def batch_statistics(model, loss_of, inputs, targets, chunk=None, write_grad=Tru
         raise ValueError(f"method must be surgery or vmap, got {method!r}")
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     n = len(inputs)
+    if n == 0:
+        raise ValueError("per-example statistics of an empty batch")
     chunk = chunk or n
     if method == "surgery":
         sums, loss, by_vmap = surgery_sums(model, loss_of, inputs, targets, chunk)
@@ -110,20 +113,17 @@ def merge(parts, sum_over_ranks=None):
     if len(parts) == 1 and sum_over_ranks is None:
         return parts[0]
     params = list(parts[0].mean)
-    totals = [sum(t) for t in zip(*[[getattr(s, key)[p] * s.n for key in KEYS for p in params]
-                                    for s in parts])]
-    n = sum(s.n for s in parts)
-    if sum_over_ranks is not None:
-        flat = sum_over_ranks(torch.cat([t.flatten() for t in totals]
-                                        + [totals[0].new_tensor([n])]))
-        n = round(flat[-1].item())
-        totals = [piece.view_as(t) for piece, t in zip(flat[:-1].split(
-            [t.numel() for t in totals]), totals)]
-    sign_start = 2 * len(params)   # the sign sums are whole numbers: rounded, exact
-    totals[sign_start:] = [t.round() for t in totals[sign_start:]]
-    by_key = [totals[k * len(params):(k + 1) * len(params)] for k in range(len(KEYS))]
-    return BatchStatistics(**{key: {p: t / n for p, t in zip(params, by_key[k])}
-                              for k, key in enumerate(KEYS)}, n=n, by_vmap=parts[0].by_vmap)
+    # each mean times its count is a sum over examples: sums add across parts and ranks
+    sums = [sum(getattr(part, key)[p] * part.n for part in parts) for key in KEYS for p in params]
+    n = sum(part.n for part in parts)
+    if sum_over_ranks is not None:   # one all-reduce: every sum, then the count
+        flat = sum_over_ranks(torch.cat([s.flatten() for s in sums] + [sums[0].new_tensor([n])]))
+        *pieces, total = flat.split([s.numel() for s in sums] + [1])
+        sums, n = [piece.view_as(s) for piece, s in zip(pieces, sums)], round(total.item())
+    means = iter([s.round() / n if k >= 2 * len(params) else s / n   # sign sums: whole numbers
+                  for k, s in enumerate(sums)])
+    return BatchStatistics(**{key: {p: next(means) for p in params} for key in KEYS}, n=n,
+                           by_vmap=parts[0].by_vmap)
 
 
 # ---------------------------------------------------------------------------------------------

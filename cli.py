@@ -113,6 +113,8 @@ class RunOptions:
     weight_decay: float = option(0.1, "decoupled weight decay of matrices and embeddings")
     beta1: float = option(0.9, "AdamW/Adam-mini/APOLLO beta1; SGD-SaI momentum")
     beta2: float = option(0.99, "AdamW/Adam-mini/APOLLO beta2")
+    eps: float = option(0.0, "AdamW/Adam-mini/APOLLO/Muon's AdamW part/adam_pe eps; 0 = the "
+                             "optimizer's own (1e-8; adam_pe 1e-6)")
     sai_rule: str = option("gsnr", f"SGD-SaI scale rule: {', '.join(optim.SAI_RULES)}")
     sign_placement: str = option("mean_of_signs", "sign_sgd's sign: "
                                                   f"{', '.join(optim.SIGN_PLACEMENTS)}")
@@ -180,6 +182,8 @@ def read_config(config_cls, argv, usage):
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(cfg, key) < 1:
             raise ConfigError(f"--{key} must be in [0, 1), got {getattr(cfg, key)}")
+    if cfg.eps < 0:
+        raise ConfigError(f"--eps must be >= 0 (0: the optimizer's own), got {cfg.eps}")
     for key, allowed in (("sai_rule", optim.SAI_RULES),
                          ("sign_placement", optim.SIGN_PLACEMENTS),
                          ("preconditioner", optim.PRECONDITIONERS)):
@@ -281,9 +285,12 @@ def last_status(run_dir):
 WHERE_KEYS = {"parallel", "out_dir", "data_dir", "resume"}
 
 
-def config_changes(run_dir, config):
+def config_changes(run_dir, config, defaults=None):
     """How the config a run directory already holds differs from `config` (a trainer's resolved
-    config as a dict): ['max_iters: 400 -> 300', ...]; empty when the same or never started."""
+    config as a dict): ['max_iters: 400 -> 300', ...]; empty when the same or never started.
+    With `defaults` (the trainer's Config() as a dict), an option the saved config lacks is no
+    change where `config` has it at its default: an option added after the run was made, which
+    computes what the run computed."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         return []
@@ -293,6 +300,8 @@ def config_changes(run_dir, config):
     # go on at another world size), its own directory and the data cache's (a sweep's results
     # moved to another clone or given as a relative path are the same runs; a resume checks
     # that the data is the same)
+    added_at_default = {k for k in set(config) - set(before)
+                        if defaults is not None and k in defaults and config[k] == defaults[k]}
     return [f"{k}: {before.get(k, '(none)')} -> {config.get(k, '(none)')}"
-            for k in sorted((set(before) | set(config)) - WHERE_KEYS)
+            for k in sorted((set(before) | set(config)) - WHERE_KEYS - added_at_default)
             if before.get(k) != config.get(k)]

@@ -70,6 +70,8 @@ class Config(RunOptions):
     eval_interval: int = option(0, "evaluate and checkpoint every this many steps; 0 = every "
                                    "eighth of max_iters")
     eval_iters: int = option(20, "batches per split in each evaluation")
+    eval_batch_size: int = option(0, "sequences per evaluation batch; 0 = --batch_size (fixed: "
+                                     "the same evaluation tokens at every batch size)")
     log_interval: int = option(50, "console and metrics line every this many steps")
     seed: int = option(1337, "seed of weights, batches and dropout")
     sample_tokens: int = option(300, "tokens sampled at the end; 0 = none")
@@ -128,7 +130,8 @@ def resolve_config(argv):
         raise ConfigError(f"--dataset must be {' or '.join(DATASETS)}, got {cfg.dataset!r}")
     check_positive(cfg, "n_layer", "n_head", "n_embd", "block_size", "max_iters", "eval_iters",
                    "grad_accum")
-    for key in ("lr_decay_iters", "eval_interval", "sample_tokens", "eval_sample_tokens"):
+    for key in ("lr_decay_iters", "eval_interval", "sample_tokens", "eval_sample_tokens",
+                "eval_batch_size"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"--{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.n_embd % cfg.n_head:
@@ -290,9 +293,10 @@ def token_splits(cfg, data):
     return splits
 
 
-def get_batch(tokens, cfg, device, generator):
-    """A batch of cfg.batch_size random windows of `tokens`: inputs x and next tokens y."""
-    x, y = sample_batch(tokens, cfg.block_size, cfg.batch_size, generator)
+def get_batch(tokens, cfg, device, generator, batch_size=None):
+    """A batch of batch_size (default cfg.batch_size) random windows of `tokens`: inputs x and
+    next tokens y."""
+    x, y = sample_batch(tokens, cfg.block_size, batch_size or cfg.batch_size, generator)
     if device.startswith("cuda"):   # pinned: the copy overlaps the GPU's work
         return x.pin_memory().to(device, non_blocking=True), \
             y.pin_memory().to(device, non_blocking=True)
@@ -318,7 +322,7 @@ def split_loss(cfg, model, tokens, gen, ctx, device, world):
     # every rank runs as many forwards (each gathers FSDP2's slices), the last discarded
     for i in range(-(-cfg.eval_iters // world.size) * world.size):
         if i < cfg.eval_iters:
-            batch = get_batch(tokens, cfg, device, gen)
+            batch = get_batch(tokens, cfg, device, gen, cfg.eval_batch_size)
         if i % world.size == world.rank:
             with ctx:
                 loss = model(*batch)[1].item()
@@ -367,7 +371,8 @@ def open_run(cfg, world, device, data, model, raw_model, opt, scaler, batch_gen)
     run_dir = open_run_dir(cfg, f"{data_name(cfg.dataset, data.source)}-{cfg.optimizer}") \
         if world.main or cfg.resume else None
     it, train_s, best_val = 0, 0.0, float("inf")
-    data_facts = dict(data_source=data.source, vocab_size=data.vocab_size)
+    data_facts = dict(data_source=data.source, vocab_size=data.vocab_size,
+                      train_tokens=len(data.train))
     if cfg.resume:
         ckpt = load_checkpoint(run_dir, model, opt, scaler, world, **data_facts)
         batch_gen.set_state(ckpt["batch_gen"])

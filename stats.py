@@ -9,7 +9,11 @@ noise that the seed sets. With d_1 .. d_n those differences,
     mean = (1/n) sum d_i,  sd = sqrt(sum (d_i - mean)^2 / (n - 1))
     interval = mean +- t(0.975, n - 1) * sd / sqrt(n)
 
-and the difference is "not significant" when the interval contains 0.
+and the difference is "not significant" when the interval contains 0. Its two-sided p-value
+is 1 - P(|T| <= |mean| / (sd / sqrt(n))). A table of m such comparisons adjusts the p-values
+by Holm's step-down rule (`holm`), which keeps the chance of any false "significant" in the
+table at 5%: sorted ascending, the k-th smallest is multiplied by m - k + 1 (k from 1), then
+made non-decreasing, capped at 1.
 """
 import math
 import statistics
@@ -59,13 +63,25 @@ def paired_difference(results, baseline, coverage=0.95):
     seeds = sorted(set(results) & set(baseline))
     diffs = [results[s] - baseline[s] for s in seeds]
     out = dict(n=len(diffs), mean=statistics.mean(diffs) if diffs else math.nan, low=None,
-               high=None, significant=False)
+               high=None, significant=False, p=None)
     if len(diffs) >= 2:
-        half = t_quantile(coverage, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(
-            len(diffs))
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+        half = t_quantile(coverage, len(diffs) - 1) * se
         out.update(low=out["mean"] - half, high=out["mean"] + half,
-                   significant=not out["mean"] - half <= 0 <= out["mean"] + half)
+                   significant=not out["mean"] - half <= 0 <= out["mean"] + half,
+                   p=1 - t_coverage(abs(out["mean"]) / se, len(diffs) - 1) if se > 0
+                   else float(out["mean"] == 0))
     return out
+
+
+def holm(p_values):
+    """Holm-adjusted p-values, in the order given (None stays None: no interval)."""
+    ranked = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    adjusted, running = list(p_values), 0.0
+    for k, (p, i) in enumerate(ranked):
+        running = max(running, min(1.0, (len(ranked) - k) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 def describe(diff, digits=3, scale=1.0):

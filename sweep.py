@@ -1,6 +1,11 @@
 """
 Sweeps and ablation studies: a grid of trainer settings x seeds, one process per run.
 
+    python sweep.py --study=tune_v2     # protocol v2: held-out works, 15 trials each, 5 seeds
+    python sweep.py --study=vit_tune_v2 # the same for the ViT (val split held out of training)
+    python sweep.py --study=duration_v2 # the v2-tuned settings at 500..4000 steps, 5 seeds
+    python sweep.py --study=batch_v2    # batch 12..96, same eval tokens, full sqrt rule, 5 seeds
+    python sweep.py --study=per_example_v2  # sign placement and preconditioners, held-out works
     python sweep.py --study=lr          # LR sensitivity of every optimizer, 3 seeds
     python sweep.py --study=sai_rule    # SGD-SaI's scale rules, each over its own LR range
     python sweep.py --study=per_example # sign placement and per-example preconditioners
@@ -71,8 +76,9 @@ TRAINERS = {"nanogpt": nanogpt_sai, "vit": vit_sai}
 
 @dataclass
 class SweepConfig:
-    study: str = option("", "a preset study: tune, vit_tune, duration, batch, lr, sai_rule or "
-                            "per_example (sets trainer, grid or tune, seeds, set)")
+    study: str = option("", "a preset study: tune_v2, vit_tune_v2 (protocol v2); tune, "
+                            "vit_tune, duration, batch, lr, sai_rule or per_example (sets "
+                            "trainer, grid or tune, budget, seeds, set)")
     trainer: str = option("nanogpt", "nanogpt or vit")
     grid: str = option("", "settings to sweep, e.g. 'optimizer=adamw lr=1e-3,3e-3 | "
                            "optimizer=sgd_sai lr=1e-2'")
@@ -88,6 +94,10 @@ class SweepConfig:
                                   "the trainer's default lr and weight decay)")
     max_extra: int = option(12, "tuning: trials an optimizer may add to its 3 x 3 start while its "
                                "best sits on an edge")
+    budget: int = option(0, "tuning: trials per optimizer, the same for every one (>= 9): the "
+                            "3 x 3 start, then the untried neighbours of the best tried point "
+                            "that has any, until spent; 0 = extend while the best sits on an "
+                            "edge, up to --max_extra")
     baseline: str = option("optimizer=adamw", "compare every setting with the best one matching "
                                               "these key=value pairs, over paired seeds ('' = "
                                               "no comparison)")
@@ -169,6 +179,42 @@ STUDIES = {
     "batch": dict(grid="{batch}", seeds="1,2,3", set=TUNE_SET, optimizers="adamw,sgd_sai",
                   baseline=f"batch_size={BATCH_BASE}"),
 }
+# Protocol v2 (docs/studies.md): the research corpus (Shakespeare's complete works, split by
+# whole works; selection on the val works, the reported loss on the test works), every GPT run
+# under one epoch of its training split (2,000 steps of 768 tokens: 0.34 epochs of 4.5M
+# characters), one trial budget for every optimizer, final runs on 5 fresh seeds
+V2_GPT = TUNE_SET + " dataset=shakespeare_complete_char"
+V2_BUDGET = 15
+# each optimizer's search centred on its tuned setting of the first studies (pinned, as v1's)
+V2_CENTRES = ("adamw=4e-3,0.1 sgd_sai=2e-2,0.0111 adam_mini=4e-3,0.1 apollo=6.4e-2,0.0333 "
+              "apollo_mini=8e-3,0.0111 muon=4e-3,0.1 adafactor=4e-2,0.000412")
+STUDIES |= {
+    "tune_v2": dict(tune="all", budget=V2_BUDGET, seeds="1,2,3,4,5", set=V2_GPT,
+                    tune_centre=V2_CENTRES),
+    # the ViT: selection on 5,000 training images held out (the same in every run), the test
+    # set read once per final run; 3 epochs of the other 55,000
+    "vit_tune_v2": dict(trainer="vit", tune="all", budget=V2_BUDGET, seeds="1,2,3,4,5",
+                        set="epochs=3", tune_centre=(
+                            "adamw=4e-3,0.05 sgd_sai=4e-2,0.05 adam_mini=4e-3,0.05 "
+                            "apollo=8e-3,0.05 apollo_mini=8e-3,0.05 muon=4e-3,0.05 "
+                            "adafactor=4e-2,0.05")),
+}
+STUDIES |= {
+    # each optimizer at its v2-tuned setting, each length with its own full decay, 5 seeds
+    # (4,000 steps: 3.07M tokens, 0.68 epochs)
+    "duration_v2": dict(grid=" | ".join(f"{{tuned}} max_iters={n}"
+                                        for n in (500, 1000, 2000, 4000)),
+                        seeds="1,2,3,4,5", set=V2_GPT, tuned="out/sweep-tune_v2"),
+    # batch 12..96 at the tokens of 4,000 steps of 12, every batch size evaluated on the same
+    # 50 x 12 sequences; AdamW: fixed lr, lr x sqrt(k), and the full sqrt rule (betas and eps
+    # too); SGD-SaI: fixed, sqrt and linear lr
+    "batch_v2": dict(grid="{batch_v2}", seeds="1,2,3,4,5",
+                     set=V2_GPT + f" eval_batch_size={BATCH_BASE}", optimizers="adamw,sgd_sai",
+                     baseline=f"batch_size={BATCH_BASE}", tuned="out/sweep-tune_v2"),
+    # arXiv 2510.00236's two questions on the research corpus, 2,000 steps, on the surgery path
+    "per_example_v2": dict(grid=STUDIES["per_example"]["grid"], seeds="1,2,3,4,5", set=V2_GPT,
+                           baseline="preconditioner=batch"),
+}
 # The tuning lattice: lr = centre * 2^i, weight decay = centre * 3^j, from i, j in -1, 0, 1
 LR_STEP, WD_STEP = 2.0, 3.0
 
@@ -190,27 +236,51 @@ def read_tuned(cfg):
     return {n: tuned[n] for n in names}
 
 
+def full_sqrt_rule(lr, batch, eps=1e-8, beta1=0.9, beta2=0.99):
+    """Adam's square-root scaling rule (Malladi et al. 2022, arXiv 2205.10287) from batch
+    BATCH_BASE to `batch`, k = batch / BATCH_BASE: lr x sqrt(k), 1 - beta1 and 1 - beta2 x k,
+    eps / sqrt(k); the trainer options that say it, as grid text."""
+    k = batch / BATCH_BASE
+    return (f"lr={lr * k ** 0.5:.3g} beta1={1 - (1 - beta1) * k:.4g} "
+            f"beta2={1 - (1 - beta2) * k:.4g} eps={eps / k ** 0.5:.3g}")
+
+
 def expand_grid(grid, cfg):
     """A study's grid with its tuned settings filled in, sub-grid by sub-grid (so the runs go in
     the grid's order): '{tuned}' -> one sub-grid per optimizer at its tuned lr and weight decay;
-    '{batch}' -> the batch study's sizes and lr rules for each optimizer."""
-    if "{tuned}" not in grid and "{batch}" not in grid:
+    '{batch}' -> the batch study's sizes and lr rules for each optimizer; '{batch_v2}' -> the
+    same at a fixed lr, the lr-only square-root rule, and (for the Adam family) the full one,
+    or (SGD-SaI) the linear one."""
+    tokens = ("{tuned}", "{batch}", "{batch_v2}")
+    if not any(token in grid for token in tokens):
         return grid
     tuned = read_tuned(cfg)
     parts = []
     for sub in (part.strip() for part in grid.split("|")):
         for name, t in tuned.items():
             here = f"optimizer={name} weight_decay={t['weight_decay']}"
+            lr = float(t["lr"])
             if "{tuned}" in sub:
                 parts.append(sub.replace("{tuned}", f"{here} lr={t['lr']}"))
             elif "{batch}" in sub:
                 for batch in BATCH_SIZES:
                     steps = BATCH_BASE_STEPS * BATCH_BASE // batch   # the same tokens for all
-                    lrs = sorted({float(f"{float(t['lr']) * (batch / BATCH_BASE) ** k:.3g}")
+                    lrs = sorted({float(f"{lr * (batch / BATCH_BASE) ** k:.3g}")
                                   for k in BATCH_RULES.values()})
                     parts.append(f"{here} batch_size={batch} max_iters={steps} "
                                  f"lr={','.join(f'{lr:g}' for lr in lrs)}")
-        if "{tuned}" not in sub and "{batch}" not in sub:
+            elif "{batch_v2}" in sub:
+                for batch in BATCH_SIZES:
+                    steps = BATCH_BASE_STEPS * BATCH_BASE // batch
+                    k = batch / BATCH_BASE
+                    # fixed, sqrt (lr only), and linear (SGD's rule) or the full sqrt rule
+                    lrs = sorted({float(f"{lr * k ** e:.3g}")
+                                  for e in (0, 0.5) + ((1,) if name == "sgd_sai" else ())})
+                    at = f"{here} batch_size={batch} max_iters={steps}"
+                    parts.append(f"{at} lr={','.join(f'{x:g}' for x in lrs)}")
+                    if name != "sgd_sai" and batch != BATCH_BASE:
+                        parts.append(f"{at} {full_sqrt_rule(lr, batch)}")
+        if not any(token in sub for token in tokens):
             parts.append(sub)
     return " | ".join(parts)
 
@@ -304,8 +374,12 @@ def run_one(trainer, run, threads, keep_checkpoint):
 
 
 def compared(row):
-    """The number comparisons are made in: final validation loss, or test accuracy in points."""
-    return row["final_val_loss"] if "final_val_loss" in row else 100 * row["final_test_acc"]
+    """The number a table reports and compares: on the test split when the run has one (the
+    GPT's held-out works, the ViT's test set, read once after the last step), else the final
+    val loss (tiny shakespeare has no test split); accuracy in points."""
+    if row.get("image"):
+        return 100 * row["final_test_acc"]
+    return row.get("final_test_loss", row["final_val_loss"])
 
 
 def per_seed(rows):
@@ -351,20 +425,59 @@ def regime_line(rows):
     return context.replace("\n", " ") or "(no run has a log yet)"
 
 
-def summarize(rows, sweep_dir, baseline, name="summary"):
-    """One line per setting: metrics as mean and sd over its seeds, tokens (or images) per
-    parameter, and the difference from the baseline setting over paired seeds with its 95% t
-    interval; diverged and crashed runs counted (a setting with no finished run says which).
-    Written to <name>.md and <name>.csv; returns the markdown."""
+def reported(rows):
+    """What compared() gives for these rows, in words."""
+    if any(r.get("image") for r in rows):
+        return "test accuracy (points)"
+    if any("final_test_loss" in r for r in rows if r["status"] == "finished"):
+        return "test loss (held-out works)"
+    return "final val loss (no test split)"
+
+
+def with_holm(diffs):
+    """Each paired difference's describe() text and its Holm-adjusted p-value over the table's
+    comparisons (the family is the table: its rows against their baselines)."""
+    adjusted = stats.holm([d["p"] if d else None for d in diffs])
+    return [(d, None if p is None else p) for d, p in zip(diffs, adjusted)]
+
+
+def p_text(p):
+    return "" if p is None else f"{p:.2g}"
+
+
+def regime_cells(rows):
+    """Training tokens (or images) seen, epochs of the training split, and per parameter."""
+    ok = [r for r in rows if r["status"] == "finished" and r.get("seen")]
+    if not ok:
+        return ["", "", ""]
+    epochs = ok[0].get("epochs")
+    return [f"{ok[0]['seen']:,}", f"{epochs:.2g}" if epochs else "?",
+            f"{ok[0]['seen'] / ok[0]['n_params']:.2g}"]
+
+
+def summarize(rows, sweep_dir, baseline, name="summary", test=True):
+    """One line per setting: metrics as mean and sd over its seeds (the validation split's,
+    which selection reads, and the test split's, which the comparison reports), what it trained
+    on (tokens or images, epochs, per parameter), and the difference of the reported metric
+    from the baseline setting over paired seeds with its 95% t interval, its p-value and the
+    p-value Holm-adjusted over the table's comparisons; diverged and crashed runs counted (a
+    setting with no finished run says which). test=False leaves the test split out (a tuning
+    search's trials: selection reads val only). Written to <name>.md and <name>.csv; returns
+    the markdown."""
     groups = {}
     for row in rows:
         groups.setdefault(json.dumps(row["setting"]), []).append(row)
     setting_keys = list(dict.fromkeys(k for row in rows for k in row["setting"]))  # sub-grids
-    image_runs = any("test_acc" in r for r in rows)
-    metric_names = (["final_test_acc", "best_test_acc", "final_test_loss"] if image_runs
-                    else ["final_val_loss", "best_val_loss"])
+    image_runs = any(r.get("image") for r in rows)
+    # the validation split's always; the test split's where the runs have one (and test)
+    metric_names = ["final_val_acc"] if image_runs else ["final_val_loss", "best_val_loss"]
+    if any("best_test_acc" in r for r in rows):   # ViT logs from before the validation split
+        metric_names = ["final_test_acc"]
+    metric_names += [m for m in (["final_test_acc", "final_test_loss"] if image_runs else
+                                 ["final_test_loss"])
+                     if test and m not in metric_names and any(m in r for r in rows)]
     bases, strata = baseline_groups(groups, baseline)
-    table = []
+    table, diffs = [], []
     for key, group in groups.items():
         ok = [r for r in group if r["status"] == "finished"]
         line = {k: json.loads(key).get(k, "") for k in setting_keys}
@@ -375,34 +488,40 @@ def summarize(rows, sweep_dir, baseline, name="summary"):
             values = [r[metric] for r in ok if r.get(metric) is not None]
             line[metric] = statistics.mean(values) if values else math.nan
             line[metric + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        seen = [r for r in ok if r.get("seen")]
-        line["seen"] = seen[0]["seen"] if seen else 0
-        line["per_param"] = seen[0]["seen"] / seen[0]["n_params"] if seen else 0.0
+        line["seen"], line["epochs"], line["per_param"] = regime_cells(group)
         line["state_bytes"] = ok[0]["state_bytes"] if ok else 0
+        diff = None
         if bases:
             line["vs_baseline"], line["diff_mean"] = "no baseline run", math.nan
-            line["diff_low"] = line["diff_high"] = None
+            line["diff_low"] = line["diff_high"] = line["p"] = None
         if key in bases:
             diff = stats.paired_difference(per_seed(group), per_seed(groups[bases[key]]))
             line["vs_baseline"] = ("baseline" if key == bases[key] else
                                    stats.describe(diff, digits=2 if image_runs else 3))
-            line.update(diff_mean=diff["mean"], diff_low=diff["low"], diff_high=diff["high"])
+            line.update(diff_mean=diff["mean"], diff_low=diff["low"], diff_high=diff["high"],
+                        p=diff["p"])
+            diff = None if key == bases[key] else diff
+        diffs.append(diff)
         table.append(line)
+    for line, (_, holm_p) in zip(table, with_holm(diffs)):
+        if bases:
+            line["holm_p"] = holm_p
     with open(os.path.join(sweep_dir, f"{name}.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
     unit = "images" if image_runs else "tokens"
-    head = (setting_keys + metric_names + (["vs baseline"] if bases else [])
-            + ["seen", f"{unit}/param", "train s", "state MiB", "seeds", "diverged"])
+    head = (setting_keys + metric_names + (["vs baseline", "p", "Holm p"] if bases else [])
+            + ["seen", "epochs", f"{unit}/param", "train s", "state MiB", "seeds", "diverged"])
     lines = [f"Regime: {regime_line(rows)}.", ""]
     if bases:
         where = "; ".join(sorted({" ".join(f"{k}={v}" for k, v in json.loads(b).items())
                                   for b in bases.values()}))
         same = f", at the same {', '.join(strata)}" if strata else ""
-        lines += [f"Baseline: {where} (the best setting matching --baseline{same}); differences "
-                  f"are this row's {'test accuracy (points)' if image_runs else 'final val loss'}"
-                  " minus the baseline's over the seeds both ran, with a 95% t interval.", ""]
+        lines += [f"Baseline: {where} (the best setting matching --baseline{same}, chosen on "
+                  f"validation); differences are this row's {reported(rows)} minus the "
+                  "baseline's over the seeds both ran, with a 95% t interval, its p-value, and "
+                  "the p-value Holm-adjusted over this table's comparisons.", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in table:
         cells = [str(t[k]) for k in setting_keys]
@@ -412,8 +531,8 @@ def summarize(rows, sweep_dir, baseline, name="summary"):
             scale = 100 if "acc" in m else 1
             cells.append(f"{scale * t[m]:.4g} ± {scale * t[m + '_sd']:.2g}"
                          if not math.isnan(t[m]) else no_result)
-        cells += [t["vs_baseline"]] if bases else []
-        cells += [f"{t['seen']:,}", f"{t['per_param']:.2g}", f"{t['train_s']:.1f}",
+        cells += [t["vs_baseline"], p_text(t["p"]), p_text(t["holm_p"])] if bases else []
+        cells += [t["seen"], t["epochs"], t["per_param"], f"{t['train_s']:.1f}",
                   f"{t['state_bytes'] / 2**20:.2f}", str(t["seeds"]),
                   f"{t['diverged']}" + (f" (+{t['crashed']} crashed)" if t["crashed"] else "")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -423,40 +542,52 @@ def summarize(rows, sweep_dir, baseline, name="summary"):
 
 
 def tune_summary(report, finals, sweep_dir, baseline):
-    """tune.md: per optimizer, the trials spent, the chosen lr and weight decay, where the search
-    ended (an edge it could not leave is named), the final metric over the fresh seeds (mean ±
-    sd) and its difference from the baseline optimizer over paired seeds (95% t interval)."""
+    """tune.md: per optimizer, the trials spent, the chosen lr and weight decay (by the val
+    split), where the search ended (an edge it could not leave is named), the reported metric
+    (test, when the runs have a test split) over the fresh seeds (mean ± sd), its difference
+    from the baseline optimizer over paired seeds (95% t interval, p, Holm-adjusted p over the
+    table), and what the runs trained on."""
     by_name = {}
     for row in finals:
         by_name.setdefault(row["setting"]["optimizer"], []).append(row)
     base = by_name.get((baseline or {}).get("optimizer"))
-    image_runs = any("test_acc" in r for r in finals)
-    metric = "final test accuracy %" if image_runs else "final val loss"
+    image_runs = any(r.get("image") for r in finals)
+    metric = reported(finals).replace(" (points)", " %")
     head = ["optimizer", "trials", "lr", "weight decay", "search ended", metric]
-    head += [f"vs {baseline['optimizer']}"] if base else []
-    head += ["images/param" if image_runs else "tokens/param", "state MiB"]
+    head += [f"vs {baseline['optimizer']}", "p", "Holm p"] if base else []
+    head += ["seen", "epochs", "images/param" if image_runs else "tokens/param", "state MiB"]
+    budgets = {r["trials"] for r in report.values()}
+    rule = ("the untried neighbours of the best tried point that had any, until "
+            f"{budgets.pop()} trials each" if report and all(r["ended"] in ("budget", "interior")
+                                                             and r.get("budget")
+                                                             for r in report.values())
+            and len(budgets) == 1 else "extended while the best lacked a tried neighbour")
     lines = [f"Regime: {regime_line(finals)}.", "",
              "Each optimizer's lr x weight decay tuned on one seed (lr x2, wd x3 apart, from a "
-             "3 x 3 start; extended while the best lacked a tried neighbour), then its best "
+             f"3 x 3 start; {rule}), selected on the validation split, then its best "
              f"run on the seeds {', '.join(str(s) for s in sorted({r['seed'] for r in finals}))}"
-             " (mean ± sd)" + ("; differences over paired seeds, 95% t interval" if base else "")
-             + ".", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in report.items():
+             " (mean ± sd)" + ("; differences over paired seeds, 95% t interval, p-values "
+                               "Holm-adjusted over the table" if base else "") + ".", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    diffs = [stats.paired_difference(per_seed(by_name.get(name, [])), per_seed(base))
+             if base and name != baseline["optimizer"] else None for name in report]
+    for (name, r), (diff, holm_p) in zip(report.items(), with_holm(diffs)):
         rows = by_name.get(name, [])
         values = list(per_seed(rows).values())
-        ended = ("interior" if r["ended"] == "interior" else
-                 f"cap hit: {', '.join(r['edges'])} untried")
+        ended = ("interior" if not r["edges"] else
+                 f"{'budget spent' if r.get('budget') else 'cap hit'}: "
+                 f"{', '.join(r['edges'])} untried")
         cells = [name, str(r["trials"]), r["setting"]["lr"], r["setting"]["weight_decay"], ended,
                  (f"{statistics.mean(values):.4g} ± "
                   f"{statistics.stdev(values) if len(values) > 1 else 0:.2g} "
                   f"({len(values)} of {len(rows)} seeds)") if values else "no finished run"]
         if base:
-            cells.append("baseline" if name == baseline["optimizer"] else stats.describe(
-                stats.paired_difference(per_seed(rows), per_seed(base)),
-                digits=2 if image_runs else 3))
+            cells += (["baseline", "", ""] if diff is None else
+                      [stats.describe(diff, digits=2 if image_runs else 3), p_text(diff["p"]),
+                       p_text(holm_p)])
         ok = [x for x in rows if x["status"] == "finished" and x.get("seen")]
-        cells += [f"{ok[0]['seen'] / ok[0]['n_params']:.2g}" if ok else "",
-                  f"{ok[0]['state_bytes'] / 2**20:.2f}" if ok else ""]
+        cells += regime_cells(rows)
+        cells += [f"{ok[0]['state_bytes'] / 2**20:.2f}" if ok else ""]
         lines.append("| " + " | ".join(cells) + " |")
     with open(os.path.join(sweep_dir, "tune.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -464,7 +595,9 @@ def tune_summary(report, finals, sweep_dir, baseline):
 
 
 def run_result(run_dir, setting, seed, status):
-    """The numbers summarize() needs, read from a run's metrics."""
+    """The numbers summarize() needs, read from a run's metrics: the last evaluation's (val;
+    test in ViT logs from before the validation split), the test split's once after the last
+    step (GPT's held-out works, the ViT's test set), and its regime."""
     row = {"setting": setting, "seed": seed, "status": status, "run_dir": run_dir}
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
@@ -472,28 +605,43 @@ def run_result(run_dir, setting, seed, status):
     with open(path) as f:
         records = [json.loads(line) for line in f]
     evals = [r for r in records if r["event"] == "eval"]
+    tests = [r for r in records if r["event"] == "test"]
     if evals:
         last = evals[-1]
-        if "test_acc" in last:
+        if "val_acc" in last:
+            row.update(final_val_acc=last["val_acc"], best_val_acc=last["best_val_acc"],
+                       final_val_loss=last["val_loss"], image=True, seen=last["samples"])
+        elif "test_acc" in last:   # evaluated on the test set each epoch (before the val split)
             row.update(final_test_acc=last["test_acc"], best_test_acc=last["best_test_acc"],
-                       final_test_loss=last["test_loss"], test_acc=True, seen=last["samples"])
+                       final_test_loss=last["test_loss"], image=True, seen=last["samples"])
         else:
             row.update(final_val_loss=last["val_loss"], best_val_loss=last["best_val_loss"],
                        seen=last["tokens"])
         row.update(train_s=last["train_s"], state_bytes=last["state_bytes"])
+    if tests:
+        row["final_test_loss"] = tests[-1]["test_loss"]
+        if "test_acc" in tests[-1]:
+            row["final_test_acc"] = tests[-1]["test_acc"]
     info_path = os.path.join(run_dir, "run.json")
     if os.path.exists(info_path):
         with open(info_path) as f:
-            row["n_params"] = json.load(f)["n_params"]
+            info = json.load(f)
+        row["n_params"] = info["n_params"]
+        examples = info.get("n_train" if row.get("image") else "train_tokens")
+        if examples and row.get("seen"):
+            row["epochs"] = row["seen"] / examples
     return row
 
 
 def objective(row):
-    """What tuning minimises: the final validation loss (GPT) or minus the final test accuracy
-    (ViT); inf for a run that did not finish."""
+    """What tuning minimises and a baseline is chosen by, on the validation split only: the
+    final val loss (GPT) or minus the final val accuracy (ViT; the test accuracy in logs from
+    before the ViT had a validation split); inf for a run that did not finish."""
     if row["status"] != "finished":
         return math.inf
-    return row["final_val_loss"] if "final_val_loss" in row else -row["final_test_acc"]
+    if row.get("image"):
+        return -row.get("final_val_acc", row.get("final_test_acc"))
+    return row["final_val_loss"]
 
 
 def parse_filter(text):
@@ -545,6 +693,22 @@ def next_trials(tried, max_extra, start=9):
     return missing, None
 
 
+def budget_trials(tried, budget):
+    """One tuning decision under an equal budget: the untried lattice neighbours of the best
+    tried point that has any (points ranked by final loss), as many as the budget has left;
+    ([], 'budget') once it is spent. Every optimizer spends the same number of trials by the
+    same rule."""
+    left = budget - len(tried)
+    if left <= 0:
+        return [], "budget"
+    for point in sorted(tried, key=lambda p: (tried[p], p)):
+        missing = [(point[0] + di, point[1] + dj) for di, dj in NEIGHBOURS
+                   if (point[0] + di, point[1] + dj) not in tried]
+        if missing:
+            return missing[:left], None
+    return [], "budget"   # not reached: a finite set of points always has an untried neighbour
+
+
 def edges(tried, best):
     """Which axes the best point still lacks a tried neighbour on: e.g. ['lr above']."""
     words = ("lr below", "lr above", "wd below", "wd above")
@@ -577,7 +741,7 @@ def tune(trainer, cfg, fixed, sweep_dir, start, jobs=1):
 
     def enqueue(name, settings, run_seeds, points):
         runs = plan_runs(trainer, settings, run_seeds, fixed, sweep_dir)
-        check_runs(runs, sweep_dir)
+        check_runs(runs, sweep_dir, trainer)
         for run, point in zip(runs, points):
             rows[name].append({})   # filled where it was decided when the run ends
             queue.append((point is None, next(decided), name, point, run, rows[name][-1]))
@@ -585,7 +749,8 @@ def tune(trainer, cfg, fixed, sweep_dir, start, jobs=1):
 
     def decide(name):
         """The search's next trials, or, once it has ended, the best setting's final runs."""
-        points, why = next_trials(tried[name], cfg.max_extra)
+        points, why = (budget_trials(tried[name], cfg.budget) if cfg.budget else
+                       next_trials(tried[name], cfg.max_extra))
         if not why:
             enqueue(name, [lattice_setting(name, centres[name], p) for p in points],
                     [cfg.tune_seed], points)
@@ -593,7 +758,8 @@ def tune(trainer, cfg, fixed, sweep_dir, start, jobs=1):
         best = min(tried[name], key=lambda p: (tried[name][p], p))
         setting = lattice_setting(name, centres[name], best)
         report[name] = dict(setting=setting, trials=len(tried[name]), ended=why,
-                            edges=edges(tried[name], best), tune_loss=tried[name][best])
+                            budget=bool(cfg.budget), edges=edges(tried[name], best),
+                            tune_loss=tried[name][best])
         if len(report) == len(names):
             with open(os.path.join(sweep_dir, "tuned.json"), "w") as f:
                 json.dump({n: {"lr": report[n]["setting"]["lr"],
@@ -625,10 +791,12 @@ def tune(trainer, cfg, fixed, sweep_dir, start, jobs=1):
     return done_rows, None if crashed else {name: report[name] for name in names}
 
 
-def check_runs(runs, sweep_dir):
-    """Refuse run directories that hold a run made with other options (ConfigError)."""
+def check_runs(runs, sweep_dir, trainer):
+    """Refuse run directories that hold a run made with other options (ConfigError); an option
+    the trainer gained since, at its default, is not another option."""
+    defaults = dataclasses.asdict(trainer.Config())
     changed = [(run, changes) for run in runs
-               if (changes := config_changes(run.run_dir, run.config))]
+               if (changes := config_changes(run.run_dir, run.config, defaults))]
     if changed:
         run, changes = changed[0]
         raise ConfigError(
@@ -683,6 +851,9 @@ def main(argv):
         check_positive(cfg, "jobs")
         if cfg.max_extra < 0:
             raise ConfigError(f"--max_extra must be >= 0, got {cfg.max_extra}")
+        if cfg.budget and cfg.budget < 9:
+            raise ConfigError(f"--budget={cfg.budget}: the 3 x 3 start alone is 9 trials; give "
+                              ">= 9 (or 0 for the --max_extra rule)")
         baseline = parse_filter(cfg.baseline)
         sweep_dir = cfg.sweep_dir or os.path.join("out", f"sweep-{cfg.study or 'custom'}")
         if cfg.pack:
@@ -696,7 +867,7 @@ def main(argv):
         else:
             runs = plan_runs(trainer, parse_grid(expand_grid(cfg.grid, cfg)), seeds, fixed,
                              sweep_dir)
-            check_runs(runs, sweep_dir)
+            check_runs(runs, sweep_dir, trainer)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -744,7 +915,8 @@ def main(argv):
     with open(os.path.join(sweep_dir, "runs.jsonl"), "w") as f:       # rewritten: no repeats
         f.writelines(json.dumps(row) + "\n" for row in rows)
     if cfg.tune:   # the trials' table; the tuned settings' when tuning got that far
-        print(summarize([r for r in rows if not r.get("final")], sweep_dir, None, "trials"))
+        print(summarize([r for r in rows if not r.get("final")], sweep_dir, None, "trials",
+                        test=False))
         if report:
             print(tune_summary(report, [r for r in rows if r.get("final")], sweep_dir,
                                baseline))

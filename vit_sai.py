@@ -31,7 +31,7 @@ import per_example
 from cli import (ConfigError, RunOptions, check_positive, data_error, option,
                  optimizer_names, pick_device, pick_dtype, read_config, warmup_steps)
 from compare import compare
-from data.images import DATASETS, load_images, random_crop_flip
+from data.images import DATASETS, hold_out, load_images, random_crop_flip
 from train_helpers import (EXIT_STATUS, MetricsLog, Progress, StopOnCtrlC, check_out_dir,
                            data_name, gradient_diagnostics, load_checkpoint,
                            loss_far_above_chance, lr_at, maybe_compile, memory_fields,
@@ -65,6 +65,9 @@ class Config(RunOptions):
     batch_size: int = option(128, "images per step")
     epochs: int = option(8, "passes over the training set")
     max_iters: int = option(0, "stop after this many steps; 0 = all epochs")
+    val_images: int = option(5000, "training images held out as the validation split (the same "
+                                   "ones in every run), evaluated each epoch; the test set is "
+                                   "read once, after the last step")
     log_interval: int = option(50, "console and metrics line every this many steps")
     seed: int = option(1337, "seed of weights, shuffling, augmentation and dropout")
     diagnostics: bool = option(False, "at each evaluation, per-block gradient statistics from "
@@ -89,7 +92,8 @@ def resolve_config(argv):
     if cfg.dataset not in DATASETS:
         raise ConfigError(f"--dataset must be {', '.join(DATASETS[:-1])} or {DATASETS[-1]}, "
                           f"got {cfg.dataset!r}")
-    check_positive(cfg, "patch_size", "dim", "depth", "heads", "mlp_ratio", "epochs")
+    check_positive(cfg, "patch_size", "dim", "depth", "heads", "mlp_ratio", "epochs",
+                   "val_images")
     if cfg.max_iters < 0:
         raise ConfigError(f"--max_iters must be >= 0, got {cfg.max_iters}")
     if cfg.dim % cfg.heads:
@@ -194,12 +198,17 @@ class ViT(nn.Module):
 # training: data and batches, evaluation, the run directory, then the loop
 
 def load_data(cfg):
-    """cfg.dataset's images and labels; a bad --data_path is a ConfigError."""
+    """cfg.dataset's images and labels, cfg.val_images of the training images held out as the
+    validation split; a bad --data_path or --val_images is a ConfigError."""
     try:
         # seed 0, not cfg.seed: the rendered digits' test fonts stay the same across seeds
-        return load_images(cfg.dataset, data_dir=cfg.data_dir, data_path=cfg.data_path, seed=0)
+        data = load_images(cfg.dataset, data_dir=cfg.data_dir, data_path=cfg.data_path, seed=0)
     except (OSError, ValueError) as err:   # a --data_path that is missing or malformed
         raise data_error(err, cfg.data_dir) from None
+    if cfg.val_images >= len(data.train_y):
+        raise ConfigError(f"--val_images={cfg.val_images} would leave no training image of the "
+                          f"{len(data.train_y):,} of {data.source}; hold out fewer")
+    return hold_out(data, cfg.val_images)
 
 
 def input_normalizer(cfg, data, device):
@@ -244,22 +253,21 @@ def diagnostics_batch(cfg, data, to_input, device):
 
 
 @torch.no_grad()
-def evaluate(model, data, ctx, to_input, device, world):
-    """Loss, accuracy and the confusion matrix (rows: true class, columns: predicted) on the
-    whole test set, in chunks of 1000 images that the ranks share: the evaluation's fields of
-    the metrics log."""
+def evaluate(model, images, labels, n_classes, ctx, to_input, device, world):
+    """Loss, accuracy and the confusion matrix (rows: true class, columns: predicted) on a
+    split (the validation images each epoch, the test set once at the end), in chunks of 1000
+    images that the ranks share."""
     model.eval()
-    n_classes = len(data.classes)
     loss_sum, confusion = 0.0, torch.zeros(n_classes * n_classes, dtype=torch.long)
-    starts = range(0, len(data.test_y), 1000)
+    starts = range(0, len(labels), 1000)
     # every rank runs as many forwards (each gathers FSDP2's slices), the last discarded
     for j in range(-(-len(starts) // world.size) * world.size):
         if j % world.size != world.rank:
             continue
         i = starts[min(j, len(starts) - 1)]
-        y = data.test_y[i:i + 1000].to(device)
+        y = labels[i:i + 1000].to(device)
         with ctx:
-            logits = model(to_input(data.test_x[i:i + 1000])).float()
+            logits = model(to_input(images[i:i + 1000])).float()
         if j >= len(starts):
             continue
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
@@ -268,8 +276,8 @@ def evaluate(model, data, ctx, to_input, device, world):
     model.train()
     loss_sum = parallel.sum_over_ranks(torch.tensor(loss_sum, dtype=torch.float64), world).item()
     confusion = parallel.sum_over_ranks(confusion, world).view(n_classes, n_classes)
-    return dict(test_loss=loss_sum / len(data.test_y),
-                test_acc=confusion.trace().item() / len(data.test_y), confusion=confusion.tolist())
+    return dict(loss=loss_sum / len(labels), acc=confusion.trace().item() / len(labels),
+                confusion=confusion.tolist())
 
 
 def open_run(cfg, world, device, data, model, raw_model, opt, scaler, shuffle_gen, order,
@@ -281,7 +289,7 @@ def open_run(cfg, world, device, data, model, raw_model, opt, scaler, shuffle_ge
         if world.main or cfg.resume else None   # rank 0 alone writes files and prints
     it, train_s, best_acc = 0, 0.0, 0.0
     data_facts = dict(data_source=data.source, n_train=len(data.train_y),
-                      n_test=len(data.test_y))
+                      n_val=len(data.val_y), n_test=len(data.test_y))
     if cfg.resume:
         ckpt = load_checkpoint(run_dir, model, opt, scaler, world, **data_facts)
         shuffle_gen.set_state(ckpt["shuffle_gen"])
@@ -352,29 +360,33 @@ def train(cfg):
             for group in opt.param_groups:
                 group["lr"] = lr
 
-            # evaluate and checkpoint at each epoch's end (the resumed step was evaluated)
+            # evaluate on the validation images and checkpoint at each epoch's end (the resumed
+            # step was evaluated)
             if (it % steps_per_epoch == 0 or it == total_steps) and it != resumed_at:
                 train_s = progress.clock.pause()
-                result = evaluate(model, data, ctx, to_input, device, world)
+                val = evaluate(model, data.val_x, data.val_y, len(data.classes), ctx, to_input,
+                               device, world)
+                result = dict(val_loss=val["loss"], val_acc=val["acc"],
+                              confusion=val["confusion"])
                 if cfg.diagnostics:   # the same images each time, in eval mode
                     x, y = diagnostics_batch(cfg, data, to_input, device)
                     raw_model.eval()
                     result.update(gradient_diagnostics(raw_model, opt, image_loss, x, y))
                     raw_model.train()
                 if parallel.any_rank(not all_finite.item(), world) or not math.isfinite(
-                        result["test_loss"]):
+                        result["val_loss"]):
                     status = "diverged"
                     break
-                best_acc = max(best_acc, result["test_acc"])
+                best_acc = max(best_acc, result["val_acc"])
                 epoch_mean = parallel.sum_over_ranks(epoch_loss, world).item() / max(epoch_steps, 1)
                 log.write(event="eval", step=it, epoch=it / steps_per_epoch,
                           train_loss=epoch_mean if epoch_steps else None, **result,
-                          best_test_acc=best_acc, lr=lr, samples=it * cfg.batch_size,
+                          best_val_acc=best_acc, lr=lr, samples=it * cfg.batch_size,
                           train_s=train_s, wall_s=time.time() - t_start,
                           **memory_fields(raw_model, opt, device, world))
-                progress.say(f"epoch {it / steps_per_epoch:.2f}: test loss "
-                             f"{result['test_loss']:.4f}, test accuracy "
-                             f"{100 * result['test_acc']:.2f}%")
+                progress.say(f"epoch {it / steps_per_epoch:.2f}: val loss "
+                             f"{result['val_loss']:.4f}, val accuracy "
+                             f"{100 * result['val_acc']:.2f}%")
                 epoch_loss, epoch_steps = torch.zeros((), device=device), 0
                 save_checkpoint(run_dir, model, opt, scaler, cfg, world, step=it, order=order,
                                 shuffle_gen=shuffle_gen.get_state(), train_s=train_s,
@@ -439,6 +451,11 @@ def train(cfg):
                                     train_s=progress.clock.pause(), best_acc=best_acc)
                 break
     progress.bar.close()
+    if status == "finished":   # the test set, once: never read by a selection (sweeps use val)
+        test = evaluate(model, data.test_x, data.test_y, len(data.classes), ctx, to_input,
+                        device, world)
+        log.write(event="test", step=it, test_loss=test["loss"], test_acc=test["acc"],
+                  confusion=test["confusion"])
     log.write(event="end", step=it, status=status, train_s=progress.clock.pause())
     log.close()
     code = report_end(status, it, run_dir, "vit_sai.py") if world.main else EXIT_STATUS[status]

@@ -7,6 +7,7 @@ trainer still runs: load_images falls back to digits rendered from the fonts mat
     cifar10:       50,000 train / 10,000 test, 3x32x32, 10 classes (train with random_crop_flip)
     digits:        20,000 train / 4,000 test, 1x28x28, 10 classes (test fonts unseen in train)
 """
+import dataclasses
 import gzip
 import math
 import os
@@ -61,6 +62,8 @@ class ImageData:
     classes: list[str]
     source: str  # 'fashion_mnist' | 'cifar10' | 'digits' (the offline fallback)
     augment: bool  # True for cifar10: the trainer applies random_crop_flip to train batches
+    val_x: torch.Tensor | None = None  # uint8, held out of the training images (hold_out)
+    val_y: torch.Tensor | None = None
 
 
 def load_images(dataset, data_dir=CACHE_DIR, data_path="", log=print, seed=0):
@@ -89,6 +92,16 @@ def load_images(dataset, data_dir=CACHE_DIR, data_path="", log=print, seed=0):
     train_x, train_y, test_x, test_y = render_digits(DIGITS_TRAIN, DIGITS_TEST, seed)
     return ImageData(train_x, train_y, test_x, test_y, [str(d) for d in range(10)], "digits",
                      augment=False)
+
+
+def hold_out(data, n_val, seed=0):
+    """`data` with n_val of its training images, drawn by `seed`, moved to a validation split
+    (val_x, val_y): the same images for every run (the seed is the split's, not the run's); the
+    rest keep their order."""
+    order = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(seed))
+    val, train = order[:n_val], order[n_val:].sort().values
+    return dataclasses.replace(data, train_x=data.train_x[train], train_y=data.train_y[train],
+                               val_x=data.train_x[val], val_y=data.train_y[val])
 
 
 def find_fashion_mnist(data_dir, data_path, log):

@@ -31,8 +31,12 @@ def trainer_hparams(name, options):
     sai_rule, as their Config) as the keyword arguments optimizer `name` takes: beta1 is
     SGD-SaI's momentum and b1 of the Adam family (Muon: of its AdamW part; its own momentum
     stays 0.95); sai_rule is SGD-SaI's only; Adafactor takes neither beta; sign_placement and
-    preconditioner are the per-example optimizers' (sign_sgd's momentum is beta1)."""
+    preconditioner are the per-example optimizers' (sign_sgd's momentum is beta1); eps, where
+    set (> 0), is the Adam family's (AdamW, Adam-mini, APOLLO, Muon's AdamW part, adam_pe)."""
     hparams = dict(lr=options.lr, weight_decay=options.weight_decay)
+    if getattr(options, "eps", 0) > 0 and name in ("adamw", "adam_mini", "apollo",
+                                                   "apollo_mini", "muon", "adam_pe"):
+        hparams["eps"] = options.eps
     if name == "sgd_sai":
         return hparams | dict(momentum=options.beta1, sai_rule=options.sai_rule)
     if name == "sign_sgd":

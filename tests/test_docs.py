@@ -36,7 +36,7 @@ GPT_TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--ba
             "--max_iters=4", "--eval_iters=2", "--eval_interval=2", "--warmup_iters=1",
             "--log_interval=2", "--sample_tokens=0", "--eval_sample_tokens=0", "--device=cpu"]
 VIT_TINY = ["--dim=16", "--depth=1", "--heads=2", "--batch_size=16", "--max_iters=2",
-            "--warmup_iters=1", "--log_interval=1", "--device=cpu"]
+            "--val_images=16", "--warmup_iters=1", "--log_interval=1", "--device=cpu"]
 
 
 def documents():

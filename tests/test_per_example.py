@@ -410,7 +410,8 @@ def test_the_vit_steps_the_per_example_optimizers_with_diagnostics(tmp_path):
     """sign_sgd and adam_pe train the ViT (every parameter by the surgery: no vmap warning);
     --diagnostics logs each evaluation's per-block statistics and draws them."""
     write_fashion_mnist(tmp_path / "fmnist", n_train=64, n_test=32)
-    common = ["--dim=16", "--depth=1", "--heads=2", "--batch_size=16", "--warmup_iters=2",
+    common = ["--dim=16", "--depth=1", "--heads=2", "--batch_size=16", "--val_images=16",
+              "--warmup_iters=2",
               "--log_interval=2", "--device=cpu", "--epochs=2",
               f"--data_path={tmp_path / 'fmnist'}", f"--data_dir={tmp_path / 'cache'}"]
     for optimizer in ("sign_sgd", "adam_pe"):
@@ -425,7 +426,7 @@ def test_the_vit_steps_the_per_example_optimizers_with_diagnostics(tmp_path):
                                                  10).named_parameters()]
         for r in evals:
             assert list(r["diagnostics"]) == names and r["noise_scale"] > 0
-        assert evals[-1]["test_loss"] < evals[0]["test_loss"]          # it learns
+        assert evals[-1]["val_loss"] < evals[0]["val_loss"]            # it learns
         n_params = json.loads((out / "run.json").read_text())["n_params"]
         assert evals[-1]["state_bytes"] == (1 if optimizer == "sign_sgd" else 2) * 4 * n_params
         assert is_png(out / "diagnostics.png")

@@ -1,6 +1,7 @@
 """The studies' protocol: t intervals over paired seeds, the lr x weight decay tuning search and
 its grid extension, the regime every run and table states, the lr schedules, and the studies
 built from tuned settings."""
+import dataclasses
 import json
 import math
 import os
@@ -10,8 +11,10 @@ import pytest
 import scipy.stats
 
 import nanogpt_sai
+import optim
 import stats
 import sweep
+from cli import config_changes
 from fake_data import write_corpus
 from plots import studies
 from plots.figures import regime_facts
@@ -228,15 +231,101 @@ def test_studies_of_tuned_settings_read_tuned_json(tmp_path, capsys):
     assert "--optimizers: muon not tuned" in capsys.readouterr().err
 
 
-def test_regime_counts_tokens_per_parameter():
+def test_the_v2_batch_study_has_the_full_square_root_rule_and_fixed_evaluation(tmp_path):
+    """{batch_v2}: at every batch size AdamW at a fixed lr, at lr x sqrt(k), and at the full
+    rule (lr x sqrt(k), 1 - beta and eps scaled by k and 1 / sqrt(k)); SGD-SaI's lr rules;
+    equal tokens; the preset fixes the evaluation batch, so every size is evaluated alike."""
+    (tmp_path / "tuned.json").write_text(json.dumps(
+        {"adamw": {"lr": "0.004", "weight_decay": "0.1"},
+         "sgd_sai": {"lr": "0.02", "weight_decay": "0.0111"}}))
+    settings = sweep.parse_grid(sweep.expand_grid("{batch_v2}", sweep.SweepConfig(
+        tuned=str(tmp_path))))
+    full = [s for s in settings if "beta1" in s]
+    assert [int(s["batch_size"]) for s in full] == [24, 48, 96]
+    for s in full:
+        k = int(s["batch_size"]) / 12
+        assert s["optimizer"] == "adamw" and int(s["max_iters"]) * k == 4000
+        assert float(s["lr"]) == pytest.approx(0.004 * k ** 0.5, rel=3e-3)   # 3 figures
+        assert 1 - float(s["beta1"]) == pytest.approx(0.1 * k, rel=1e-3)
+        assert 1 - float(s["beta2"]) == pytest.approx(0.01 * k, rel=1e-3)
+        assert float(s["eps"]) == pytest.approx(1e-8 / k ** 0.5, rel=3e-3)
+    adamw_96 = {s["lr"] for s in settings if s["optimizer"] == "adamw" and "beta1" not in s
+                and s["batch_size"] == "96"}
+    assert adamw_96 == {"0.004", "0.0113"}                            # fixed and sqrt lr only
+    assert "eval_batch_size=12" in sweep.STUDIES["batch_v2"]["set"]
+    cfg = nanogpt_sai.resolve_config(["--device=cpu", "--optimizer=adamw", "--eps=3.5e-9"])
+    assert optim.trainer_hparams("adamw", cfg)["eps"] == 3.5e-9
+    assert "eps" not in optim.trainer_hparams("adamw", nanogpt_sai.resolve_config(
+        ["--device=cpu", "--optimizer=adamw"]))                        # 0: the optimizer's own
+
+
+def test_an_option_added_since_a_run_at_its_default_is_not_another_option(tmp_path):
+    """A sweep resumed after the trainer gained an option: runs made before it, where the new
+    option is at its default, are the same runs; at another value they are not."""
+    cfg = dataclasses.asdict(nanogpt_sai.resolve_config(["--device=cpu"]))
+    saved = {k: v for k, v in cfg.items() if k != "eval_batch_size"}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    defaults = dataclasses.asdict(nanogpt_sai.Config())
+    assert config_changes(str(tmp_path), cfg, defaults) == []
+    assert config_changes(str(tmp_path), cfg) == ["eval_batch_size: (none) -> 0"]
+    assert config_changes(str(tmp_path), dict(cfg, eval_batch_size=12), defaults) == [
+        "eval_batch_size: (none) -> 12"]
+
+
+def test_regime_counts_tokens_per_parameter_and_epochs():
     config = dict(batch_size=12, block_size=64, grad_accum=2, max_iters=1000)
     facts = regime_facts(config, {"n_params": 800_000, "n_params_non_embedding": 780_000})
     assert facts["seen"] == 12 * 64 * 2 * 1000
     assert facts["per_param"] == pytest.approx(1_536_000 / 800_000)
     assert facts["x_optimal"] == pytest.approx(1_536_000 / 800_000 / 20)
+    assert "epochs" not in facts                  # run.json without the training split's size
+    facts = regime_facts(config, {"n_params": 800_000, "train_tokens": 1_003_854})
+    assert facts["epochs"] == pytest.approx(1_536_000 / 1_003_854)   # tiny shakespeare: 1.53
     vit = regime_facts(dict(patch_size=4, batch_size=128, max_iters=0, epochs=3),
-                       {"n_params": 140_000, "n_train": 60_000})
-    assert vit["seen"] == 180_000 and "x_optimal" not in vit
+                       {"n_params": 140_000, "n_train": 55_000})
+    assert vit["seen"] == 165_000 and "x_optimal" not in vit and vit["epochs"] == 3
+
+
+def test_p_values_match_scipy_and_holm_adjusts_them_by_hand():
+    diffs = {1: 0.1, 2: 0.3, 3: 0.2, 4: 0.25, 5: 0.05}
+    diff = stats.paired_difference(diffs, {s: 0.0 for s in diffs})
+    assert diff["p"] == pytest.approx(scipy.stats.ttest_1samp(list(diffs.values()), 0).pvalue,
+                                      rel=1e-9)
+    # sorted 0.01, 0.03, 0.04, 0.5 of 4 tests: x4, x3, x2, x1, then never below an earlier one
+    assert stats.holm([0.01, 0.04, None, 0.03, 0.5]) == pytest.approx(
+        [0.04, 0.09, None, 0.09, 0.5])
+    assert stats.holm([0.5, 0.6]) == [1.0, 1.0]
+
+
+def test_an_equal_budget_spends_the_same_trials_by_the_same_rule():
+    """budget_trials: every search ends at exactly the budget, however far its optimum lies;
+    with the optimum inside the start, the budget goes to the best point's neighbours."""
+    for loss in (lambda i, j: (i - 4) ** 2 + (j + 1) ** 2, lambda i, j: i * i + j * j,
+                 lambda i, j: math.inf if i > 0 else -i):
+        tried = {(i, j): loss(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)}
+        while True:
+            points, why = sweep.budget_trials(tried, 15)
+            if why:
+                break
+            tried.update({p: loss(*p) for p in points})
+        assert why == "budget" and len(tried) == 15
+    tried = {(i, j): (i - 4) ** 2 + (j + 1) ** 2 for i in (-1, 0, 1) for j in (-1, 0, 1)}
+    points, _ = sweep.budget_trials(tried, 15)
+    assert points == [(2, -1), (1, -2)]   # the best, (1, -1): its untried lr above, wd below
+
+
+def test_tuning_with_a_budget_gives_every_optimizer_the_same_trials(tmp_path):
+    loss = bowl({"adamw": (0.004, 0.1), "sgd_sai": (0.32, 0.0333)})   # sgd_sai's far above
+    cfg = sweep.SweepConfig(tune="adamw,sgd_sai", seeds="1,2", budget=12)
+    rows, report = sweep.tune(nanogpt_sai, cfg, ["--device=cpu"], str(tmp_path),
+                              fake_start(loss))
+    assert [r["trials"] for r in report.values()] == [12, 12]
+    assert sum(not r.get("final") for r in rows) == 24
+    assert report["adamw"]["edges"] == [] and "lr above" in report["sgd_sai"]["edges"]
+    table = sweep.tune_summary(report, [r for r in rows if r.get("final")], str(tmp_path),
+                               {"optimizer": "adamw"})
+    assert "until 12 trials each" in table and "| budget spent: lr above" in table
+    assert "| vs adamw | p | Holm p |" in table
 
 
 def test_run_json_counts_non_embedding_parameters(tmp_path):
@@ -336,6 +425,7 @@ def test_an_lr_sweep_is_compared_with_adamw_at_its_best_lr(tmp_path):
                  _row(seed, 1.8 + 0.01 * seed, optimizer="adamw", lr="4e-3"),
                  _row(seed, 1.9, optimizer="muon", lr="1e-2")]
     text = sweep.summarize(rows, str(tmp_path), {"optimizer": "adamw"})
-    assert "Baseline: optimizer=adamw lr=4e-3 (the best setting matching --baseline)" in text
+    assert ("Baseline: optimizer=adamw lr=4e-3 (the best setting matching --baseline, chosen on "
+            "validation)") in text
     muon = next(line for line in text.splitlines() if line.startswith("| muon"))
     assert "+0.085 (95% CI" in muon

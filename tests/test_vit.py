@@ -10,7 +10,7 @@ import vit_sai
 from fake_data import write_cifar10, write_fashion_mnist
 from run_helpers import ctrl_c_after_step, is_png, records
 
-TINY = ["--dim=16", "--depth=1", "--heads=2", "--mlp_ratio=2", "--batch_size=16",
+TINY = ["--dim=16", "--depth=1", "--heads=2", "--mlp_ratio=2", "--batch_size=16", "--val_images=16",
         "--warmup_iters=2", "--log_interval=2", "--device=cpu"]
 
 
@@ -56,15 +56,17 @@ def test_few_iterations_of_each_optimizer(optimizer, fmnist, tmp_path):
     recs = records(out)
     evals = [r for r in recs if r["event"] == "eval"]
     assert [r["epoch"] for r in evals] == [0, 1, 2] and recs[-1]["status"] == "finished"
-    for r in evals:
-        assert 0 <= r["test_acc"] <= 1 and r["samples"] == r["step"] * 16
-        assert set(r) >= {"test_loss", "train_loss", "state_bytes", "param_bytes", "grad_bytes",
-                          "peak_bytes", "train_s", "best_test_acc"}
-    assert [r["step"] for r in recs if r["event"] == "train"] == [2, 4, 6, 8]
-    for r in evals:              # rows: the 32 test images by true class; the diagonal: correct
-        confusion = torch.tensor(r["confusion"])
-        assert confusion.shape == (10, 10) and confusion.sum() == 32
-        assert confusion.trace() / 32 == pytest.approx(r["test_acc"])
+    for r in evals:              # each epoch on the 16 held-out training images
+        assert 0 <= r["val_acc"] <= 1 and r["samples"] == r["step"] * 16
+        assert set(r) >= {"val_loss", "train_loss", "state_bytes", "param_bytes", "grad_bytes",
+                          "peak_bytes", "train_s", "best_val_acc"}
+        assert "test_acc" not in r and torch.tensor(r["confusion"]).sum() == 16
+    assert [r["step"] for r in recs if r["event"] == "train"] == [2, 4, 6]   # 48 images: 3 steps
+    test = [r for r in recs if r["event"] == "test"]   # the test set once, after the last step
+    assert [r["step"] for r in test] == [6]
+    confusion = torch.tensor(test[0]["confusion"])     # rows: the 32 test images by true class
+    assert confusion.shape == (10, 10) and confusion.sum() == 32
+    assert confusion.trace() / 32 == pytest.approx(test[0]["test_acc"])
     for name in ("loss.png", "memory.png", "accuracy.png", "confusion.png"):
         assert is_png(out / name)
 
@@ -75,14 +77,14 @@ def test_resume_is_exact(fmnist, tmp_path, monkeypatch):
     common = TINY + fmnist + ["--epochs=3", "--log_interval=1", "--dropout=0.1",
                               "--optimizer=adam_mini"]
     assert vit_sai.main(common + [f"--out_dir={tmp_path / 'straight'}"]) == 0
-    ctrl_c_after_step(monkeypatch, 6)
+    ctrl_c_after_step(monkeypatch, 5)   # mid-epoch (3 steps per epoch)
     stopped = tmp_path / "stopped"
     assert vit_sai.main(common + [f"--out_dir={stopped}"]) == 130
     monkeypatch.undo()
     assert vit_sai.main([f"--resume={stopped}"]) == 0
 
     def curve(run_dir):
-        return [(r["event"], r["step"], r.get("loss"), r.get("test_acc"), r.get("test_loss"))
+        return [(r["event"], r["step"], r.get("loss"), r.get("val_acc"), r.get("val_loss"))
                 for r in records(run_dir) if r["event"] != "end"]
     assert curve(stopped) == curve(tmp_path / "straight")
 
@@ -95,7 +97,8 @@ def test_cifar10_runs_with_augmentation(tmp_path):
                                 "--patch_size=8", f"--out_dir={out}"]) == 0
     with open(out / "run.json") as f:
         run = json.load(f)
-    assert (run["data_source"], run["n_train"], run["n_test"]) == ("cifar10", 40, 8)
+    assert (run["data_source"], run["n_train"], run["n_val"], run["n_test"]) == (
+        "cifar10", 40 - 16, 16, 8)
 
 
 def test_offline_falls_back_to_rendered_digits(tmp_path, monkeypatch, capsys):

@@ -367,16 +367,19 @@ def open_run(cfg, world, device, data, model, raw_model, opt, scaler, batch_gen)
     says so), or the one we resume, whose checkpoint restores the model, optimizer, scaler, RNG
     and batch_gen's position. Everything a resume needs (checkpoint, data, model, log) is
     checked before anything in it is rewritten; rank 0 alone writes files and prints. Returns
-    (run_dir, metrics log, step, training seconds, best val loss) to go on from."""
+    (run_dir, metrics log, step, the step already evaluated (None: none), training seconds, best
+    val loss) to go on from."""
     run_dir = open_run_dir(cfg, f"{data_name(cfg.dataset, data.source)}-{cfg.optimizer}") \
         if world.main or cfg.resume else None
-    it, train_s, best_val = 0, 0.0, float("inf")
+    it, train_s, best_val, resumed_at = 0, 0.0, float("inf"), None
     data_facts = dict(data_source=data.source, vocab_size=data.vocab_size,
                       train_tokens=len(data.train))
     if cfg.resume:
         ckpt = load_checkpoint(run_dir, model, opt, scaler, world, **data_facts)
         batch_gen.set_state(ckpt["batch_gen"])
         it, train_s, best_val = ckpt["step"], ckpt["train_s"], ckpt["best_val"]
+        # its step was evaluated, unless a Ctrl-C stopped the run before that step's evaluation
+        resumed_at = it if ckpt.get("evaluated", True) else None
     log = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if world.main else None,
                      resume_step=it if cfg.resume else None)
     if world.main:
@@ -385,7 +388,7 @@ def open_run(cfg, world, device, data, model, raw_model, opt, scaler, batch_gen)
               f"{cfg.weight_decay:g} | {device} {cfg.dtype} | "
               + (f"{cfg.parallel} x {world.size} | " if world.size > 1 else "")
               + f"run dir {run_dir}")
-    return run_dir, log, it, train_s, best_val
+    return run_dir, log, it, resumed_at, train_s, best_val
 
 
 def trial_step(compiled, cfg, splits, ctx, device):
@@ -462,13 +465,13 @@ def train(cfg):
     ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(
         device_type="cuda", dtype=getattr(torch, cfg.dtype))
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # training batch order
-    run_dir, log, it, train_s, best_val = open_run(cfg, world, device, data, model, raw_model,
-                                                   opt, scaler, batch_gen)
+    run_dir, log, it, resumed_at, train_s, best_val = open_run(
+        cfg, world, device, data, model, raw_model, opt, scaler, batch_gen)
     model = maybe_compile(model, cfg.compile,
                           lambda compiled: trial_step(compiled, cfg, splits, ctx, device))
     per_example_step = optim.takes_per_example(opt)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    status, resumed_at = "finished", it if cfg.resume else None
+    status = "finished"
     progress = Progress(world, device, cfg.max_iters, it, train_s)
     # The loop reads nothing back from the GPU between log lines: the loss stays a device tensor
     # (read at the log interval, as nanoGPT does), a non-finite one is remembered on the device
@@ -483,7 +486,7 @@ def train(cfg):
             for group in opt.param_groups:
                 group["lr"] = lr
 
-            # evaluate and checkpoint (the step we resumed at was evaluated before the stop)
+            # evaluate and checkpoint (not again the step a resumed run's checkpoint evaluated)
             if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != resumed_at:
                 train_s = progress.clock.pause()
                 result = evaluate(cfg, model, raw_model, opt, splits, data, ctx, device, world)
@@ -500,7 +503,8 @@ def train(cfg):
                 progress.say(f"step {it}: train loss {result['train_loss']:.4f}, val loss "
                              f"{result['val_loss']:.4f}{sample}")
                 save_checkpoint(run_dir, model, opt, scaler, cfg, world, step=it, best_val=best_val,
-                                batch_gen=batch_gen.get_state(), train_s=train_s)
+                                batch_gen=batch_gen.get_state(), train_s=train_s,
+                                evaluated=True)
             if it == cfg.max_iters:
                 break
 
@@ -547,7 +551,7 @@ def train(cfg):
                 if status == "stopped":
                     save_checkpoint(run_dir, model, opt, scaler, cfg, world, step=it,
                                     best_val=best_val, batch_gen=batch_gen.get_state(),
-                                    train_s=progress.clock.pause())
+                                    train_s=progress.clock.pause(), evaluated=False)
                 break
     progress.bar.close()
     if status == "finished" and "test" in splits:

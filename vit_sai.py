@@ -283,11 +283,12 @@ def evaluate(model, images, labels, n_classes, ctx, to_input, device, world):
 def open_run(cfg, world, device, data, model, raw_model, opt, scaler, shuffle_gen, order,
              warmup_iters):
     """The run directory, fresh or resumed, as nanogpt_sai.py's open_run (the checkpoint also
-    restores the epoch's order and shuffle_gen). Returns (run_dir, metrics log, step, training
-    seconds, best test accuracy, order) to go on from."""
+    restores the epoch's order and shuffle_gen). Returns (run_dir, metrics log, step, the step
+    already evaluated (None: none), training seconds, best val accuracy, order) to go on
+    from."""
     run_dir = open_run_dir(cfg, f"{data_name(cfg.dataset, data.source)}-{cfg.optimizer}") \
         if world.main or cfg.resume else None   # rank 0 alone writes files and prints
-    it, train_s, best_acc = 0, 0.0, 0.0
+    it, train_s, best_acc, resumed_at = 0, 0.0, 0.0, None
     data_facts = dict(data_source=data.source, n_train=len(data.train_y),
                       n_val=len(data.val_y), n_test=len(data.test_y))
     if cfg.resume:
@@ -295,6 +296,7 @@ def open_run(cfg, world, device, data, model, raw_model, opt, scaler, shuffle_ge
         shuffle_gen.set_state(ckpt["shuffle_gen"])
         order = ckpt["order"]
         it, train_s, best_acc = ckpt["step"], ckpt["train_s"], ckpt["best_acc"]
+        resumed_at = it if ckpt.get("evaluated", True) else None   # as nanogpt_sai.py's
     log = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if world.main else None,
                      resume_step=it if cfg.resume else None)
     if world.main:
@@ -304,7 +306,7 @@ def open_run(cfg, world, device, data, model, raw_model, opt, scaler, shuffle_ge
               f"images | {cfg.optimizer} lr {cfg.lr:g} wd {cfg.weight_decay:g} | {device} "
               f"{cfg.dtype} | " + (f"{cfg.parallel} x {world.size} | " if world.size > 1 else "")
               + f"run dir {run_dir}")
-    return run_dir, log, it, train_s, best_acc, order
+    return run_dir, log, it, resumed_at, train_s, best_acc, order
 
 
 def train(cfg):
@@ -335,7 +337,7 @@ def train(cfg):
     warmup_iters = warmup_steps(cfg.warmup_iters, total_steps)   # known once the data is
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)      # epoch order and augmentation
     order = torch.randperm(n_train, generator=shuffle_gen)
-    run_dir, log, it, train_s, best_acc, order = open_run(
+    run_dir, log, it, resumed_at, train_s, best_acc, order = open_run(
         cfg, world, device, data, model, raw_model, opt, scaler, shuffle_gen, order, warmup_iters)
     model = maybe_compile(model, cfg.compile, lambda compiled: trial_step(
         compiled, cfg, data, ctx, to_input, device))
@@ -346,7 +348,7 @@ def train(cfg):
         return F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
     over_ranks = (lambda t: parallel.sum_over_ranks(t, world)) if world.size > 1 else None
 
-    status, resumed_at = "finished", it if cfg.resume else None
+    status = "finished"
     progress = Progress(world, device, total_steps, it, train_s)
     # Nothing is read back from the GPU between log lines (see nanogpt_sai.py): losses are summed
     # on the device, a non-finite one is remembered there, and the clock syncs only when read.
@@ -360,8 +362,8 @@ def train(cfg):
             for group in opt.param_groups:
                 group["lr"] = lr
 
-            # evaluate on the validation images and checkpoint at each epoch's end (the resumed
-            # step was evaluated)
+            # evaluate on the validation images and checkpoint at each epoch's end (not again
+            # the step a resumed run's checkpoint evaluated)
             if (it % steps_per_epoch == 0 or it == total_steps) and it != resumed_at:
                 train_s = progress.clock.pause()
                 val = evaluate(model, data.val_x, data.val_y, len(data.classes), ctx, to_input,
@@ -390,7 +392,7 @@ def train(cfg):
                 epoch_loss, epoch_steps = torch.zeros((), device=device), 0
                 save_checkpoint(run_dir, model, opt, scaler, cfg, world, step=it, order=order,
                                 shuffle_gen=shuffle_gen.get_state(), train_s=train_s,
-                                best_acc=best_acc)
+                                best_acc=best_acc, evaluated=True)
             if it == total_steps:
                 break
 
@@ -448,7 +450,8 @@ def train(cfg):
                 if status == "stopped":
                     save_checkpoint(run_dir, model, opt, scaler, cfg, world, step=it, order=order,
                                     shuffle_gen=shuffle_gen.get_state(),
-                                    train_s=progress.clock.pause(), best_acc=best_acc)
+                                    train_s=progress.clock.pause(), best_acc=best_acc,
+                                    evaluated=False)
                 break
     progress.bar.close()
     if status == "finished":   # the test set, once: never read by a selection (sweeps use val)

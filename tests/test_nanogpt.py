@@ -92,17 +92,19 @@ def test_few_iterations_of_each_optimizer(optimizer, corpus, tmp_path, capsys):
     assert f"result     val loss {evals[-1]['val_loss']:.4f}" in summary
 
 
-def test_resume_is_exact(corpus, tmp_path, monkeypatch):
-    """Stop with Ctrl-C after step 5, resume: every later loss equals the uninterrupted run's
-    (dropout on, so the RNG state must come back too)."""
+@pytest.mark.parametrize("stop_after", [5, 8])
+def test_resume_is_exact(corpus, tmp_path, monkeypatch, stop_after):
+    """Stop with Ctrl-C after step 5 (or 8, an evaluation step: its evaluation comes after the
+    resume, not lost), resume: every later loss equals the uninterrupted run's (dropout on, so
+    the RNG state must come back too)."""
     common = TINY + corpus + ["--max_iters=10", "--eval_interval=4", "--log_interval=1",
                               "--dropout=0.1", "--optimizer=sgd_sai"]
     assert run(common + [f"--out_dir={tmp_path / 'straight'}"]) == 0
 
-    ctrl_c_after_step(monkeypatch, 5)
+    ctrl_c_after_step(monkeypatch, stop_after)
     stopped = tmp_path / "stopped"
     assert run(common + [f"--out_dir={stopped}"]) == 130
-    assert torch.load(stopped / "ckpt.pt")["step"] == 5
+    assert torch.load(stopped / "ckpt.pt")["step"] == stop_after
     assert records(stopped)[-1]["status"] == "stopped"
     assert is_png(stopped / "loss.png") and is_png(stopped / "memory.png")   # what it has
     monkeypatch.undo()

@@ -71,13 +71,15 @@ def test_few_iterations_of_each_optimizer(optimizer, fmnist, tmp_path):
         assert is_png(out / name)
 
 
-def test_resume_is_exact(fmnist, tmp_path, monkeypatch):
-    """Ctrl-C mid-epoch, resume: losses and accuracies equal the uninterrupted run's (dropout
+@pytest.mark.parametrize("stop_after", [5, 6])
+def test_resume_is_exact(fmnist, tmp_path, monkeypatch, stop_after):
+    """Ctrl-C mid-epoch (step 5) or at an epoch's last step (6: its evaluation comes after the
+    resume, not lost), resume: losses and accuracies equal the uninterrupted run's (dropout
     on, reshuffled epochs: RNG, shuffle order and position must all come back)."""
     common = TINY + fmnist + ["--epochs=3", "--log_interval=1", "--dropout=0.1",
                               "--optimizer=adam_mini"]
     assert vit_sai.main(common + [f"--out_dir={tmp_path / 'straight'}"]) == 0
-    ctrl_c_after_step(monkeypatch, 5)   # mid-epoch (3 steps per epoch)
+    ctrl_c_after_step(monkeypatch, stop_after)   # 3 steps per epoch
     stopped = tmp_path / "stopped"
     assert vit_sai.main(common + [f"--out_dir={stopped}"]) == 130
     monkeypatch.undo()

@@ -434,14 +434,14 @@ def reported(rows):
     return "final val loss (no test split)"
 
 
-def with_holm(diffs):
-    """Each paired difference's describe() text and its Holm-adjusted p-value over the table's
-    comparisons (the family is the table: its rows against their baselines)."""
-    adjusted = stats.holm([d["p"] if d else None for d in diffs])
-    return [(d, None if p is None else p) for d, p in zip(diffs, adjusted)]
+def holm_p(diffs):
+    """The Holm-adjusted p-value of each paired difference (None: the baseline's own row, or
+    no interval) over the table's comparisons: the family is the table."""
+    return stats.holm([d["p"] if d else None for d in diffs])
 
 
 def p_text(p):
+    """A p-value for a table cell: two figures, blank where there is none."""
     return "" if p is None else f"{p:.2g}"
 
 
@@ -503,9 +503,9 @@ def summarize(rows, sweep_dir, baseline, name="summary", test=True):
             diff = None if key == bases[key] else diff
         diffs.append(diff)
         table.append(line)
-    for line, (_, holm_p) in zip(table, with_holm(diffs)):
+    for line, adjusted in zip(table, holm_p(diffs)):
         if bases:
-            line["holm_p"] = holm_p
+            line["holm_p"] = adjusted
     with open(os.path.join(sweep_dir, f"{name}.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
         writer.writeheader()
@@ -571,7 +571,7 @@ def tune_summary(report, finals, sweep_dir, baseline):
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     diffs = [stats.paired_difference(per_seed(by_name.get(name, [])), per_seed(base))
              if base and name != baseline["optimizer"] else None for name in report]
-    for (name, r), (diff, holm_p) in zip(report.items(), with_holm(diffs)):
+    for (name, r), diff, adjusted in zip(report.items(), diffs, holm_p(diffs)):
         rows = by_name.get(name, [])
         values = list(per_seed(rows).values())
         ended = ("interior" if not r["edges"] else
@@ -584,7 +584,7 @@ def tune_summary(report, finals, sweep_dir, baseline):
         if base:
             cells += (["baseline", "", ""] if diff is None else
                       [stats.describe(diff, digits=2 if image_runs else 3), p_text(diff["p"]),
-                       p_text(holm_p)])
+                       p_text(adjusted)])
         ok = [x for x in rows if x["status"] == "finished" and x.get("seen")]
         cells += regime_cells(rows)
         cells += [f"{ok[0]['state_bytes'] / 2**20:.2f}" if ok else ""]

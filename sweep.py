@@ -418,6 +418,16 @@ def baseline_groups(groups, baseline):
     return out, strata
 
 
+def compute_line(rows):
+    """What the runs cost: their count and wall-clock hours (each run's last logged wall_s:
+    training, evaluation and logging), and the threads each had."""
+    hours = sum(r.get("wall_s", 0.0) for r in rows) / 3600
+    threads = sorted({r["threads"] for r in rows if r.get("threads")})
+    return (f"Compute: {len(rows)} runs, {hours:.2f} hours of wall-clock time"
+            + (f" at {' or '.join(map(str, threads))} thread{'s' if threads != [1] else ''}"
+               " each" if threads else "") + ".")
+
+
 def regime_line(rows):
     """What every run of these trained, and on what, for the top of a summary."""
     context = studies.study_context(rows, same_regime=len({r.get("seen") for r in rows
@@ -536,17 +546,18 @@ def summarize(rows, sweep_dir, baseline, name="summary", test=True):
                   f"{t['state_bytes'] / 2**20:.2f}", str(t["seeds"]),
                   f"{t['diverged']}" + (f" (+{t['crashed']} crashed)" if t["crashed"] else "")]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", compute_line(rows)]
     with open(os.path.join(sweep_dir, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return "\n".join(lines)
 
 
-def tune_summary(report, finals, sweep_dir, baseline):
+def tune_summary(report, finals, sweep_dir, baseline, all_rows=None):
     """tune.md: per optimizer, the trials spent, the chosen lr and weight decay (by the val
     split), where the search ended (an edge it could not leave is named), the reported metric
     (test, when the runs have a test split) over the fresh seeds (mean ± sd), its difference
     from the baseline optimizer over paired seeds (95% t interval, p, Holm-adjusted p over the
-    table), and what the runs trained on."""
+    table), what the runs trained on, and what the study cost (all_rows: trials and finals)."""
     by_name = {}
     for row in finals:
         by_name.setdefault(row["setting"]["optimizer"], []).append(row)
@@ -589,6 +600,7 @@ def tune_summary(report, finals, sweep_dir, baseline):
         cells += regime_cells(rows)
         cells += [f"{ok[0]['state_bytes'] / 2**20:.2f}" if ok else ""]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", compute_line(all_rows or finals)]
     with open(os.path.join(sweep_dir, "tune.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return "\n".join(lines)
@@ -606,6 +618,7 @@ def run_result(run_dir, setting, seed, status):
         records = [json.loads(line) for line in f]
     evals = [r for r in records if r["event"] == "eval"]
     tests = [r for r in records if r["event"] == "test"]
+    row["wall_s"] = max((r["wall_s"] for r in records if "wall_s" in r), default=0.0)
     if evals:
         last = evals[-1]
         if "val_acc" in last:
@@ -626,7 +639,7 @@ def run_result(run_dir, setting, seed, status):
     if os.path.exists(info_path):
         with open(info_path) as f:
             info = json.load(f)
-        row["n_params"] = info["n_params"]
+        row["n_params"], row["threads"] = info["n_params"], info.get("threads")
         examples = info.get("n_train" if row.get("image") else "train_tokens")
         if examples and row.get("seen"):
             row["epochs"] = row["seen"] / examples
@@ -919,7 +932,7 @@ def main(argv):
                         test=False))
         if report:
             print(tune_summary(report, [r for r in rows if r.get("final")], sweep_dir,
-                               baseline))
+                               baseline, rows))
     else:
         print(summarize(rows, sweep_dir, baseline))
     for path in studies.draw(cfg.study, rows, sweep_dir, tuning=bool(report)):

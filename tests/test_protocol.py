@@ -429,3 +429,10 @@ def test_an_lr_sweep_is_compared_with_adamw_at_its_best_lr(tmp_path):
             "validation)") in text
     muon = next(line for line in text.splitlines() if line.startswith("| muon"))
     assert "+0.085 (95% CI" in muon
+
+
+def test_a_study_says_what_it_cost():
+    rows = [dict(wall_s=1800.0, threads=1), dict(wall_s=5400.0, threads=1), dict(status="x")]
+    assert sweep.compute_line(rows) == ("Compute: 3 runs, 2.00 hours of wall-clock time at 1 "
+                                        "thread each.")
+    assert sweep.compute_line([dict(wall_s=3600.0, threads=2)]).endswith("at 2 threads each.")

@@ -7,6 +7,7 @@ memory-traffic bound, at three GPT sizes; and the trainer's own overhead.
     python bench.py --threads=0 --device=cuda
     python bench.py --what=overhead          # nanogpt_sai.py's ms/iter against a plain loop
     python bench.py --what=per_example       # per-example statistics against a plain backward
+    python bench.py --what=memory --sizes=4x128  # a training step's memory: model state, peak
 
 Times optimizer.step() alone (gradients are fixed random tensors, set once) for our optimizers
 (fused: compiled by torch.compile, the default from FUSED_MIN_NUMEL parameters; eager) and the
@@ -56,6 +57,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import memory
 import nanogpt_sai
 import optim
 import per_example
@@ -112,8 +114,9 @@ PEAK_TARGET = 0.1       # peak memory beyond params, grads and state, in model s
 
 @dataclass
 class BenchConfig:
-    what: str = option("steps", "steps (optimizer.step timings), overhead (the trainer's) or "
-                                "per_example (per-example statistics against a plain backward)")
+    what: str = option("steps", "steps (optimizer.step timings), overhead (the trainer's), "
+                                "per_example (per-example statistics against a plain backward) "
+                                "or memory (a training step's memory, two ways)")
     sizes: str = option("4x128,6x384,12x768", f"GPT sizes (layers x width): {', '.join(SIZES)}")
     rows: str = option("all", "comma-separated rows (all: every one installed): "
                        + ", ".join(ROWS))
@@ -630,22 +633,108 @@ def bench_per_example(cfg):
               f"its bound (the three sums alone added) {bound:.2f}x")
 
 
+# --what=memory: a step's memory at the trainers' micro-batch (the GPT's cpu preset, 12 x 64)
+MEMORY_TARGET = 0.10   # the resident set's step peak within 10% of the tensors counted
+
+
+def memory_row(cfg):
+    """The child process of --what=memory: optimizer cfg.row on GPT cfg.sizes at batch 12 x 64,
+    two warm steps (kernels, the optimizer's state), then one step measured from outside (the
+    resident set's peak, live memory only: free_memory_at_once) and one counted from inside
+    (memory.LiveTensorBytes), as JSON."""
+    device = pick_device(cfg.device)
+    free_memory_at_once()
+    layers, heads, width = SIZES[cfg.sizes]
+    torch.manual_seed(0)
+    model = GPT(Config(n_layer=layers, n_head=heads, n_embd=width, block_size=64),
+                vocab_size=65).to(device)
+    x, y = (torch.randint(0, 65, (12, 64), generator=torch.Generator().manual_seed(i))
+            .to(device) for i in (0, 1))
+    with contextlib.redirect_stdout(io.StringIO()):
+        opt = optim.build_optimizer(cfg.row, model, lr=1e-3)
+
+    def step():
+        model(x, y)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(2):
+        step()
+    release_freed_memory(device)
+    before, _ = memory_now_and_peak(device)
+    step()
+    sync(device)
+    _, peak = memory_now_and_peak(device)
+    with memory.LiveTensorBytes(device.split(":")[0]) as live:
+        step()
+    state = memory.model_state_bytes(model, opt)
+    with open(cfg.result_path, "w") as f:
+        json.dump(dict(state, measured=max(0, peak - before), counted=live.peak), f)
+
+
+def bench_memory(cfg):
+    """(a) model state and (b) a training step's memory, per optimizer, each in a process of
+    its own: what the step holds before it starts (parameters and state) plus the peak of what
+    it allocates, counted by memory.LiveTensorBytes and measured by the resident set (CUDA's
+    allocated peak on a GPU)."""
+    device = pick_device(cfg.device)
+    names = list(optim.OPTIMIZERS) if cfg.rows == "all" else cfg.rows.split(",")
+    for name in names:
+        if name not in optim.OPTIMIZERS:
+            raise ConfigError(f"--rows: unknown optimizer {name!r} for --what=memory; choose "
+                              f"from {', '.join(optim.OPTIMIZERS)}")
+    print(f"{machine(device)} | a training step of the GPT at batch 12 x 64, MiB")
+    worst = 0.0
+    for size in cfg.sizes.split(","):
+        if size not in SIZES:
+            raise ConfigError(f"--sizes: unknown size {size!r}; choose from {', '.join(SIZES)}")
+        print(f"\n{size}\n")
+        print("| optimizer | (a) params + grads + state | step's own peak: counted | measured "
+              "| measured / counted | (b) params + state + step's peak | (b) / (a) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in names:
+                path = os.path.join(tmp, "result.json")
+                status = run_in_process(__file__, [
+                    "--what=memory", f"--row={name}", f"--sizes={size}", f"--device={device}",
+                    f"--result_path={path}"], os.path.join(tmp, "child.log"),
+                    threads=cfg.threads or None)
+                if status != 0:
+                    with open(os.path.join(tmp, "child.log")) as f:
+                        raise RuntimeError(f"{name} at {size} failed:\n{f.read()}")
+                with open(path) as f:
+                    r = json.load(f)
+                need = r["params"] + r["state"] + r["counted"]
+                ratio = r["measured"] / r["counted"]
+                worst = max(worst, abs(ratio - 1))
+                print(f"| {name} | {r['total'] / 2**20:.2f} | {r['counted'] / 2**20:.2f} | "
+                      f"{r['measured'] / 2**20:.2f} | {ratio:.3f} | {need / 2**20:.2f} | "
+                      f"{need / r['total']:.2f}x |")
+    print(f"\n- the measured step peak against the counted one: within {100 * worst:.1f}% "
+          f"(target <= {100 * MEMORY_TARGET:.0f}%): "
+          f"{'met' if worst <= MEMORY_TARGET else 'MISSED'}")
+
+
 def main(argv):
     try:
         cfg, _ = parse_args(BenchConfig(), argv, __doc__.strip().splitlines()[0])
-        if cfg.what not in ("steps", "overhead", "per_example"):
-            raise ConfigError(f"--what must be steps, overhead or per_example, got {cfg.what!r}")
+        if cfg.what not in ("steps", "overhead", "per_example", "memory"):
+            raise ConfigError(f"--what must be steps, overhead, per_example or memory, got "
+                              f"{cfg.what!r}")
         check_positive(cfg, "steps", "rounds")
         if cfg.threads < 0:
             raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {cfg.threads}")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if cfg.row:
+        if cfg.row and cfg.what == "memory":
+            memory_row(cfg)
+        elif cfg.row:
             time_row(cfg)
         elif cfg.what == "steps":
             bench_steps(cfg)
         elif cfg.what == "per_example":
             bench_per_example(cfg)
+        elif cfg.what == "memory":
+            bench_memory(cfg)
         else:
             bench_overhead(cfg)
     except ConfigError as err:

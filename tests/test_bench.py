@@ -57,7 +57,7 @@ def test_bench_report_is_complete_and_consistent(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--what=everything"], "--what must be steps, overhead or per_example"),
+    (["--what=everything"], "--what must be steps, overhead, per_example or memory"),
     (["--sizes=7x7"], "--sizes: unknown size '7x7'"),
     (["--rows=adamw"], "--rows: unknown row 'adamw'"),
     (["--threads=-1"], "--threads must be >= 0"),

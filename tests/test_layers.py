@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [  # lowest first
     {"engine", "stats", "data"},                       # the optimizers' machinery; statistics; data
     {"optim", "per_example"},                          # the optimizers' math; per-example gradients
-    {"cli", "plots"},                                  # the command line; figures from logs
+    {"cli", "plots", "memory"},                        # the command line; figures; memory
     {"parallel", "compare"},                           # processes: torchrun ranks, compare mode
     {"train_helpers"},                                 # plain helpers inside a run
     {"nanogpt_sai", "vit_sai"},                        # the trainers

@@ -735,11 +735,11 @@ def tune(trainer, cfg, fixed, sweep_dir, start, jobs=1):
     soon as its last ones have ended, and its final runs start as soon as its search has, so no
     core waits on another optimizer's trials. start(run) begins one run and returns a Future of
     its row; at most `jobs` are under way at once, trials first (they decide what runs next).
-    Returns (rows of every run, the per-optimizer report), with no report when a run crashed
-    (then the runs under way are waited for and no other starts); writes tuned.json when every
-    search has ended. Deterministic given the runs' results: which runs are made, and the rows'
-    order, do not depend on which run ended first, so a re-run walks the same searches over
-    finished runs."""
+    Returns (rows of every run, the per-optimizer report), with no report when a run crashed or
+    was stopped (then the runs under way are waited for and no other starts); writes tuned.json
+    when every search has ended. Deterministic given the runs' results: which runs are made,
+    and the rows' order, do not depend on which run ended first, so a re-run walks the same
+    searches over finished runs."""
     names = optimizer_names(cfg.tune)
     centres = parse_centres(cfg.tune_centre)
     for name in names:
@@ -784,10 +784,10 @@ def tune(trainer, cfg, fixed, sweep_dir, start, jobs=1):
     for name in names:
         enqueue(name, [lattice_setting(name, centres[name], p) for p in start_points],
                 [cfg.tune_seed], start_points)
-    crashed = False
-    while under_way or (queue and not crashed):
+    halted = False   # a run crashed or was stopped: the next decision would need its result
+    while under_way or (queue and not halted):
         queue.sort(key=lambda item: item[:2])          # trials first, then in decided order
-        while queue and not crashed and len(under_way) < jobs:
+        while queue and not halted and len(under_way) < jobs:
             _, _, name, point, run, row = queue.pop(0)
             under_way[start(run)] = (name, point, row)
         done, _ = wait(under_way, return_when=FIRST_COMPLETED)
@@ -795,13 +795,13 @@ def tune(trainer, cfg, fixed, sweep_dir, start, jobs=1):
             name, point, row = under_way.pop(future)
             row.update(future.result(), **({"final": True} if point is None else {}))
             waiting[name] -= 1
-            crashed = crashed or row["status"] == "crashed"   # the next decision needs it
+            halted = halted or row["status"] in ("crashed", "stopped")
             if point is not None:
                 tried[name][point] = objective(row)
-                if not waiting[name] and not crashed:
+                if not waiting[name] and not halted:
                     decide(name)
     done_rows = [row for name in names for row in rows[name] if row]
-    return done_rows, None if crashed else {name: report[name] for name in names}
+    return done_rows, None if halted else {name: report[name] for name in names}
 
 
 def check_runs(runs, sweep_dir, trainer):
@@ -938,6 +938,9 @@ def main(argv):
     for path in studies.draw(cfg.study, rows, sweep_dir, tuning=bool(report)):
         print(f"wrote {path}")
     crashed = [row for row in rows if row["status"] == "crashed"]
+    if any(row["status"] == "stopped" for row in rows) and not crashed:
+        print("a run was stopped (Ctrl-C); the same command resumes the sweep", file=sys.stderr)
+        return 130
     if crashed:
         print(f"{len(crashed)} of {len(rows)} runs crashed; the end of each one's log.txt says "
               f"why (first: {crashed[0]['run_dir']})", file=sys.stderr)

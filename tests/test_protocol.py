@@ -436,3 +436,23 @@ def test_a_study_says_what_it_cost():
     assert sweep.compute_line(rows) == ("Compute: 3 runs, 2.00 hours of wall-clock time at 1 "
                                         "thread each.")
     assert sweep.compute_line([dict(wall_s=3600.0, threads=2)]).endswith("at 2 threads each.")
+
+
+def test_a_stopped_trial_halts_the_search_instead_of_counting_as_diverged(tmp_path):
+    """A trial stopped by Ctrl-C has no result yet: the search must not decide from it (as it
+    would from a diverged one), and no other run starts; the same command resumes."""
+    loss = bowl({"adamw": (0.004, 0.1)})
+    seen = []
+
+    def start(run):
+        row = fake_row(loss, run)
+        if len(seen) == 4:
+            row["status"] = "stopped"
+        seen.append(run)
+        future = Future()
+        future.set_result(row)
+        return future
+    cfg = sweep.SweepConfig(tune="adamw", seeds="1,2", budget=12)
+    rows, report = sweep.tune(nanogpt_sai, cfg, ["--device=cpu"], str(tmp_path), start)
+    assert report is None and len(seen) == len(rows) == 5   # one at a time: none after it
+    assert [r["status"] for r in rows].count("stopped") == 1

@@ -1,5 +1,6 @@
 """Pack a study's sweep folder into one file for the repository: DIR -> DIR.tar.xz, the same
-bytes for the same logs (members sorted, no times or owners), checkpoints left out.
+bytes for the same logs (members sorted, no times or owners), checkpoints and figures left out
+(each run's figures are drawn again from its logs: `python -m plots RUN_DIR`).
 
     python tools/pack_study.py results/gpt-tune     # writes results/gpt-tune.tar.xz
 
@@ -19,7 +20,8 @@ def pack(folder):
     files = []
     for parent, dirs, names in os.walk(folder):
         dirs.sort()
-        files += [os.path.join(parent, n) for n in sorted(names) if n not in LEFT_OUT]
+        files += [os.path.join(parent, n) for n in sorted(names)
+                  if n not in LEFT_OUT and not n.endswith(".png")]
     out = folder + ".tar.xz"
     with tarfile.open(out, "w:xz", format=tarfile.PAX_FORMAT) as tar:
         for path in sorted(files):

@@ -1,9 +1,8 @@
 """
 Plain helpers for inside one training run, each doing what its name says: the LR schedule,
 torch.compile with a fallback, a training clock without per-step GPU syncs, checkpoints with RNG
-state, Ctrl-C, the metrics log and memory probe, gradient diagnostics, the run directory and how the
-run ended. Nothing
-here calls a trainer back; the command line is in cli.py.
+state, Ctrl-C, the metrics log and memory probe, gradient diagnostics, the run directory and how
+the run ended. Nothing here calls a trainer back; the command line is in cli.py.
 """
 import dataclasses
 import json

@@ -6,6 +6,7 @@ Sweeps and ablation studies: a grid of trainer settings x seeds, one process per
     python sweep.py --study=duration_v2 # the v2-tuned settings at 500..4000 steps, 5 seeds
     python sweep.py --study=batch_v2    # batch 12..96, same eval tokens, full sqrt rule, 5 seeds
     python sweep.py --study=per_example_v2  # sign placement and preconditioners, held-out works
+    python sweep.py --study=iso_memory  # equal memory: each optimizer's widest model, or batch
     python sweep.py --study=lr          # LR sensitivity of every optimizer, 3 seeds
     python sweep.py --study=sai_rule    # SGD-SaI's scale rules, each over its own LR range
     python sweep.py --study=per_example # sign placement and per-example preconditioners
@@ -56,6 +57,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+import iso_memory
 import nanogpt_sai
 import stats
 import vit_sai
@@ -76,7 +78,8 @@ TRAINERS = {"nanogpt": nanogpt_sai, "vit": vit_sai}
 
 @dataclass
 class SweepConfig:
-    study: str = option("", "a preset study: tune_v2, vit_tune_v2 (protocol v2); tune, "
+    study: str = option("", "a preset study: tune_v2, vit_tune_v2, duration_v2, batch_v2, "
+                            "per_example_v2, iso_memory (protocol v2); tune, "
                             "vit_tune, duration, batch, lr, sai_rule or per_example (sets "
                             "trainer, grid or tune, budget, seeds, set)")
     trainer: str = option("nanogpt", "nanogpt or vit")
@@ -185,6 +188,7 @@ STUDIES = {
 # characters), one trial budget for every optimizer, final runs on 5 fresh seeds
 V2_GPT = TUNE_SET + " dataset=shakespeare_complete_char"
 V2_BUDGET = 15
+ISO_MEMORY = "{iso_memory}"   # a grid planned by iso_memory.plan (it builds every model once)
 # each optimizer's search centred on its tuned setting of the first studies (pinned, as v1's)
 V2_CENTRES = ("adamw=4e-3,0.1 sgd_sai=2e-2,0.0111 adam_mini=4e-3,0.1 apollo=6.4e-2,0.0333 "
               "apollo_mini=8e-3,0.0111 muon=4e-3,0.1 adafactor=4e-2,0.000412")
@@ -214,6 +218,9 @@ STUDIES |= {
     # arXiv 2510.00236's two questions on the research corpus, 2,000 steps, on the surgery path
     "per_example_v2": dict(grid=STUDIES["per_example"]["grid"], seeds="1,2,3,4,5", set=V2_GPT,
                            baseline="preconditioner=batch"),
+    # equal memory (iso_memory.py): budgets of AdamW's model state at widths 128, 160, 192;
+    # each optimizer's widest model in each, or its largest batch at the first; 3 seeds
+    "iso_memory": dict(grid=ISO_MEMORY, seeds="1,2,3", set=V2_GPT, tuned="out/sweep-tune_v2"),
 }
 # The tuning lattice: lr = centre * 2^i, weight decay = centre * 3^j, from i, j in -1, 0, 1
 LR_STEP, WD_STEP = 2.0, 3.0
@@ -324,7 +331,8 @@ def plan_runs(trainer, settings, seeds, fixed, sweep_dir):
     for setting in settings:
         for seed in seeds:
             run_dir = os.path.join(sweep_dir, run_name(setting, seed))
-            argv = fixed + [f"--{k}={v}" for k, v in setting.items()] + [f"--seed={seed}"]
+            argv = fixed + [f"--{k}={v}" for k, v in setting.items()
+                            if not k.startswith("_")] + [f"--seed={seed}"]   # _key: a label
             try:
                 for arg in argv:
                     if arg.startswith(("--out_dir=", "--resume=")):
@@ -873,10 +881,17 @@ def main(argv):
             print(unpack(cfg.pack, sweep_dir))
         trainer = TRAINERS[cfg.trainer]
         fixed = [f"--{item}" for item in cfg.set.split()]
-        runs = []
+        runs, the_plan = [], None
         if cfg.tune:
             optimizer_names(cfg.tune)
             parse_centres(cfg.tune_centre)
+        elif cfg.grid == ISO_MEMORY:
+            if cfg.trainer != "nanogpt":
+                raise ConfigError("--study=iso_memory is the GPT's (--trainer=nanogpt)")
+            the_plan = iso_memory.plan(fixed, read_tuned(cfg), seeds[0])
+            runs = [run for setting, only in the_plan["runs"]
+                    for run in plan_runs(trainer, [setting], only or seeds, fixed, sweep_dir)]
+            check_runs(runs, sweep_dir, trainer)
         else:
             runs = plan_runs(trainer, parse_grid(expand_grid(cfg.grid, cfg)), seeds, fixed,
                              sweep_dir)
@@ -887,6 +902,9 @@ def main(argv):
     os.makedirs(sweep_dir, exist_ok=True)
     with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
+    if the_plan:
+        with open(os.path.join(sweep_dir, "plan.json"), "w") as f:
+            json.dump(the_plan, f, indent=1)
     threads = max(1, (os.cpu_count() or 1) // cfg.jobs) if cfg.jobs > 1 else None
     t0, done = time.time(), []
 
@@ -933,6 +951,11 @@ def main(argv):
         if report:
             print(tune_summary(report, [r for r in rows if r.get("final")], sweep_dir,
                                baseline, rows))
+    elif the_plan:
+        text = iso_memory.table(rows, the_plan, runs[0].config, compute_line(rows))
+        with open(os.path.join(sweep_dir, "iso_memory.md"), "w") as f:
+            f.write(text)
+        print(text)
     else:
         print(summarize(rows, sweep_dir, baseline))
     for path in studies.draw(cfg.study, rows, sweep_dir, tuning=bool(report)):

@@ -208,28 +208,37 @@ def duration_curves(rows, path, baseline="adamw"):
     return save_figure(fig, path)
 
 
+BATCH_RULES = ("none", "sqrt", "full sqrt", "linear")
+
+
 def batch_rule(setting, base_batch, base_lr):
     """Which lr rule made a batch study's setting: the exponent k of lr = base_lr * (batch /
-    base_batch) ** k, as 'none' (0), 'sqrt' (0.5) or 'linear' (1)."""
+    base_batch) ** k, as 'none' (0), 'sqrt' (0.5) or 'linear' (1); 'full sqrt' where the
+    setting scales the betas too (Malladi et al.'s rule, sweep.full_sqrt_rule)."""
     ratio = float(setting["batch_size"]) / base_batch
     if ratio == 1:
         return "base"
+    if "beta1" in setting:
+        return "full sqrt"
     k = math.log(float(setting["lr"]) / base_lr) / math.log(ratio)
     return min(((abs(k - e), n) for n, e in (("none", 0), ("sqrt", 0.5), ("linear", 1))))[1]
 
 
 def batch_rule_curves(rows, path, base_batch=12):
-    """A row of panels per optimizer, one panel per lr rule (none, sqrt, linear): validation
-    loss against tokens seen (mean over seeds), a line per batch size, the base batch in each
-    panel; the same tokens for every run."""
+    """A row of panels per optimizer, one panel per lr rule the study ran (of none, sqrt, full
+    sqrt, linear): validation loss against tokens seen (mean over seeds), a line per batch size,
+    the base batch in each panel; the same tokens for every run."""
     names = list(dict.fromkeys(r["setting"]["optimizer"] for r in rows))
-    rules = ("none", "sqrt", "linear")
-    fig, axes = plt.subplots(len(names), 3, figsize=(15, 4 * len(names)), sharey="row",
-                             squeeze=False)
+    base_lrs = {r["setting"]["optimizer"]: float(r["setting"]["lr"]) for r in rows
+                if int(r["setting"]["batch_size"]) == base_batch}
+    ran = {batch_rule(r["setting"], base_batch, base_lrs[r["setting"]["optimizer"]])
+           for r in rows if r["setting"]["optimizer"] in base_lrs}
+    rules = [rule for rule in BATCH_RULES if rule in ran]
+    fig, axes = plt.subplots(len(names), len(rules), figsize=(5 * len(rules), 4 * len(names)),
+                             sharey="row", squeeze=False)
     for row_axes, name in zip(axes, names):
         mine = [r for r in rows if r["setting"]["optimizer"] == name]
-        base_lr = next((float(r["setting"]["lr"]) for r in mine
-                        if int(r["setting"]["batch_size"]) == base_batch), None)
+        base_lr = base_lrs.get(name)
         if base_lr is None:
             continue
         groups = {}
@@ -257,14 +266,85 @@ def batch_rule_curves(rows, path, base_batch=12):
     return save_figure(fig, path)
 
 
+def pareto(points):
+    """The (memory, loss) points that no other point beats on both (less memory, lower loss),
+    by memory."""
+    front, best = [], math.inf
+    for m, loss in sorted(points):
+        if loss < best:
+            front.append((m, loss))
+            best = loss
+    return front
+
+
+def iso_memory_front(rows, path, baseline="adamw"):
+    """Left: test loss against model-state memory (params + grads + state), one line per
+    optimizer through the budgets (the widest model that fits each), the baseline's points
+    marked, and the Pareto front of all points. Right: at the first budget's model, test loss
+    against the batch each optimizer's step memory affords. Mean ± sd over seeds."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
+    ok = [r for r in rows if r["status"] == "finished" and "final_test_loss" in r]
+    names = list(dict.fromkeys(r["setting"]["optimizer"] for r in rows))
+    points, batches = [], set()
+
+    def mean_sd(group):
+        losses = [r["final_test_loss"] for r in group]
+        return statistics.mean(losses), statistics.stdev(losses) if len(losses) > 1 else 0.0
+    for i, name in enumerate(names):
+        by_budget = {}
+        for r in ok:
+            if r["setting"]["optimizer"] == name and r["setting"]["_spend"] == "model":
+                by_budget.setdefault(r["setting"]["_budget"], []).append(r)
+        # (a) of a run: float32 params and grads (8 bytes a parameter) and its logged state
+        xs = [(8 * g[0]["n_params"] + g[0]["state_bytes"]) / 2**20
+              for _, g in sorted(by_budget.items())]
+        ys = [mean_sd(g) for _, g in sorted(by_budget.items())]
+        points += [(x, m) for x, (m, _) in zip(xs, ys)]
+        base = name == baseline
+        for x in xs if base else []:   # each budget: the baseline's memory
+            left.axvline(x, color="0.7", lw=0.8, ls=":")
+        left.errorbar(xs, [m for m, _ in ys], yerr=[s for _, s in ys], fmt="s-" if base else
+                      "o-", color="k" if base else f"C{i}", ms=8 if base else 5, capsize=3,
+                      lw=2 if base else 1, label=name, zorder=3 if base else 2)
+        batch = [r for r in ok if r["setting"]["optimizer"] == name and (
+            r["setting"]["_spend"] == "batch" or
+            (base and r["setting"]["_spend"] == "model" and r["setting"]["_budget"] == "1"))]
+        if batch:
+            m, s = mean_sd(batch)
+            batches.add(int(batch[0]["setting"]["batch_size"]))
+            right.errorbar([int(batch[0]["setting"]["batch_size"])], [m], yerr=[s],
+                           fmt="s" if base else "o", color="k" if base else f"C{i}",
+                           capsize=3, label=name)
+    if points:
+        front = pareto(points)
+        left.step([m for m, _ in front], [loss for _, loss in front], where="post",
+                  color="0.5", ls="--", lw=1, label="Pareto front")
+    left.set(xlabel="model state (params + grads + state), MiB", ylabel="test loss",
+             title="the widest model each optimizer fits in each budget")
+    right.set(xlabel="batch (sequences) that fits AdamW's step memory", ylabel="test loss",
+              title="AdamW's model (first budget): the saving spent on the batch",
+              xticks=sorted(batches))
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    first = next((read_run(r["run_dir"]) for r in ok), None)
+    seeds = len({r["seed"] for r in ok if r["setting"]["_spend"] != "lr_check"})
+    fig.suptitle("Iso-memory: every optimizer in the same memory, on the same training tokens"
+                 + (f" ({ok[0]['seen']:,})\non {first.data_name}; {seeds} seeds; dotted: the "
+                    "budgets" if first else ""))
+    return save_figure(fig, path)
+
+
 def draw(study, rows, out_dir, tuning=False):
     """The figures that fit a study's rows; returns the paths written."""
     if tuning:
         return [tune_trials(rows, os.path.join(out_dir, "tune.png"))]
-    if study == "batch":
+    if study in ("batch", "batch_v2"):
         return [batch_rule_curves(rows, os.path.join(out_dir, "batch_rule.png"))]
-    if study == "duration":
+    if study in ("duration", "duration_v2"):
         return [duration_curves(rows, os.path.join(out_dir, "duration.png"))]
+    if study == "iso_memory":
+        return [iso_memory_front(rows, os.path.join(out_dir, "iso_memory.png"))]
     paths = []
     if len({r["setting"].get("lr") for r in rows}) > 1:
         paths.append(lr_sensitivity(rows, os.path.join(out_dir, "lr_sensitivity.png")))

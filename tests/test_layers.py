@@ -13,6 +13,7 @@ LAYERS = [  # lowest first
     {"parallel", "compare"},                           # processes: torchrun ranks, compare mode
     {"train_helpers"},                                 # plain helpers inside a run
     {"nanogpt_sai", "vit_sai"},                        # the trainers
+    {"iso_memory"},                                    # a study's plan: builds the trainers' models
     {"sweep", "snr", "bench"},                         # studies and benchmarks of the trainers
     {"tools"},                                         # scripts over all of it
 ]

@@ -368,6 +368,9 @@ def test_batch_rule_is_read_back_from_the_lr():
         lr = float(f"{0.004 * (batch / 12) ** k:.3g}")   # as sweep.expand_grid writes it
         assert studies.batch_rule({"batch_size": str(batch), "lr": str(lr)}, 12, 0.004) == rule
     assert studies.batch_rule({"batch_size": "12", "lr": "0.004"}, 12, 0.004) == "base"
+    full = sweep.full_sqrt_rule(0.004, 48).split()   # lr x 2, as the lr-only rule's
+    setting = {"batch_size": "48"} | dict(item.split("=") for item in full)
+    assert studies.batch_rule(setting, 12, 0.004) == "full sqrt"
 
 
 def test_duration_and_batch_figures_draw_from_runs(tmp_path):
@@ -381,7 +384,7 @@ def test_duration_and_batch_figures_draw_from_runs(tmp_path):
                                  + 0.01 * seed, seen=steps * 768, n_params=800_000))
     assert is_png(studies.duration_curves(rows, str(tmp_path / "duration.png")))
     rows = []
-    for batch, lrs in ((12, ["0.004"]), (24, ["0.004", "0.00566", "0.008"])):
+    for batch, lrs in ((12, ["0.004"]), (24, ["0.004", "0.00566", "0.008", "full"])):
         for lr in lrs:
             run_dir = tmp_path / f"b{batch}-{lr}"
             run_dir.mkdir()
@@ -392,8 +395,11 @@ def test_duration_and_batch_figures_draw_from_runs(tmp_path):
             (run_dir / "metrics.jsonl").write_text("".join(
                 json.dumps(dict(event="eval", step=s, tokens=s * batch * 64,
                                 val_loss=4 - s / steps)) + "\n" for s in (0, steps // 2, steps)))
-            rows.append(dict(setting={"optimizer": "adamw", "batch_size": str(batch), "lr": lr},
-                             seed=1, status="finished", run_dir=str(run_dir)))
+            setting = {"optimizer": "adamw", "batch_size": str(batch), "lr": lr}
+            if lr == "full":   # the full square-root rule: its own panel
+                setting |= dict(item.split("=") for item in sweep.full_sqrt_rule(0.004, batch)
+                                .split())
+            rows.append(dict(setting=setting, seed=1, status="finished", run_dir=str(run_dir)))
     assert is_png(studies.batch_rule_curves(rows, str(tmp_path / "batch.png")))
 
 

@@ -812,6 +812,20 @@ def tune(trainer, cfg, fixed, sweep_dir, start, jobs=1):
     return done_rows, None if halted else {name: report[name] for name in names}
 
 
+FALLBACK_SOURCES = ("pydoc_topics", "digits")   # the trainers' offline stand-ins for their data
+
+
+def check_real_data(trainer, fixed, study):
+    """A preset study's data, loaded once (and cached for its runs) before any run starts: the
+    real data, or a ConfigError. A study's numbers are read beside the docs' and each other's,
+    never on an offline stand-in."""
+    data = trainer.load_data(trainer.resolve_config(fixed))
+    if data.source in FALLBACK_SOURCES:
+        raise ConfigError(f"--study={study}: its data could not be found or downloaded, and its "
+                          f"runs would train on the offline stand-in ({data.source}); put the "
+                          "data where the line above says, or give --set=data_path=...")
+
+
 def check_runs(runs, sweep_dir, trainer):
     """Refuse run directories that hold a run made with other options (ConfigError); an option
     the trainer gained since, at its default, is not another option."""
@@ -896,6 +910,8 @@ def main(argv):
             runs = plan_runs(trainer, parse_grid(expand_grid(cfg.grid, cfg)), seeds, fixed,
                              sweep_dir)
             check_runs(runs, sweep_dir, trainer)
+        if cfg.study:
+            check_real_data(trainer, fixed, cfg.study)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -5,6 +5,8 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -111,6 +113,23 @@ def test_study_options_add_to_the_studys_own(tmp_path, text, monkeypatch):
         config = json.load(f)
     assert (config["max_iters"], config["n_embd"]) == (3, 16)     # user's, and the study's
     assert config["data_path"] == text.split()[0].split("=", 1)[1]
+
+
+def test_a_study_refuses_the_offline_stand_in_for_its_data(tmp_path, monkeypatch, capsys):
+    """Offline, with nothing in the cache, a trainer falls back to a stand-in (Python's manual
+    for tiny shakespeare): fine for a quick look, never for a study's table. The study stops
+    before any run, in one line (a study with its data runs: the test above)."""
+    def refuse(url, timeout=None):
+        raise urllib.error.URLError("network blocked by the test")
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    cache = f"data_dir={tmp_path / 'cache'}"
+    monkeypatch.setitem(sweep.STUDIES, "tiny", dict(grid="optimizer=sgd_sai", seeds="1",
+                                                    set=f"{TINY_GPT} {cache}"))
+    out = tmp_path / "sweep"
+    assert sweep.main(["--study=tiny", f"--sweep_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --study=tiny: its data could not be found or downloaded")
+    assert "pydoc_topics" in err[-1] and not out.exists()
 
 
 def test_sweep_refuses_to_report_runs_made_with_other_options(tmp_path, text, capsys):

@@ -190,6 +190,22 @@ def plan(fixed, tuned, check_seed):
                 vocab_size=data.vocab_size)
 
 
+def describe(the_plan):
+    """The plan in a few lines, printed before the runs start: each budget and what each
+    optimizer gets in it."""
+    lines = []
+    for b in the_plan["budgets"]:
+        if b["spend"] == "model":
+            what = ", ".join(f"{n} {o['width']}" for n, o in b["optimizers"].items())
+            lines.append(f"budget {b['budget']}: {b['bytes'] / 2**20:.2f} MiB of model state "
+                         f"(AdamW at width {b['width']}); widths: {what}")
+        else:
+            what = ", ".join(f"{n} {o['batch'] or 'none fits'}" for n, o in b["optimizers"].items())
+            lines.append(f"budget {b['budget']}, spent on the batch: {b['bytes'] / 2**20:.2f} MiB "
+                         f"of step memory (AdamW at width {b['width']}); batches: {what}")
+    return "\n".join(lines)
+
+
 def flops(row, cfg):
     """Training FLOPs of a run: 6 N per token (forward and backward through N parameters, the
     position table left out, as nanoGPT's estimate_mfu) plus attention's 12 L d T per token."""

@@ -903,6 +903,7 @@ def main(argv):
             if cfg.trainer != "nanogpt":
                 raise ConfigError("--study=iso_memory is the GPT's (--trainer=nanogpt)")
             the_plan = iso_memory.plan(fixed, read_tuned(cfg), seeds[0])
+            print(iso_memory.describe(the_plan))
             runs = [run for setting, only in the_plan["runs"]
                     for run in plan_runs(trainer, [setting], only or seeds, fixed, sweep_dir)]
             check_runs(runs, sweep_dir, trainer)

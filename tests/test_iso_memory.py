@@ -117,6 +117,7 @@ def test_the_sweep_runs_the_plan_and_its_runs_hold_the_memory_planned(small, tmp
                        f"--sweep_dir={out}"]) == 0
     said = capsys.readouterr().out
     plan = json.loads((out / "plan.json").read_text())
+    assert iso_memory.describe(plan) in said and "budget 3: " in said
     rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 3 * 2 + 2 + 2      # models, apollo_mini's batch, the lr checks
     assert all(r["status"] == "finished" for r in rows)

@@ -17,7 +17,8 @@ Sweeps and ablation studies: a grid of trainer settings x seeds, one process per
     python sweep.py --trainer=nanogpt --grid="optimizer=adamw lr=1e-3,3e-3 | optimizer=sgd_sai \
 lr=1e-2" --seeds=1,2 --set="max_iters=300"   # any grid
 
-A grid is sub-grids joined by "|"; each is "key=v1,v2 key=v3 ...", their cartesian product.
+A grid is sub-grids joined by "|"; each is "key=v1,v2 key=v3 ...", their cartesian product;
+a key starting with "_" is a label (it names and groups runs, and is not a trainer option).
 Runs go sequentially (or --jobs at a time), each in its own process (so each peak-memory figure
 is its own), into
 <sweep_dir>/<setting>-seed<k>/. Every run's options are checked by its trainer before any run

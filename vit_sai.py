@@ -79,7 +79,7 @@ class Config(RunOptions):
 # 4-6 values)
 DEFAULT_LR = {"adamw": 4e-3, "sgd_sai": 4e-2, "adam_mini": 4e-3, "apollo": 8e-3,
               "apollo_mini": 8e-3, "muon": 4e-3, "adafactor": 4e-2,
-              "sign_sgd": 1e-3, "adam_pe": 4e-3}     # the per-example two: not tuned yet
+              "sign_sgd": 1.6e-2, "adam_pe": 3.2e-2}   # lr only (docs/per-example.md)
 USAGE = __doc__.strip().splitlines()[0] + "\n\n" + "\n".join(__doc__.strip().splitlines()[2:7])
 
 

@@ -86,7 +86,10 @@ def assert_statistics_equal(stats, grads, family, tolerance):
         gs = torch.stack([g[p] for g in grads])
         check(family, stats.mean[p], gs.mean(0), tolerance)
         check(family, stats.sq_mean[p], gs.square().mean(0), tolerance)
-        near_zero = (gs.abs() <= tolerance * gs.abs().amax(0, keepdim=True)).any(0)
+        # an example's gradient within rounding of 0, measured against the tensor's largest
+        # (the key bias's gradient is 0 in exact arithmetic: its per-example values are rounding
+        # noise of ~1e-22, whose signs differ between CPUs)
+        near_zero = (gs.abs() <= tolerance * gs.abs().amax()).any(0)
         assert torch.equal(stats.sign_mean[p][~near_zero], gs.sign().mean(0)[~near_zero])
 
 
@@ -414,12 +417,13 @@ def test_the_vit_steps_the_per_example_optimizers_with_diagnostics(tmp_path):
               "--warmup_iters=2",
               "--log_interval=2", "--device=cpu", "--epochs=2",
               f"--data_path={tmp_path / 'fmnist'}", f"--data_dir={tmp_path / 'cache'}"]
-    for optimizer in ("sign_sgd", "adam_pe"):
+    # lrs for this 6-step run of a 16-wide ViT (the defaults are the 3-epoch default model's)
+    for optimizer, lr in (("sign_sgd", 1e-3), ("adam_pe", 4e-3)):
         out = tmp_path / optimizer
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
-            assert vit_sai.main(common + [f"--optimizer={optimizer}", "--diagnostics=True",
-                                          f"--out_dir={out}"]) == 0
+            assert vit_sai.main(common + [f"--optimizer={optimizer}", f"--lr={lr}",
+                                          "--diagnostics=True", f"--out_dir={out}"]) == 0
         evals = [r for r in records(out) if r["event"] == "eval"]
         assert [r["epoch"] for r in evals] == [0, 1, 2]
         names = [name for name, _ in vit_sai.ViT(vit_sai.resolve_config(common), 28, 1,

@@ -28,7 +28,9 @@ default) is refused, never reported as the new result. runs.jsonl records every 
 summary.md and summary.csv aggregate over seeds (mean and standard deviation), state the
 regime (parameters, tokens or images per parameter), and compare every setting with a baseline
 (--baseline, AdamW at its best by default) over paired seeds with a 95% t interval (stats.py);
-the study's figures are drawn from the logs.
+the study's figures are drawn from the logs. --select=lr makes a grid a selection: each
+setting's lr is chosen on the validation split, summary.md shows the validation split alone,
+and selected.md reports the test split and the comparisons only at the chosen lrs.
 
 Tuning (--tune, --study=tune): per optimizer, lr x weight decay on a log lattice (lr x2, wd x3
 apart) from a 3 x 3 start around the trainer's defaults, one seed (--tune_seed); while the best
@@ -102,6 +104,10 @@ class SweepConfig:
                             "3 x 3 start, then the untried neighbours of the best tried point "
                             "that has any, until spent; 0 = extend while the best sits on an "
                             "edge, up to --max_extra")
+    select: str = option("", "grid keys chosen on validation per setting (e.g. lr): summary.md "
+                             "then shows the validation split only, and selected.md each "
+                             "setting at its chosen value, reported on test, with the "
+                             "comparisons")
     baseline: str = option("optimizer=adamw", "compare every setting with the best one matching "
                                               "these key=value pairs, over paired seeds ('' = "
                                               "no comparison)")
@@ -218,7 +224,7 @@ STUDIES |= {
                      baseline=f"batch_size={BATCH_BASE}", tuned="out/sweep-tune_v2"),
     # arXiv 2510.00236's two questions on the research corpus, 2,000 steps, on the surgery path
     "per_example_v2": dict(grid=STUDIES["per_example"]["grid"], seeds="1,2,3,4,5", set=V2_GPT,
-                           baseline="preconditioner=batch"),
+                           baseline="preconditioner=batch", select="lr"),
     # equal memory (iso_memory.py): budgets of AdamW's model state at widths 128, 160, 192;
     # each optimizer's widest model in each, or its largest batch at the first; 3 seeds
     "iso_memory": dict(grid=ISO_MEMORY, seeds="1,2,3", set=V2_GPT, tuned="out/sweep-tune_v2"),
@@ -474,15 +480,15 @@ def regime_cells(rows):
             f"{ok[0]['seen'] / ok[0]['n_params']:.2g}"]
 
 
-def summarize(rows, sweep_dir, baseline, name="summary", test=True):
+def summarize(rows, sweep_dir, baseline, name="summary", test=True, notes=()):
     """One line per setting: metrics as mean and sd over its seeds (the validation split's,
     which selection reads, and the test split's, which the comparison reports), what it trained
     on (tokens or images, epochs, per parameter), and the difference of the reported metric
     from the baseline setting over paired seeds with its 95% t interval, its p-value and the
     p-value Holm-adjusted over the table's comparisons; diverged and crashed runs counted (a
     setting with no finished run says which). test=False leaves the test split out (a tuning
-    search's trials: selection reads val only). Written to <name>.md and <name>.csv; returns
-    the markdown."""
+    search's trials: selection reads val only). notes: lines printed above the table. Written
+    to <name>.md and <name>.csv; returns the markdown."""
     groups = {}
     for row in rows:
         groups.setdefault(json.dumps(row["setting"]), []).append(row)
@@ -541,6 +547,7 @@ def summarize(rows, sweep_dir, baseline, name="summary", test=True):
                   f"validation); differences are this row's {reported(rows)} minus the "
                   "baseline's over the seeds both ran, with a 95% t interval, its p-value, and "
                   "the p-value Holm-adjusted over this table's comparisons.", ""]
+    lines += [*notes, ""] if notes else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in table:
         cells = [str(t[k]) for k in setting_keys]
@@ -559,6 +566,52 @@ def summarize(rows, sweep_dir, baseline, name="summary", test=True):
     with open(os.path.join(sweep_dir, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return "\n".join(lines)
+
+
+def select_on_val(rows, keys):
+    """The rows of each setting (the grid's keys but `keys`) at its values of `keys` chosen on
+    the validation split: the lowest mean objective over its seeds (a value at which a seed
+    diverged loses to any that finished on every seed). Returns (those rows, a line per setting
+    saying what was chosen from what, and where a chosen value is the smallest or largest
+    tried, that the best may lie beyond it)."""
+    groups = {}
+    for row in rows:
+        rest = json.dumps({k: v for k, v in row["setting"].items() if k not in keys})
+        value = tuple(row["setting"].get(k) for k in keys)
+        groups.setdefault(rest, {}).setdefault(value, []).append(row)
+    chosen, lines = [], []
+    for rest, by_value in groups.items():
+        score = {v: statistics.mean(objective(r) for r in rs) for v, rs in by_value.items()}
+        best = min(by_value, key=lambda v: (score[v], v))
+        chosen += by_value[best]
+        said = []
+        for i, key in enumerate(keys):
+            tried = sorted({v[i] for v in by_value if v[i] is not None}, key=number_or_text)
+            edge = len(tried) > 1 and best[i] in (tried[0], tried[-1])
+            said.append(f"{key}={best[i]} of {', '.join(tried)}"
+                        + (" (an edge: the best may lie beyond)" if edge else ""))
+        label = " ".join(f"{k}={v}" for k, v in json.loads(rest).items())
+        lines.append(f"- {label}: {'; '.join(said)}"
+                     + (" (every value diverged)" if math.isinf(score[best]) else ""))
+    return chosen, lines
+
+
+def number_or_text(value):
+    """A sort key that orders numbers by value (1e-3 before 3e-3 before 1e-2), text after."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def selected_summary(rows, sweep_dir, baseline, keys):
+    """selected.md: each setting at its values of `keys` chosen on validation (select_on_val),
+    reported on the test split, compared with the baseline (at its chosen value) over paired
+    seeds, Holm over these comparisons alone; the choices listed above the table."""
+    chosen, lines = select_on_val(rows, keys)
+    head = (f"Each setting at its {', '.join(keys)} chosen on the validation split (the lowest "
+            "mean over its seeds); the test split is reported only here, at the chosen values:")
+    return summarize(chosen, sweep_dir, baseline, "selected", notes=[head, *lines])
 
 
 def tune_summary(report, finals, sweep_dir, baseline, all_rows=None):
@@ -885,6 +938,9 @@ def main(argv):
                               "best setting was chosen by that seed's result (biased low); "
                               "give the final runs other seeds")
         check_positive(cfg, "jobs")
+        if cfg.select and (cfg.tune or cfg.grid == ISO_MEMORY):
+            raise ConfigError(f"--select={cfg.select}: a grid's choice; tuning chooses lr and "
+                              "weight decay itself, and the iso-memory study keeps the tuned ones")
         if cfg.max_extra < 0:
             raise ConfigError(f"--max_extra must be >= 0, got {cfg.max_extra}")
         if cfg.budget and cfg.budget < 9:
@@ -909,8 +965,12 @@ def main(argv):
                     for run in plan_runs(trainer, [setting], only or seeds, fixed, sweep_dir)]
             check_runs(runs, sweep_dir, trainer)
         else:
-            runs = plan_runs(trainer, parse_grid(expand_grid(cfg.grid, cfg)), seeds, fixed,
-                             sweep_dir)
+            settings = parse_grid(expand_grid(cfg.grid, cfg))
+            unknown = [k for k in cfg.select.split(",") if k and all(k not in s for s in settings)]
+            if unknown:
+                raise ConfigError(f"--select={cfg.select}: the grid never sets "
+                                  f"{', '.join(unknown)}; give keys of --grid (e.g. lr)")
+            runs = plan_runs(trainer, settings, seeds, fixed, sweep_dir)
             check_runs(runs, sweep_dir, trainer)
         if cfg.study:
             check_real_data(trainer, fixed, cfg.study)
@@ -974,6 +1034,9 @@ def main(argv):
         with open(os.path.join(sweep_dir, "iso_memory.md"), "w") as f:
             f.write(text)
         print(text)
+    elif cfg.select:   # the choice on val; test and the comparisons at the chosen values
+        print(summarize(rows, sweep_dir, None, test=False))
+        print(selected_summary(rows, sweep_dir, baseline, cfg.select.split(",")))
     else:
         print(summarize(rows, sweep_dir, baseline))
     for path in studies.draw(cfg.study, rows, sweep_dir, tuning=bool(report)):

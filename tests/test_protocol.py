@@ -437,6 +437,40 @@ def test_an_lr_sweep_is_compared_with_adamw_at_its_best_lr(tmp_path):
     assert "+0.085 (95% CI" in muon
 
 
+def test_a_selection_grid_chooses_each_lr_on_val_and_reports_test_only_there(tmp_path):
+    rows = []
+    for seed in (1, 2, 3):
+        # Adam's best val lr (3e-3) is not its best test lr (1e-2): test must not choose it
+        for lr, val, test in (("1e-3", 2.5, 2.6), ("3e-3", 2.0, 2.3), ("1e-2", 2.1, 2.0)):
+            rows.append(_row(seed, val + 0.01 * seed, optimizer="adam_pe", preconditioner="batch",
+                             lr=lr) | dict(final_test_loss=test + 0.01 * seed))
+        for lr, val in (("1e-3", 2.4), ("3e-3", 2.2)):   # its best is its largest lr tried
+            rows.append(_row(seed, val, optimizer="adam_pe", preconditioner="variance", lr=lr)
+                        | dict(final_test_loss=val + 0.2 + 0.02 * seed))
+    chosen, lines = sweep.select_on_val(rows, ["lr"])
+    assert sorted({(r["setting"]["preconditioner"], r["setting"]["lr"]) for r in chosen}) == [
+        ("batch", "3e-3"), ("variance", "3e-3")]
+    assert lines == ["- optimizer=adam_pe preconditioner=batch: lr=3e-3 of 1e-3, 3e-3, 1e-2",
+                     "- optimizer=adam_pe preconditioner=variance: lr=3e-3 of 1e-3, 3e-3 (an "
+                     "edge: the best may lie beyond)"]
+    summary = sweep.summarize(rows, str(tmp_path), None, test=False)
+    assert "test" not in summary.split("Compute:")[0].lower()
+    text = sweep.selected_summary(rows, str(tmp_path), {"preconditioner": "batch"}, ["lr"])
+    assert "preconditioner=batch lr=3e-3 (the best setting" in text
+    # variance at 3e-3 against batch at 3e-3 on test: (2.4 + 0.02 s) - (2.3 + 0.01 s), s = 1..3
+    variance = next(line for line in text.splitlines() if "| variance |" in line)
+    assert "+0.120 (95% CI" in variance
+    assert len([line for line in text.splitlines() if line.startswith("| adam_pe")]) == 2
+    assert (tmp_path / "selected.md").read_text().strip() == text.strip()
+
+
+def test_select_refuses_a_key_the_grid_never_sets(tmp_path, capsys):
+    code = sweep.main(["--grid=optimizer=adamw lr=1e-3,3e-3", "--select=momentum",
+                       f"--sweep_dir={tmp_path}", "--set=max_iters=2"])
+    assert code == 2
+    assert "--select=momentum: the grid never sets momentum" in capsys.readouterr().err
+
+
 def test_a_study_says_what_it_cost():
     rows = [dict(wall_s=1800.0, threads=1), dict(wall_s=5400.0, threads=1), dict(status="x")]
     assert sweep.compute_line(rows) == ("Compute: 3 runs, 2.00 hours of wall-clock time at 1 "

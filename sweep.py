@@ -938,7 +938,8 @@ def main(argv):
                               "best setting was chosen by that seed's result (biased low); "
                               "give the final runs other seeds")
         check_positive(cfg, "jobs")
-        if cfg.select and (cfg.tune or cfg.grid == ISO_MEMORY):
+        select = [k for k in cfg.select.split(",") if k]
+        if select and (cfg.tune or cfg.grid == ISO_MEMORY):
             raise ConfigError(f"--select={cfg.select}: a grid's choice; tuning chooses lr and "
                               "weight decay itself, and the iso-memory study keeps the tuned ones")
         if cfg.max_extra < 0:
@@ -966,7 +967,7 @@ def main(argv):
             check_runs(runs, sweep_dir, trainer)
         else:
             settings = parse_grid(expand_grid(cfg.grid, cfg))
-            unknown = [k for k in cfg.select.split(",") if k and all(k not in s for s in settings)]
+            unknown = [k for k in select if all(k not in s for s in settings)]
             if unknown:
                 raise ConfigError(f"--select={cfg.select}: the grid never sets "
                                   f"{', '.join(unknown)}; give keys of --grid (e.g. lr)")
@@ -1034,9 +1035,9 @@ def main(argv):
         with open(os.path.join(sweep_dir, "iso_memory.md"), "w") as f:
             f.write(text)
         print(text)
-    elif cfg.select:   # the choice on val; test and the comparisons at the chosen values
+    elif select:   # the choice on val; test and the comparisons at the chosen values
         print(summarize(rows, sweep_dir, None, test=False))
-        print(selected_summary(rows, sweep_dir, baseline, cfg.select.split(",")))
+        print(selected_summary(rows, sweep_dir, baseline, select))
     else:
         print(summarize(rows, sweep_dir, baseline))
     for path in studies.draw(cfg.study, rows, sweep_dir, tuning=bool(report)):

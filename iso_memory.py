@@ -225,12 +225,12 @@ def seeds_of(rows):
     return sorted({r["seed"] for r in rows if r["setting"]["_spend"] != "lr_check"})
 
 
-def table(rows, the_plan, cfg, compute):
+def table(rows, the_plan, cfg, compute, notes=()):
     """iso_memory.md: per budget, each optimizer's model (or batch), its memory, test loss
     (mean ± sd over seeds), its difference from AdamW at that budget over paired seeds (95% t
     interval, p, Holm-adjusted over the table's comparisons), FLOPs and wall time per run; then
     the lr transfer check. cfg: the trainer's config of the runs (dict); compute: the sweep's
-    line saying what the runs cost."""
+    line saying what the runs cost; notes: lines above the table (a partial study's)."""
     groups = {}
     for row in rows:
         s = row["setting"]
@@ -279,6 +279,7 @@ def table(rows, the_plan, cfg, compute):
              "same tokens at their tuned lr and weight decay. Test loss on the held-out works, "
              "mean ± sd over seeds; differences from AdamW at the same budget over paired seeds, "
              "95% t interval, p, and p Holm-adjusted over the table.", ""]
+    lines += [*notes, ""] if notes else []
     head = ["budget", "spent on", "optimizer", "width or batch", "params", "memory MiB",
             "test loss", "vs AdamW", "p", "Holm p", "PFLOPs per run", "wall min per run"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -24,7 +24,9 @@ is its own), into
 <sweep_dir>/<setting>-seed<k>/. Every run's options are checked by its trainer before any run
 starts. Re-running skips finished and diverged runs and resumes crashed ones from their
 checkpoint; a run directory that holds a run made with other options (a changed --set, a changed
-default) is refused, never reported as the new result. runs.jsonl records every run's status;
+default) is refused, never reported as the new result. --redraw=True starts no run: the tables
+and figures of the runs that have ended, each table saying how many it lacks (a study stopped
+part way). runs.jsonl records every run's status;
 summary.md and summary.csv aggregate over seeds (mean and standard deviation), state the
 regime (parameters, tokens or images per parameter), and compare every setting with a baseline
 (--baseline, AdamW at its best by default) over paired seeds with a 95% t interval (stats.py);
@@ -51,6 +53,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import statistics
 import sys
 import tarfile
@@ -121,6 +124,9 @@ class SweepConfig:
                            "then its tables and figures are redrawn and what it lacks is run")
     keep_checkpoints: bool = option(True, "keep each ended run's ckpt.pt (False deletes it "
                                           "once the run has finished or diverged)")
+    redraw: bool = option(False, "start no run: draw the tables and figures from the runs that "
+                                 "have ended (a study stopped part way; each table says how "
+                                 "many of its runs it lacks)")
 
 
 # The older studies, at nanoGPT's CPU baby size (4 layers, 128 wide, block 64, batch 12), 400
@@ -381,6 +387,8 @@ def run_one(trainer, run, threads, keep_checkpoint):
     log_path = os.path.join(run.run_dir, "log.txt")
     code = run_in_process(trainer.__file__, cmd, log_path, threads)
     status = last_status(run.run_dir)
+    if code == -signal.SIGINT:   # the Ctrl-C reached it before it could catch one (at its start)
+        return "stopped", "Ctrl-C as it started"
     if code not in (0, 3) and status != "stopped":
         return "crashed", f"exit {code}: {last_line(log_path)}"
     if status in ("finished", "diverged") and not keep_checkpoint and os.path.exists(ckpt):
@@ -604,14 +612,14 @@ def number_or_text(value):
         return (1, 0.0, value)
 
 
-def selected_summary(rows, sweep_dir, baseline, keys):
+def selected_summary(rows, sweep_dir, baseline, keys, notes=()):
     """selected.md: each setting at its values of `keys` chosen on validation (select_on_val),
     reported on the test split, compared with the baseline (at its chosen value) over paired
-    seeds, Holm over these comparisons alone; the choices listed above the table."""
+    seeds, Holm over these comparisons alone; notes, then the choices, above the table."""
     chosen, lines = select_on_val(rows, keys)
     head = (f"Each setting at its {', '.join(keys)} chosen on the validation split (the lowest "
             "mean over its seeds); the test split is reported only here, at the chosen values:")
-    return summarize(chosen, sweep_dir, baseline, "selected", notes=[head, *lines])
+    return summarize(chosen, sweep_dir, baseline, "selected", notes=[*notes, head, *lines])
 
 
 def tune_summary(report, finals, sweep_dir, baseline, all_rows=None):
@@ -912,6 +920,40 @@ def unpack(pack, sweep_dir):
                else ""))
 
 
+def draw_tables(cfg, rows, runs, the_plan, sweep_dir, baseline, select, notes=()):
+    """A grid's (or the iso-memory study's) tables and figures from its rows, printed and
+    written to sweep_dir; notes: lines printed above each table."""
+    if the_plan:
+        text = iso_memory.table(rows, the_plan, runs[0].config, compute_line(rows), notes)
+        with open(os.path.join(sweep_dir, "iso_memory.md"), "w") as f:
+            f.write(text)
+        print(text)
+    elif select:   # the choice on val; test and the comparisons at the chosen values
+        print(summarize(rows, sweep_dir, None, test=False, notes=notes))
+        print(selected_summary(rows, sweep_dir, baseline, select, notes))
+    else:
+        print(summarize(rows, sweep_dir, baseline, notes=notes))
+    for path in studies.draw(cfg.study, rows, sweep_dir):
+        print(f"wrote {path}")
+
+
+def redraw(cfg, runs, the_plan, sweep_dir, baseline, select):
+    """--redraw: the tables and figures of the runs that have ended (finished or diverged),
+    starting none; runs.jsonl is left as the last sweep wrote it. Returns the exit status: 0,
+    or 1 when no run has ended."""
+    rows = [run_result(run.run_dir, run.setting, run.seed, status) for run in runs
+            if (status := last_status(run.run_dir)) in ("finished", "diverged")]
+    if not rows:
+        print(f"--redraw: none of the sweep's {len(runs)} runs in {sweep_dir} has ended; "
+              "nothing to draw (run it without --redraw)", file=sys.stderr)
+        return 1
+    notes = [] if len(rows) == len(runs) else [
+        f"Partial: {len(rows)} of the sweep's {len(runs)} runs have ended (drawn with "
+        "--redraw); the others have not run, and the same command without --redraw runs them."]
+    draw_tables(cfg, rows, runs, the_plan, sweep_dir, baseline, select, notes)
+    return 0
+
+
 def main(argv):
     try:
         cfg, given = parse_args(SweepConfig(), argv, __doc__.strip().splitlines()[0])
@@ -939,6 +981,10 @@ def main(argv):
                               "give the final runs other seeds")
         check_positive(cfg, "jobs")
         select = [k for k in cfg.select.split(",") if k]
+        if cfg.redraw and cfg.tune:
+            raise ConfigError("--redraw with --tune: a search's next trials depend on the "
+                              "results it lacks; run it (its finished trials are skipped) to "
+                              "redraw its tables")
         if select and (cfg.tune or cfg.grid == ISO_MEMORY):
             raise ConfigError(f"--select={cfg.select}: a grid's choice; tuning chooses lr and "
                               "weight decay itself, and the iso-memory study keeps the tuned ones")
@@ -978,6 +1024,8 @@ def main(argv):
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if cfg.redraw:
+        return redraw(cfg, runs, the_plan, sweep_dir, baseline, select)
     os.makedirs(sweep_dir, exist_ok=True)
     with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
@@ -1030,18 +1078,10 @@ def main(argv):
         if report:
             print(tune_summary(report, [r for r in rows if r.get("final")], sweep_dir,
                                baseline, rows))
-    elif the_plan:
-        text = iso_memory.table(rows, the_plan, runs[0].config, compute_line(rows))
-        with open(os.path.join(sweep_dir, "iso_memory.md"), "w") as f:
-            f.write(text)
-        print(text)
-    elif select:   # the choice on val; test and the comparisons at the chosen values
-        print(summarize(rows, sweep_dir, None, test=False))
-        print(selected_summary(rows, sweep_dir, baseline, select))
+        for path in studies.draw(cfg.study, rows, sweep_dir, tuning=bool(report)):
+            print(f"wrote {path}")
     else:
-        print(summarize(rows, sweep_dir, baseline))
-    for path in studies.draw(cfg.study, rows, sweep_dir, tuning=bool(report)):
-        print(f"wrote {path}")
+        draw_tables(cfg, rows, runs, the_plan, sweep_dir, baseline, select)
     crashed = [row for row in rows if row["status"] == "crashed"]
     if any(row["status"] == "stopped" for row in rows) and not crashed:
         print("a run was stopped (Ctrl-C); the same command resumes the sweep", file=sys.stderr)

@@ -4,6 +4,7 @@ plan says, with the memory the plan counted."""
 import contextlib
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -134,6 +135,18 @@ def test_the_sweep_runs_the_plan_and_its_runs_hold_the_memory_planned(small, tmp
     assert "| 3: " in table and "a larger batch" in table and "lr transfer" in table
     assert "Holm" in table and "no finished run" not in table
     assert is_png(out / "iso_memory.png")
+
+    # a study stopped part way: --redraw draws what has ended, says what it lacks, runs nothing
+    missing = next(r["run_dir"] for r in rows if r["setting"]["_spend"] == "model"
+                   and r["setting"]["_budget"] == "3" and r["seed"] == 2)
+    shutil.rmtree(missing)
+    assert sweep.main(["--study=iso_memory", f"--tuned={tmp_path}", f"--set={set_options}",
+                       "--optimizers=adamw,apollo_mini", "--seeds=1,2", f"--sweep_dir={out}",
+                       "--redraw=True"]) == 0
+    assert not os.path.exists(missing)
+    partial = (out / "iso_memory.md").read_text()
+    assert "Partial: 15 of the sweep's 16 runs have ended" in partial
+    assert partial.count("(1 of 1)") == 1 and "no finished run" not in partial
 
 
 def test_the_pareto_front_keeps_the_points_nothing_beats():

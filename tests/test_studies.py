@@ -104,6 +104,35 @@ def test_sweep_resumes_a_stopped_run_from_its_checkpoint(tmp_path, text, monkeyp
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
+def test_redraw_draws_the_runs_that_ended_and_starts_none(tmp_path, text, capsys):
+    """A sweep stopped part way: --redraw tables what has ended, says how many runs it lacks,
+    and starts none; with nothing ended, or with --tune, it says why in one line."""
+    out = tmp_path / "sweep"
+    args = [f"--set={TINY_GPT} {text}", "--seeds=1", f"--sweep_dir={out}"]
+    assert sweep.main(args + ["--grid=optimizer=sgd_sai", "--redraw=True"]) == 1
+    assert "none of the sweep's 1 runs" in capsys.readouterr().err and not out.exists()
+    assert sweep.main(args + ["--grid=optimizer=adamw"]) == 0
+    assert sweep.main(args + ["--grid=optimizer=adamw,sgd_sai", "--redraw=True"]) == 0
+    assert sorted(os.listdir(out)) == ["optimizer=adamw-seed1", "runs.jsonl", "summary.csv",
+                                       "summary.md", "sweep.json"]
+    table = (out / "summary.md").read_text()
+    assert "Partial: 1 of the sweep's 2 runs have ended" in table
+    assert [line.split("|")[1].strip() for line in table.splitlines()
+            if line.startswith("| adamw") or line.startswith("| sgd_sai")] == ["adamw"]
+    assert sweep.main(args + ["--tune=adamw", "--redraw=True"]) == 2
+    assert capsys.readouterr().err.startswith("error: --redraw with --tune: ")
+
+
+def test_a_run_the_ctrl_c_reaches_as_it_starts_is_stopped_not_crashed(tmp_path):
+    """The sweep's Ctrl-C goes to its runs too; one that gets it before it can catch it (as
+    Python starts) dies of SIGINT: stopped (resumed by the next sweep), not a crash."""
+    script = tmp_path / "trainer.py"
+    script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n")
+    run = sweep.Run({"optimizer": "adamw"}, 1, str(tmp_path / "run"), [], {})
+    status, how = sweep.run_one(type("Trainer", (), {"__file__": str(script)}), run, 1, True)
+    assert (status, how) == ("stopped", "Ctrl-C as it started")
+
+
 def test_study_options_add_to_the_studys_own(tmp_path, text, monkeypatch):
     monkeypatch.setitem(sweep.STUDIES, "tiny", dict(grid="optimizer=sgd_sai", seeds="1",
                                                     set=TINY_GPT))

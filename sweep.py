@@ -1019,7 +1019,7 @@ def main(argv):
                                   f"{', '.join(unknown)}; give keys of --grid (e.g. lr)")
             runs = plan_runs(trainer, settings, seeds, fixed, sweep_dir)
             check_runs(runs, sweep_dir, trainer)
-        if cfg.study:
+        if cfg.study and not cfg.redraw:   # nothing trains in a redraw
             check_real_data(trainer, fixed, cfg.study)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

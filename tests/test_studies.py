@@ -127,7 +127,9 @@ def test_a_run_the_ctrl_c_reaches_as_it_starts_is_stopped_not_crashed(tmp_path):
     """The sweep's Ctrl-C goes to its runs too; one that gets it before it can catch it (as
     Python starts) dies of SIGINT: stopped (resumed by the next sweep), not a crash."""
     script = tmp_path / "trainer.py"
-    script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n")
+    # Python's own Ctrl-C handler, as under a terminal (a background job starts with it ignored)
+    script.write_text("import os, signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)"
+                      "\nos.kill(os.getpid(), signal.SIGINT)\n")
     run = sweep.Run({"optimizer": "adamw"}, 1, str(tmp_path / "run"), [], {})
     status, how = sweep.run_one(type("Trainer", (), {"__file__": str(script)}), run, 1, True)
     assert (status, how) == ("stopped", "Ctrl-C as it started")

@@ -442,8 +442,9 @@ def baseline_groups(groups, baseline):
 
 
 def compute_line(rows):
-    """What the runs cost: their count and wall-clock hours (each run's last logged wall_s:
-    training, evaluation and logging), and the threads each had."""
+    """What the runs cost: their count and wall-clock hours (each run's logged wall_s:
+    training, evaluation and logging, over every process that ran it), and the threads each
+    had."""
     hours = sum(r.get("wall_s", 0.0) for r in rows) / 3600
     threads = sorted({r["threads"] for r in rows if r.get("threads")})
     return (f"Compute: {len(rows)} runs, {hours:.2f} hours of wall-clock time"
@@ -688,7 +689,10 @@ def run_result(run_dir, setting, seed, status):
         records = [json.loads(line) for line in f]
     evals = [r for r in records if r["event"] == "eval"]
     tests = [r for r in records if r["event"] == "test"]
-    row["wall_s"] = max((r["wall_s"] for r in records if "wall_s" in r), default=0.0)
+    # wall_s counts from its process's start, so a resumed run's starts again: add the last
+    # of each process's
+    walls = [r["wall_s"] for r in records if "wall_s" in r]
+    row["wall_s"] = sum(w for w, after in zip(walls, walls[1:] + [0.0]) if after < w)
     if evals:
         last = evals[-1]
         if "val_acc" in last:
@@ -920,9 +924,12 @@ def unpack(pack, sweep_dir):
                else ""))
 
 
-def draw_tables(cfg, rows, runs, the_plan, sweep_dir, baseline, select, notes=()):
+def draw_tables(cfg, rows, runs, the_plan, sweep_dir, baseline, select, partial=""):
     """A grid's (or the iso-memory study's) tables and figures from its rows, printed and
-    written to sweep_dir; notes: lines printed above each table."""
+    written to sweep_dir; partial: how many of its runs a redraw found ended, said above each
+    table and under each figure's title."""
+    notes = [f"{partial} (drawn with --redraw); the others have not run, and the same command "
+             "without --redraw runs them."] if partial else []
     if the_plan:
         text = iso_memory.table(rows, the_plan, runs[0].config, compute_line(rows), notes)
         with open(os.path.join(sweep_dir, "iso_memory.md"), "w") as f:
@@ -933,7 +940,7 @@ def draw_tables(cfg, rows, runs, the_plan, sweep_dir, baseline, select, notes=()
         print(selected_summary(rows, sweep_dir, baseline, select, notes))
     else:
         print(summarize(rows, sweep_dir, baseline, notes=notes))
-    for path in studies.draw(cfg.study, rows, sweep_dir):
+    for path in studies.draw(cfg.study, rows, sweep_dir, note=partial):
         print(f"wrote {path}")
 
 
@@ -947,10 +954,9 @@ def redraw(cfg, runs, the_plan, sweep_dir, baseline, select):
         print(f"--redraw: none of the sweep's {len(runs)} runs in {sweep_dir} has ended; "
               "nothing to draw (run it without --redraw)", file=sys.stderr)
         return 1
-    notes = [] if len(rows) == len(runs) else [
-        f"Partial: {len(rows)} of the sweep's {len(runs)} runs have ended (drawn with "
-        "--redraw); the others have not run, and the same command without --redraw runs them."]
-    draw_tables(cfg, rows, runs, the_plan, sweep_dir, baseline, select, notes)
+    partial = ("" if len(rows) == len(runs) else
+               f"Partial: {len(rows)} of the sweep's {len(runs)} runs have ended")
+    draw_tables(cfg, rows, runs, the_plan, sweep_dir, baseline, select, partial)
     return 0
 
 

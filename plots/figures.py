@@ -170,9 +170,11 @@ def wrap_to_fit(fig):
         text.set_text("\n".join(textwrap.fill(line, chars) for line in lines))
 
 
-def save_figure(fig, path):
+def save_figure(fig, path, note=""):
     """Lay out (texts wrapped to fit the canvas), write a PNG at the resolution every figure
-    here uses, close; returns path."""
+    here uses, close; returns path. note: a last line of the title (what the figure lacks)."""
+    if note:
+        fig.suptitle(f"{fig._suptitle.get_text()}\n{note}" if fig._suptitle else note)
     wrap_to_fit(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -50,7 +50,7 @@ def study_context(rows, same_regime=True):
     return f"{what}\non {first.data_name}; {seeds} seed{'s' if seeds > 1 else ''}"
 
 
-def lr_sensitivity(rows, path):
+def lr_sensitivity(rows, path, note=""):
     """Final validation (GPT) or test (ViT) loss vs LR (log axis), mean and sd over seeds, a
     line per setting; an x at the top marks an LR at which a seed diverged."""
     fig, ax = plt.subplots(figsize=(9, 6))
@@ -75,10 +75,10 @@ def lr_sensitivity(rows, path):
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.suptitle(study_context(rows))
-    return save_figure(fig, path)
+    return save_figure(fig, path, note)
 
 
-def best_lr_curves(rows, path, x="step"):
+def best_lr_curves(rows, path, x="step", note=""):
     """Validation loss vs `x` for each setting at its best LR (lowest mean final loss)."""
     fig, ax = plt.subplots(figsize=(9, 6))
     for i, (label, by_lr) in enumerate(_by(rows, "lr").items()):
@@ -97,7 +97,7 @@ def best_lr_curves(rows, path, x="step"):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.suptitle(study_context(rows))
-    return save_figure(fig, path)
+    return save_figure(fig, path, note)
 
 
 def _metric(row):
@@ -111,7 +111,7 @@ def _metric_name(rows):
             else "final test accuracy %")
 
 
-def tune_trials(rows, path):
+def tune_trials(rows, path, note=""):
     """One panel per optimizer: the tuning trials' final metric against lr (log axis), a line
     per weight decay; the chosen setting's fresh seeds as a star with its sd."""
     names = list(dict.fromkeys(r["setting"]["optimizer"] for r in rows))
@@ -153,10 +153,10 @@ def tune_trials(rows, path):
     finals = [r for r in rows if r.get("final")] or rows
     fig.suptitle("Tuning lr x weight decay on one seed (x: diverged); the chosen setting on "
                  "fresh seeds:\n" + study_context(finals), fontsize=10)
-    return save_figure(fig, path)
+    return save_figure(fig, path, note)
 
 
-def duration_curves(rows, path, baseline="adamw"):
+def duration_curves(rows, path, baseline="adamw", note=""):
     """Left: final metric against tokens (or images) per parameter, one line per optimizer with
     a band of one sd over seeds. Right: each optimizer minus the baseline over paired seeds,
     mean and 95% t interval (stats.paired_difference)."""
@@ -205,7 +205,7 @@ def duration_curves(rows, path, baseline="adamw"):
         ax.legend(fontsize=8)
     fig.suptitle("Duration: each length with its own full decay; "
                  + study_context(rows, same_regime=False))
-    return save_figure(fig, path)
+    return save_figure(fig, path, note)
 
 
 BATCH_RULES = ("none", "sqrt", "full sqrt", "linear")
@@ -224,7 +224,7 @@ def batch_rule(setting, base_batch, base_lr):
     return min(((abs(k - e), n) for n, e in (("none", 0), ("sqrt", 0.5), ("linear", 1))))[1]
 
 
-def batch_rule_curves(rows, path, base_batch=12):
+def batch_rule_curves(rows, path, base_batch=12, note=""):
     """A row of panels per optimizer, one panel per lr rule the study ran (of none, sqrt, full
     sqrt, linear): validation loss against tokens seen (mean over seeds), a line per batch size,
     the base batch in each panel; the same tokens for every run."""
@@ -263,7 +263,7 @@ def batch_rule_curves(rows, path, base_batch=12):
             ax.legend(fontsize=7)
         row_axes[0].set_ylabel("validation loss (mean of seeds)")
     fig.suptitle(study_context(rows, same_regime=False) + "; every run sees the same tokens")
-    return save_figure(fig, path)
+    return save_figure(fig, path, note)
 
 
 def pareto(points):
@@ -277,7 +277,7 @@ def pareto(points):
     return front
 
 
-def iso_memory_front(rows, path, baseline="adamw"):
+def iso_memory_front(rows, path, baseline="adamw", note=""):
     """Left: test loss against model-state memory (params + grads + state), one line per
     optimizer through the budgets (the widest model that fits each), the baseline's points
     marked, and the Pareto front of all points. Right: at the first budget's model, test loss
@@ -332,24 +332,26 @@ def iso_memory_front(rows, path, baseline="adamw"):
     fig.suptitle("Iso-memory: every optimizer in the same memory, on the same training tokens"
                  + (f" ({ok[0]['seen']:,})\non {first.data_name}; {seeds} seeds; dotted: the "
                     "budgets" if first else ""))
-    return save_figure(fig, path)
+    return save_figure(fig, path, note)
 
 
-def draw(study, rows, out_dir, tuning=False):
-    """The figures that fit a study's rows; returns the paths written."""
+def draw(study, rows, out_dir, tuning=False, note=""):
+    """The figures that fit a study's rows; returns the paths written. note: a line under each
+    figure's title (a partial study's)."""
     if tuning:
-        return [tune_trials(rows, os.path.join(out_dir, "tune.png"))]
+        return [tune_trials(rows, os.path.join(out_dir, "tune.png"), note=note)]
     if study in ("batch", "batch_v2"):
-        return [batch_rule_curves(rows, os.path.join(out_dir, "batch_rule.png"))]
+        return [batch_rule_curves(rows, os.path.join(out_dir, "batch_rule.png"), note=note)]
     if study in ("duration", "duration_v2"):
-        return [duration_curves(rows, os.path.join(out_dir, "duration.png"))]
+        return [duration_curves(rows, os.path.join(out_dir, "duration.png"), note=note)]
     if study == "iso_memory":
-        return [iso_memory_front(rows, os.path.join(out_dir, "iso_memory.png"))]
+        return [iso_memory_front(rows, os.path.join(out_dir, "iso_memory.png"), note=note)]
     paths = []
     if len({r["setting"].get("lr") for r in rows}) > 1:
-        paths.append(lr_sensitivity(rows, os.path.join(out_dir, "lr_sensitivity.png")))
+        paths.append(lr_sensitivity(rows, os.path.join(out_dir, "lr_sensitivity.png"), note=note))
         if all("final_val_loss" in r or r["status"] != "finished" for r in rows):
-            paths.append(best_lr_curves(rows, os.path.join(out_dir, "best_lr_curves.png")))
+            paths.append(best_lr_curves(rows, os.path.join(out_dir, "best_lr_curves.png"),
+                                        note=note))
     return paths
 
 

@@ -179,5 +179,13 @@ def test_a_sweeps_study_figures_show_their_whole_titles(tmp_path, drawn):
     studies.lr_sensitivity(rows, str(tmp_path / "lr.png"))
     studies.best_lr_curves(rows, str(tmp_path / "best.png"))
     assert len(drawn) == 2 and "offline fallback" in drawn[0]._suptitle.get_text()
+    # a redraw of a study stopped part way says so under each figure's title
+    partial = "Partial: 8 of the sweep's 12 runs have ended"
+    assert studies.draw("lr", rows, str(tmp_path), note=partial) == [
+        str(tmp_path / "lr_sensitivity.png"), str(tmp_path / "best_lr_curves.png")]
+    assert len(drawn) == 4
+    for fig in drawn[2:]:
+        title = fig._suptitle.get_text()
+        assert "offline fallback" in title and title.replace("\n", " ").endswith(partial)
     for fig in drawn:
         assert outside(fig) == []

@@ -478,6 +478,20 @@ def test_a_study_says_what_it_cost():
     assert sweep.compute_line([dict(wall_s=3600.0, threads=2)]).endswith("at 2 threads each.")
 
 
+def test_a_resumed_runs_wall_time_adds_its_processes(tmp_path):
+    """wall_s counts from its process's start: a run stopped at 300 s and resumed for 400 s
+    took 700 s, not the larger of the two."""
+    records = [dict(event="train", step=10, wall_s=5.0),
+               dict(event="train", step=100, wall_s=300.0),
+               dict(event="train", step=200, wall_s=20.0),      # resumed from step 100
+               dict(event="train", step=250, wall_s=400.0),
+               dict(event="end", step=250, status="finished", train_s=650.0)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = sweep.run_result(str(tmp_path), {"optimizer": "adamw"}, 1, "finished")
+    assert row["wall_s"] == 700.0
+    assert sweep.compute_line([dict(row, threads=1)]).startswith("Compute: 1 runs, 0.19 hours")
+
+
 def test_a_stopped_trial_halts_the_search_instead_of_counting_as_diverged(tmp_path):
     """A trial stopped by Ctrl-C has no result yet: the search must not decide from it (as it
     would from a diverged one), and no other run starts; the same command resumes."""

@@ -25,12 +25,12 @@ is its own), into
 starts. Re-running skips finished and diverged runs and resumes crashed ones from their
 checkpoint; a run directory that holds a run made with other options (a changed --set, a changed
 default) is refused, never reported as the new result. --redraw=True starts no run: the tables
-and figures of the runs that have ended, each table saying how many it lacks (a study stopped
-part way). runs.jsonl records every run's status;
-summary.md and summary.csv aggregate over seeds (mean and standard deviation), state the
-regime (parameters, tokens or images per parameter), and compare every setting with a baseline
-(--baseline, AdamW at its best by default) over paired seeds with a 95% t interval (stats.py);
-the study's figures are drawn from the logs. --select=lr makes a grid a selection: each
+and figures of the runs that have ended (a tuning study's searches as far as their ended trials
+go), each table saying how many it lacks (a study stopped part way). runs.jsonl records every
+run's status; summary.md and summary.csv aggregate over seeds (mean and standard deviation),
+state the regime (parameters, tokens or images per parameter), and compare every setting with a
+baseline (--baseline, AdamW at its best by default) over paired seeds with a 95% t interval
+(stats.py); the study's figures are drawn from the logs. --select=lr makes a grid a selection: each
 setting's lr is chosen on the validation split, summary.md shows the validation split alone,
 and selected.md reports the test split and the comparisons only at the chosen lrs.
 
@@ -58,7 +58,7 @@ import statistics
 import sys
 import tarfile
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -125,8 +125,9 @@ class SweepConfig:
     keep_checkpoints: bool = option(True, "keep each ended run's ckpt.pt (False deletes it "
                                           "once the run has finished or diverged)")
     redraw: bool = option(False, "start no run: draw the tables and figures from the runs that "
-                                 "have ended (a study stopped part way; each table says how "
-                                 "many of its runs it lacks)")
+                                 "have ended (a study stopped part way, a tuning study's "
+                                 "searches as far as their trials have ended; each table says "
+                                 "how many of its runs it lacks)")
 
 
 # The older studies, at nanoGPT's CPU baby size (4 layers, 128 wide, block 64, batch 12), 400
@@ -810,10 +811,11 @@ def tune(trainer, cfg, fixed, sweep_dir, start, jobs=1):
     core waits on another optimizer's trials. start(run) begins one run and returns a Future of
     its row; at most `jobs` are under way at once, trials first (they decide what runs next).
     Returns (rows of every run, the per-optimizer report), with no report when a run crashed or
-    was stopped (then the runs under way are waited for and no other starts); writes tuned.json
-    when every search has ended. Deterministic given the runs' results: which runs are made,
-    and the rows' order, do not depend on which run ended first, so a re-run walks the same
-    searches over finished runs."""
+    was stopped (then the runs under way are waited for and no other starts) or, in a redraw,
+    had not run (a row with status "not run": that optimizer's search stops there, the others
+    go on; the row is left out); writes tuned.json when every search has ended. Deterministic
+    given the runs' results: which runs are made, and the rows' order, do not depend on which
+    run ended first, so a re-run walks the same searches over finished runs."""
     names = optimizer_names(cfg.tune)
     centres = parse_centres(cfg.tune_centre)
     for name in names:
@@ -859,6 +861,7 @@ def tune(trainer, cfg, fixed, sweep_dir, start, jobs=1):
         enqueue(name, [lattice_setting(name, centres[name], p) for p in start_points],
                 [cfg.tune_seed], start_points)
     halted = False   # a run crashed or was stopped: the next decision would need its result
+    not_run = set()  # (a redraw) the optimizers whose search reached a run that has not run
     while under_way or (queue and not halted):
         queue.sort(key=lambda item: item[:2])          # trials first, then in decided order
         while queue and not halted and len(under_way) < jobs:
@@ -870,12 +873,15 @@ def tune(trainer, cfg, fixed, sweep_dir, start, jobs=1):
             row.update(future.result(), **({"final": True} if point is None else {}))
             waiting[name] -= 1
             halted = halted or row["status"] in ("crashed", "stopped")
+            if row["status"] == "not run":
+                not_run.add(name)
             if point is not None:
                 tried[name][point] = objective(row)
-                if not waiting[name] and not halted:
+                if not waiting[name] and not halted and name not in not_run:
                     decide(name)
-    done_rows = [row for name in names for row in rows[name] if row]
-    return done_rows, None if halted else {name: report[name] for name in names}
+    done_rows = [row for name in names for row in rows[name]
+                 if row and row["status"] != "not run"]
+    return done_rows, None if halted or not_run else {name: report[name] for name in names}
 
 
 FALLBACK_SOURCES = ("pydoc_topics", "digits")   # the trainers' offline stand-ins for their data
@@ -944,6 +950,42 @@ def draw_tables(cfg, rows, runs, the_plan, sweep_dir, baseline, select, partial=
         print(f"wrote {path}")
 
 
+def draw_tuning(cfg, rows, report, sweep_dir, baseline, partial=""):
+    """A tuning study's tables and figures: the trials', and the tuned settings' when every
+    search has ended (report); partial as in draw_tables."""
+    notes = [f"{partial} (drawn with --redraw); the searches go on from there when the same "
+             "command runs without --redraw."] if partial else []
+    print(summarize([r for r in rows if not r.get("final")], sweep_dir, None, "trials",
+                    test=False, notes=notes))
+    if report:
+        print(tune_summary(report, [r for r in rows if r.get("final")], sweep_dir, baseline,
+                           rows))
+    for path in studies.draw(cfg.study, rows, sweep_dir, tuning=bool(report), note=partial):
+        print(f"wrote {path}")
+
+
+def redraw_tuning(trainer, cfg, fixed, sweep_dir, baseline):
+    """--redraw of a tuning study: its searches walked over the runs that have ended, each
+    optimizer's as far as its first run that has not (the trial it would run next), starting
+    none. Returns the exit status: 0, or 1 when no run has ended."""
+    def start(run):   # the run's row at once, as a sweep would read it had the run just ended
+        status, future = last_status(run.run_dir), Future()
+        future.set_result(run_result(run.run_dir, run.setting, run.seed, status)
+                          if status in ("finished", "diverged") else {"status": "not run"})
+        return future
+    rows, report = tune(trainer, cfg, fixed, sweep_dir, start)
+    if not rows:
+        print(f"--redraw: no run of the search in {sweep_dir} has ended; nothing to draw (run "
+              "it without --redraw)", file=sys.stderr)
+        return 1
+    names = optimizer_names(cfg.tune)
+    total = (f"of the study's {len(names) * (cfg.budget + len(cfg.seeds.split(',')))} runs "
+             if cfg.budget else "")   # a budget fixes every search's length
+    draw_tuning(cfg, rows, report, sweep_dir, baseline,
+                "" if report else f"Partial: {len(rows)} {total}have ended")
+    return 0
+
+
 def redraw(cfg, runs, the_plan, sweep_dir, baseline, select):
     """--redraw: the tables and figures of the runs that have ended (finished or diverged),
     starting none; runs.jsonl is left as the last sweep wrote it. Returns the exit status: 0,
@@ -987,10 +1029,6 @@ def main(argv):
                               "give the final runs other seeds")
         check_positive(cfg, "jobs")
         select = [k for k in cfg.select.split(",") if k]
-        if cfg.redraw and cfg.tune:
-            raise ConfigError("--redraw with --tune: a search's next trials depend on the "
-                              "results it lacks; run it (its finished trials are skipped) to "
-                              "redraw its tables")
         if select and (cfg.tune or cfg.grid == ISO_MEMORY):
             raise ConfigError(f"--select={cfg.select}: a grid's choice; tuning chooses lr and "
                               "weight decay itself, and the iso-memory study keeps the tuned ones")
@@ -1030,6 +1068,12 @@ def main(argv):
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if cfg.redraw and cfg.tune:
+        try:
+            return redraw_tuning(trainer, cfg, fixed, sweep_dir, baseline)
+        except ConfigError as err:   # a trial's run directory made with other options
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if cfg.redraw:
         return redraw(cfg, runs, the_plan, sweep_dir, baseline, select)
     os.makedirs(sweep_dir, exist_ok=True)
@@ -1078,14 +1122,8 @@ def main(argv):
         return 130
     with open(os.path.join(sweep_dir, "runs.jsonl"), "w") as f:       # rewritten: no repeats
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    if cfg.tune:   # the trials' table; the tuned settings' when tuning got that far
-        print(summarize([r for r in rows if not r.get("final")], sweep_dir, None, "trials",
-                        test=False))
-        if report:
-            print(tune_summary(report, [r for r in rows if r.get("final")], sweep_dir,
-                               baseline, rows))
-        for path in studies.draw(cfg.study, rows, sweep_dir, tuning=bool(report)):
-            print(f"wrote {path}")
+    if cfg.tune:
+        draw_tuning(cfg, rows, report, sweep_dir, baseline)
     else:
         draw_tables(cfg, rows, runs, the_plan, sweep_dir, baseline, select)
     crashed = [row for row in rows if row["status"] == "crashed"]

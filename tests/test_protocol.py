@@ -492,6 +492,62 @@ def test_a_resumed_runs_wall_time_adds_its_processes(tmp_path):
     assert sweep.compute_line([dict(row, threads=1)]).startswith("Compute: 1 runs, 0.19 hours")
 
 
+def ended_run(run, loss):
+    """A run directory as a finished GPT run leaves it, as far as a sweep reads it."""
+    run_dir = run.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(run.config, f)
+    records = [dict(event="eval", step=10, val_loss=loss, best_val_loss=loss, tokens=100,
+                    train_s=1.0, state_bytes=8, wall_s=2.0),
+               dict(event="end", step=10, status="finished", train_s=1.0)]
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        json.dump(dict(n_params=50, threads=1), f)
+
+
+def test_a_redraw_walks_each_search_as_far_as_its_trials_have_ended(tmp_path, capsys):
+    """--redraw of a tuning study stopped part way: each optimizer's search is walked over its
+    ended trials and stops at the first it lacks (the others' go on), nothing runs, the trials
+    table says what is missing; once every run has ended, the redraw is the whole study."""
+    loss = bowl({"adamw": (0.004, 0.1), "sgd_sai": (0.08, 0.0333)})
+    args = ["--tune=adamw,sgd_sai", "--seeds=1,2", "--budget=12", "--set=device=cpu",
+            f"--sweep_dir={tmp_path}"]
+    assert sweep.main(args + ["--redraw=True"]) == 1
+    assert "no run of the search" in capsys.readouterr().err
+    cfg = sweep.SweepConfig(tune="adamw,sgd_sai", seeds="1,2", budget=12, set="device=cpu")
+    made = []   # the whole study's runs, as a sweep would run them
+
+    def start(run):
+        made.append(run)
+        return fake_start(loss)(run)
+    sweep.tune(nanogpt_sai, cfg, ["--device=cpu"], str(tmp_path), start)
+    os.remove(tmp_path / "tuned.json")   # that walk's: the redraws below write their own
+    trials = {name: [run for run in made if run.setting["optimizer"] == name
+                     and run.seed == cfg.tune_seed] for name in ("adamw", "sgd_sai")}
+    ended = trials["adamw"][:10] + trials["sgd_sai"]     # adamw's 11th trial has not run
+    for run in ended:
+        ended_run(run, loss(run.setting, run.seed))
+    assert sweep.main(args + ["--redraw=True"]) == 0
+    table = (tmp_path / "trials.md").read_text()
+    assert "Partial: 22 of the study's 28 runs have ended" in table
+    assert not (tmp_path / "tune.md").exists() and not (tmp_path / "tuned.json").exists()
+    assert sum(line.startswith("| adamw") for line in table.splitlines()) == 10
+    assert sum(line.startswith("| sgd_sai") for line in table.splitlines()) == 12
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [os.path.basename(run.run_dir) for run in ended]
+        + ["best_lr_curves.png", "lr_sensitivity.png", "trials.csv", "trials.md"])
+    for run in made:
+        ended_run(run, loss(run.setting, run.seed))
+    assert sweep.main(args + ["--redraw=True"]) == 0
+    assert "Partial" not in (tmp_path / "trials.md").read_text()
+    assert json.loads((tmp_path / "tuned.json").read_text()) == {
+        "adamw": {"lr": "0.004", "weight_decay": "0.1"},
+        "sgd_sai": {"lr": "0.08", "weight_decay": "0.0333"}}
+    assert "| adamw | 12 | 0.004 | 0.1 |" in (tmp_path / "tune.md").read_text()
+
+
 def test_a_stopped_trial_halts_the_search_instead_of_counting_as_diverged(tmp_path):
     """A trial stopped by Ctrl-C has no result yet: the search must not decide from it (as it
     would from a diverged one), and no other run starts; the same command resumes."""

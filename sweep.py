@@ -690,8 +690,8 @@ def run_result(run_dir, setting, seed, status):
         records = [json.loads(line) for line in f]
     evals = [r for r in records if r["event"] == "eval"]
     tests = [r for r in records if r["event"] == "test"]
-    # wall_s counts from its process's start, so a resumed run's starts again: add the last
-    # of each process's
+    # wall_s counts from its process's start, again from 0 when a run resumes: the run took
+    # the sum of each process's last
     walls = [r["wall_s"] for r in records if "wall_s" in r]
     row["wall_s"] = sum(w for w, after in zip(walls, walls[1:] + [0.0]) if after < w)
     if evals:

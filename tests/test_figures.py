@@ -158,7 +158,7 @@ def test_a_vit_sweeps_lr_figure_names_the_test_loss(tmp_path, drawn, monkeypatch
                  final_test_loss=1.0 - float(lr), final_test_acc=0.8,
                  run_dir=str(tmp_path / "none"))
             for lr in ("0.01", "0.02")]
-    monkeypatch.setattr(studies, "save_figure", lambda fig, path: drawn.append(fig))
+    monkeypatch.setattr(studies, "save_figure", lambda fig, path, note: drawn.append(fig))
     studies.lr_sensitivity(rows, str(tmp_path / "lr.png"))
     assert drawn[0].axes[0].get_ylabel() == "final test loss"
     rows = [dict(row, final_val_loss=row.pop("final_test_loss")) for row in rows]

@@ -372,11 +372,14 @@ def last_line(path):
     return lines[-1] if lines else ""
 
 
+ENDED = ("finished", "diverged")   # a run's statuses that a sweep never runs again
+
+
 def run_one(trainer, run, threads, keep_checkpoint):
     """Run (or resume) one training in its own process; its output goes to run_dir/log.txt.
     Returns (status, how): 'finished', 'diverged', 'stopped' or 'crashed', and a few words."""
     status = last_status(run.run_dir)
-    if status in ("finished", "diverged"):
+    if status in ENDED:
         return status, "skipped"
     ckpt = os.path.join(run.run_dir, "ckpt.pt")
     if os.path.exists(ckpt):
@@ -392,7 +395,7 @@ def run_one(trainer, run, threads, keep_checkpoint):
         return "stopped", "Ctrl-C as it started"
     if code not in (0, 3) and status != "stopped":
         return "crashed", f"exit {code}: {last_line(log_path)}"
-    if status in ("finished", "diverged") and not keep_checkpoint and os.path.exists(ckpt):
+    if status in ENDED and not keep_checkpoint and os.path.exists(ckpt):
         os.remove(ckpt)
     return status or "crashed", f"exit {code}"
 
@@ -930,12 +933,17 @@ def unpack(pack, sweep_dir):
                else ""))
 
 
+def redraw_notes(partial):
+    """The lines above a partial redraw's tables (none for a whole study)."""
+    return [f"{partial} (drawn with --redraw); the others have not run, and the same command "
+            "without --redraw runs them."] if partial else []
+
+
 def draw_tables(cfg, rows, runs, the_plan, sweep_dir, baseline, select, partial=""):
     """A grid's (or the iso-memory study's) tables and figures from its rows, printed and
     written to sweep_dir; partial: how many of its runs a redraw found ended, said above each
     table and under each figure's title."""
-    notes = [f"{partial} (drawn with --redraw); the others have not run, and the same command "
-             "without --redraw runs them."] if partial else []
+    notes = redraw_notes(partial)
     if the_plan:
         text = iso_memory.table(rows, the_plan, runs[0].config, compute_line(rows), notes)
         with open(os.path.join(sweep_dir, "iso_memory.md"), "w") as f:
@@ -953,8 +961,7 @@ def draw_tables(cfg, rows, runs, the_plan, sweep_dir, baseline, select, partial=
 def draw_tuning(cfg, rows, report, sweep_dir, baseline, partial=""):
     """A tuning study's tables and figures: the trials', and the tuned settings' when every
     search has ended (report); partial as in draw_tables."""
-    notes = [f"{partial} (drawn with --redraw); the searches go on from there when the same "
-             "command runs without --redraw."] if partial else []
+    notes = redraw_notes(partial)
     print(summarize([r for r in rows if not r.get("final")], sweep_dir, None, "trials",
                     test=False, notes=notes))
     if report:
@@ -971,7 +978,7 @@ def redraw_tuning(trainer, cfg, fixed, sweep_dir, baseline):
     def start(run):   # the run's row at once, as a sweep would read it had the run just ended
         status, future = last_status(run.run_dir), Future()
         future.set_result(run_result(run.run_dir, run.setting, run.seed, status)
-                          if status in ("finished", "diverged") else {"status": "not run"})
+                          if status in ENDED else {"status": "not run"})
         return future
     rows, report = tune(trainer, cfg, fixed, sweep_dir, start)
     if not rows:
@@ -991,7 +998,7 @@ def redraw(cfg, runs, the_plan, sweep_dir, baseline, select):
     starting none; runs.jsonl is left as the last sweep wrote it. Returns the exit status: 0,
     or 1 when no run has ended."""
     rows = [run_result(run.run_dir, run.setting, run.seed, status) for run in runs
-            if (status := last_status(run.run_dir)) in ("finished", "diverged")]
+            if (status := last_status(run.run_dir)) in ENDED]
     if not rows:
         print(f"--redraw: none of the sweep's {len(runs)} runs in {sweep_dir} has ended; "
               "nothing to draw (run it without --redraw)", file=sys.stderr)
